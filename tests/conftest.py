@@ -1,0 +1,33 @@
+"""Shared paths and helpers for the test suite."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "extension-schema" / "examples"
+SCHEMA_FILE = ROOT / "extension-schema" / "json-schema" / "schema.json"
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(params=sorted(p.name for p in EXAMPLES.glob("*.json")))
+def example(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Each published example, freshly loaded."""
+    return load_json(EXAMPLES / request.param)
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when an optional resource is missing locally; fail in CI (RSCBIR_REQUIRE_ALL=1)."""
+    if condition:
+        return
+    if os.environ.get("RSCBIR_REQUIRE_ALL") == "1":
+        pytest.fail(f"required in CI: {reason}")
+    pytest.skip(reason)
