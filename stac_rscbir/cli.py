@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from stac_rscbir.extension import CODES_PROP, CBIRFieldError, HashCode
+from stac_rscbir.extension import CODES_PROP, SUPPORTED_BITS, CBIRFieldError, HashCode
 from stac_rscbir.extension.validation import cbir_errors, models_of, schema_errors
 
 app = typer.Typer(help="Content-based image retrieval for STAC archives.", no_args_is_help=True)
@@ -41,23 +41,27 @@ def validate(paths: PathsArg) -> None:
         if isinstance(doc, dict):
             with contextlib.suppress(CBIRFieldError):  # reported below for that document
                 models.update(models_of(doc))
-    table = Table("file", "type", "id", "cbir codes", "result")
     failed = 0
+    table = Table("file", "type", "id", "cbir codes", "result")
+    reports: list[str] = []
     for path, doc in docs:
         if not isinstance(doc, dict):
             problems = [f"not a JSON object: {doc}"]
         else:
             problems = schema_errors(doc) + cbir_errors(doc, models)
-        failed += bool(problems)
+        reports.extend(f"{path}: {problem}" for problem in problems)
         codes = _fields(doc).get(CODES_PROP) if isinstance(doc, dict) else None
         table.add_row(
             str(path),
             str(doc.get("type", "?")) if isinstance(doc, dict) else "?",
             str(doc.get("id", "?")) if isinstance(doc, dict) else "?",
             str(len(codes)) if isinstance(codes, list) else "-",
-            "[green]valid[/]" if not problems else "[red]" + "\n".join(problems) + "[/]",
+            "[green]valid[/]" if not problems else f"[red]{len(problems)} problem(s)[/]",
         )
+        failed += bool(problems)
     console.print(table)
+    for line in reports:
+        console.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
     console.print(f"{len(docs) - failed} valid, {failed} invalid")
     if failed:
         raise typer.Exit(1)
@@ -113,3 +117,54 @@ def _load_all(paths: Iterable[Path]) -> list[tuple[Path, Any]]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             loaded.append((file, f"unreadable JSON ({err})"))
     return loaded
+
+
+bench_app = typer.Typer(help="Benchmarks that write JSON results.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("retrieval")
+def bench_retrieval(
+    images: Annotated[Path, typer.Option(help="Folder the CSV paths are relative to.")],
+    labels: Annotated[Path, typer.Option(help="CSV with columns path,class.")],
+    method: Annotated[str, typer.Option(help="A preset, or float-knn, lsh, itq, random.")],
+    out: Annotated[Path, typer.Option(help="Where to write the JSON result.")],
+    bits: Annotated[int, typer.Option(help="Code length.")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed of the split and the training.")] = 0,
+    iterations: Annotated[int, typer.Option(help="Training iterations.")] = 2000,
+    backbone: Annotated[str, typer.Option(help="Frozen backbone.")] = "efficientnet-lite0",
+    input_size: Annotated[int, typer.Option(help="Images are resized to this size.")] = 150,
+    cache_dir: Annotated[Path, typer.Option(help="Feature cache.")] = Path(".cache/features"),
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: auto).")] = None,
+) -> None:
+    """Split 60/40 per class, train on 60 %, query each held-out image against the others."""
+    from stac_rscbir.eval import retrieval_bench as rb
+
+    if method not in rb.method_names():
+        console.print(f"[red]unknown method {method!r}; choose from {rb.method_names()}[/]")
+        raise typer.Exit(2)
+    if bits not in SUPPORTED_BITS:
+        console.print(f"[red]--bits must be one of {list(SUPPORTED_BITS)}[/]")
+        raise typer.Exit(2)
+    setup = rb.BenchSetup(
+        images,
+        labels,
+        backbone,
+        input_size,
+        seed,
+        cache_dir=cache_dir,
+        iterations=iterations,
+        device=device,
+    )
+    try:
+        result = rb.run(setup, method, bits)
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(1) from err
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(
+        f"{method} {bits} bits: mAP@20 {result['map_at_20']:.4f} (A), "
+        f"{result['map_at_20_truncated']:.4f} (truncated), P@10 {result['precision_at_10']:.4f}"
+        f" | {result['n_queries']} queries, train {result['train_seconds']:.1f} s -> {out}"
+    )

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 
+import pyproj
 import pystac.validation.jsonschemas
 
 from .conftest import ROOT, require
@@ -14,7 +15,11 @@ EXT = ROOT / "extension-schema"
 
 
 def _run_check(*paths: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYSTAC_SCHEMAS": os.path.dirname(pystac.validation.jsonschemas.__file__)}
+    env = {
+        **os.environ,
+        "PYSTAC_SCHEMAS": os.path.dirname(pystac.validation.jsonschemas.__file__),
+        "PROJJSON_SCHEMA": os.path.join(pyproj.datadir.get_data_dir(), "projjson.schema.json"),
+    }
     return subprocess.run(
         ["npm", "run", "--silent", "check-examples", "--", *paths],
         cwd=EXT,

@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pyproj
 import pystac
 import pystac.validation
 from pystac.validation.stac_validator import GetSchemaError, JsonSchemaSTACValidator
 
 from stac_rscbir.extension.cbir import (
     CODES_PROP,
+    PREFIX,
     SCHEMA_URI,
     CBIRExtension,
     CBIRFieldError,
@@ -52,11 +54,24 @@ def cbir_schema() -> dict[str, Any]:
 def local_schemas() -> dict[str, dict[str, Any]]:
     """Every schema available offline besides pystac's core ones, keyed by URI."""
     found = {SCHEMA_URI: cbir_schema()}
+    # projection v2 refers to PROJJSON's schema, which pyproj ships with PROJ's data files
+    projjson = json.loads(
+        (Path(pyproj.datadir.get_data_dir()) / "projjson.schema.json").read_text()
+    )
+    found[projjson["$id"]] = projjson
     for entry in (_PACKAGE_SCHEMAS / "vendor").iterdir():
         if entry.name.endswith(".json"):
-            schema = json.loads(entry.read_text())
-            found[schema["$id"].rstrip("#")] = schema
+            found[vendored_uri(entry.name)] = json.loads(entry.read_text())
     return found
+
+
+def vendored_uri(filename: str) -> str:
+    """The URL a vendored schema was published at, from its file name ``<ext>-v<version>.json``.
+
+    Keyed by URL, not by ``$id``: some published schemas carry a stale ``$id``.
+    """
+    name, version = filename.removesuffix(".json").rsplit("-v", 1)
+    return f"https://stac-extensions.github.io/{name}/v{version}/schema.json"
 
 
 class OfflineSTACValidator(JsonSchemaSTACValidator):
@@ -97,7 +112,11 @@ def cbir_errors(
     ``models`` maps (model id, version) to the descriptions the codes must agree with.
     """
     problems: list[str] = []
-    for where, props in _cbir_scopes(stac_dict):
+    scopes = list(_cbir_scopes(stac_dict))
+    used = any(k.startswith(PREFIX) for _, props in scopes for k in props)
+    if used and SCHEMA_URI not in (stac_dict.get("stac_extensions") or []):
+        problems.append(f"stac_extensions: cbir fields are used but {SCHEMA_URI} is not declared")
+    for where, props in scopes:
         try:
             ext = _PropertiesView(props)
             codes = ext.codes or []

@@ -1,0 +1,1 @@
+"""Reading pixels for the models: labelled image folders, band profiles, normalisation."""

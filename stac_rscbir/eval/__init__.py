@@ -1,0 +1,52 @@
+"""Retrieval evaluation: Hamming / float distances, tie-stable ranking, mAP@k variants and graded
+metrics, random-ranking baselines, and PR-curve plots."""
+
+from stac_rscbir.eval.metrics import (
+    DEFAULT_KS,
+    RandomBaseline,
+    acg_at_k,
+    descriptor_distances,
+    evaluate_codes,
+    evaluate_float,
+    hamming_distances,
+    map_at_k,
+    multi_label_relevance,
+    ndcg_at_k,
+    per_query_metrics,
+    pr_curve,
+    precision_at_k,
+    precision_within_hamming_radius,
+    random_ranking_baseline,
+    rank,
+    ranked_relevance,
+    recall_at_k,
+    shared_label_counts,
+    single_label_relevance,
+    weighted_map_at_k,
+)
+from stac_rscbir.eval.plots import save_pr_curve
+
+__all__ = [
+    "DEFAULT_KS",
+    "RandomBaseline",
+    "acg_at_k",
+    "descriptor_distances",
+    "evaluate_codes",
+    "evaluate_float",
+    "hamming_distances",
+    "map_at_k",
+    "multi_label_relevance",
+    "ndcg_at_k",
+    "per_query_metrics",
+    "pr_curve",
+    "precision_at_k",
+    "precision_within_hamming_radius",
+    "random_ranking_baseline",
+    "rank",
+    "ranked_relevance",
+    "recall_at_k",
+    "save_pr_curve",
+    "shared_label_counts",
+    "single_label_relevance",
+    "weighted_map_at_k",
+]

@@ -1,0 +1,1 @@
+"""Deep-hashing models, heads and losses for remote-sensing CBIR."""

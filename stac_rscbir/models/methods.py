@@ -1,0 +1,268 @@
+"""The survey's deep hashing systems (Table 2) and feature-learning baselines (Table 1) as presets.
+
+A preset names the hash layer, how mini-batches are drawn and the weighted loss terms of the paper.
+:class:`HashingNet` is the one network all presets share: an optional backbone (fine-tuning mode;
+absent when features are cached from a frozen backbone), a hash head, and the optional parts a
+method needs (classifier on the codes, decoder, discriminator, a second branch for another source).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from stac_rscbir.models import losses as L
+from stac_rscbir.models.heads import ClassifierHead, HashHead
+from stac_rscbir.models.mining import batch_hard_triplets
+
+Sampling = Literal["class_pair_triplets", "random", "pk"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A named deep hashing method: hash layer, sampling and loss weights of its paper."""
+
+    name: str
+    summary: str
+    activation: Literal["linear", "sigmoid", "tanh"]
+    hidden: tuple[int, ...]
+    sampling: Sampling
+    weights: dict[str, float]
+    margin: float = 0.2
+    classifier: bool = False
+    decoder: bool = False
+    adversarial: bool = False
+    two_sources: bool = False
+    labelled_fraction: float = 1.0
+    lr: float = 1e-3
+    reference: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            "dhnn",
+            "DHNN: pairwise likelihood (contrastive family) + quantization, linear hash layer",
+            activation="linear",
+            hidden=(1024,),
+            sampling="random",
+            weights={"pairwise": 1.0, "quantization": 0.1},
+            reference="Li et al., TGRS 2018 [24]",
+        ),
+        MethodSpec(
+            "sidhcnn",
+            "Source-invariant DHCNN: intra- and inter-source pairwise constraints, "
+            "quantization and bit balance, one branch per source",
+            activation="tanh",
+            hidden=(1024,),
+            sampling="random",
+            weights={
+                "pairwise": 1.0,
+                "cross_pairwise": 1.0,
+                "quantization": 0.1,
+                "bit_balance": 0.1,
+            },
+            two_sources=True,
+            reference="Li et al., TGRS 2018 [25]",
+        ),
+        MethodSpec(
+            "milan",
+            "MiLaN: triplet (margin 0.2) on class-pair triplets + push + per-code bit balance, "
+            "sigmoid hash layer 1024-512-K",
+            activation="sigmoid",
+            hidden=(1024, 512),
+            sampling="class_pair_triplets",
+            weights={"triplet": 1.0, "push": 0.001, "bit_balance_code": 1.0},
+            reference="Roy et al., GRSL 2020 [26]; official MHCLN code",
+        ),
+        MethodSpec(
+            "dhcnn",
+            "DHCNN: pairwise likelihood + quantization + cross-entropy of a classifier on the "
+            "codes (visual and semantic retrieval)",
+            activation="tanh",
+            hidden=(1024,),
+            sampling="random",
+            weights={"pairwise": 1.0, "quantization": 0.1, "cross_entropy": 1.0},
+            classifier=True,
+            reference="Song et al., TGRS 2021 [27]",
+        ),
+        MethodSpec(
+            "sshaae",
+            "SSHAAE: semi-supervised adversarial autoencoder (reconstruction + adversarial "
+            "toward a binary prior + classification on the labelled part + quantization)",
+            activation="sigmoid",
+            hidden=(1024,),
+            sampling="random",
+            weights={
+                "reconstruction": 1.0,
+                "adversarial": 0.1,
+                "cross_entropy": 1.0,
+                "quantization": 0.1,
+            },
+            classifier=True,
+            decoder=True,
+            adversarial=True,
+            labelled_fraction=0.5,
+            reference="Tang et al., Remote Sensing 2019 [28]",
+        ),
+        MethodSpec(
+            "adversarial",
+            "Adversarial hash-code learning: pairwise likelihood + a discriminator pushing codes "
+            "toward the uniform binary prior + quantization",
+            activation="tanh",
+            hidden=(1024,),
+            sampling="random",
+            weights={"pairwise": 1.0, "adversarial": 0.1, "quantization": 0.1},
+            adversarial=True,
+            reference="Liu et al., IGARSS 2019 [29]",
+        ),
+        MethodSpec(
+            "ce",
+            "Baseline (Table 1): cross-entropy classifier features, binarised by sign",
+            activation="tanh",
+            hidden=(1024,),
+            sampling="random",
+            weights={"cross_entropy": 1.0},
+            classifier=True,
+            reference="Table 1 feature learners (e.g. Ye et al. 2018 [18])",
+        ),
+        MethodSpec(
+            "triplet",
+            "Baseline (Table 1): triplet metric learning with online batch-hard mining, "
+            "binarised by sign",
+            activation="linear",
+            hidden=(1024,),
+            sampling="pk",
+            weights={"triplet_mined": 1.0},
+            margin=0.2,
+            reference="Cao et al., IJRS 2020 [22]",
+        ),
+    )
+}
+
+
+class HashingNet(nn.Module):
+    """Backbone (optional) -> hash head -> relaxed codes, with the parts a method needs."""
+
+    def __init__(
+        self,
+        spec: MethodSpec,
+        in_dim: int,
+        bits: int,
+        n_classes: int,
+        backbone: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.bits = bits
+        self.backbone = backbone
+        self.head = HashHead(in_dim, bits, hidden=spec.hidden, activation=spec.activation)
+        self.head2 = (
+            HashHead(in_dim, bits, hidden=spec.hidden, activation=spec.activation)
+            if spec.two_sources
+            else None
+        )
+        self.classifier = ClassifierHead(bits, n_classes) if spec.classifier else None
+        self.decoder = (
+            nn.Sequential(nn.Linear(bits, 1024), nn.ReLU(), nn.Linear(1024, in_dim))
+            if spec.decoder
+            else None
+        )
+        self.discriminator = L.HashDiscriminator(bits) if spec.adversarial else None
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Descriptors of the input: the backbone's output, or ``x`` itself when cached."""
+        return x if self.backbone is None else self.backbone(x)
+
+    def forward(self, x: torch.Tensor, source: int = 0) -> torch.Tensor:
+        """Relaxed codes (B, bits) in the head's value range."""
+        head = self.head2 if source == 1 and self.head2 is not None else self.head
+        return head(self.features(x))
+
+    @torch.inference_mode()
+    def encode(self, x: torch.Tensor, source: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bits as {0,1} uint8, relaxed float codes) for inference."""
+        h = self.forward(x, source)
+        return self.head.binarize(h), h.float()
+
+    def space(self) -> str:
+        return self.head.space
+
+
+def method_loss(
+    net: HashingNet,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    sim: torch.Tensor,
+    *,
+    triplets: torch.Tensor | None = None,
+    labelled: torch.Tensor | None = None,
+    x2: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+    """The weighted loss of ``net.spec`` on one batch, the discriminator's loss (adversarial
+    methods, else None; its gradients reach only the discriminator) and each term's value.
+
+    ``sim`` is the (B, B) 0/1 similarity of the batch, ``triplets`` (T, 3) batch indices for
+    triplet methods, ``labelled`` a (B,) mask for semi-supervised methods, ``x2`` the second
+    source's view of the same samples for two-source methods.
+    """
+    spec = net.spec
+    w = spec.weights
+    space = net.space()
+    feats = net.features(x)
+    h = net.head(feats)
+    terms: dict[str, torch.Tensor] = {}
+    if "pairwise" in w:
+        terms["pairwise"] = L.pairwise_likelihood_loss(h, sim)
+    if "quantization" in w:
+        terms["quantization"] = L.quantization_loss(h, space=space)
+    if "bit_balance" in w:
+        terms["bit_balance"] = L.bit_balance_loss(h, mode="per_bit", space=space)
+    if "triplet" in w:
+        assert triplets is not None, "triplet methods need triplets"
+        terms["triplet"] = L.triplet_loss(
+            h[triplets[:, 0]], h[triplets[:, 1]], h[triplets[:, 2]], margin=spec.margin
+        )
+    if "triplet_mined" in w:
+        mined = batch_hard_triplets(h.detach(), labels)
+        terms["triplet_mined"] = L.triplet_loss_from_indices(h, mined, margin=spec.margin)
+    if "push" in w:
+        terms["push"] = L.milan_push_loss(h)
+    if "bit_balance_code" in w:
+        terms["bit_balance_code"] = L.bit_balance_loss(h, mode="per_code", space=space)
+    if "cross_entropy" in w:
+        assert net.classifier is not None
+        logits = net.classifier(h)
+        mask = labelled if labelled is not None else torch.ones_like(labels, dtype=torch.bool)
+        if labels.ndim == 1:
+            ce = L.cross_entropy_loss(logits[mask], labels[mask]) if mask.any() else h.sum() * 0
+        else:
+            ce = (
+                L.multilabel_bce_loss(logits[mask], labels[mask].float())
+                if mask.any()
+                else (h.sum() * 0)
+            )
+        terms["cross_entropy"] = ce
+    if "reconstruction" in w:
+        assert net.decoder is not None
+        terms["reconstruction"] = L.reconstruction_loss(feats.detach(), net.decoder(h))
+    d_loss = None
+    if "adversarial" in w:
+        assert net.discriminator is not None
+        terms["adversarial"], d_loss = L.adversarial_losses(net.discriminator, h, space=space)
+    if "cross_pairwise" in w:
+        assert x2 is not None and net.head2 is not None
+        h2 = net.head2(net.features(x2))
+        terms["cross_pairwise"] = L.pairwise_likelihood_loss(h, sim, h2)
+        terms["pairwise"] = terms["pairwise"] + L.pairwise_likelihood_loss(h2, sim)
+        terms["quantization"] = terms["quantization"] + L.quantization_loss(h2, space=space)
+    total = sum(w[k] * v for k, v in terms.items())
+    logged = {k: float(v.detach()) for k, v in terms.items()}
+    if d_loss is not None:
+        logged["discriminator"] = float(d_loss.detach())
+    return total, d_loss, logged  # type: ignore[return-value]
