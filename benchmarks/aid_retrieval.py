@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--labels", type=Path, required=True)
     parser.add_argument("--bits", type=int, nargs="+", default=[16, 32, 64, 128])
     parser.add_argument("--methods", nargs="+", default=[*METHODS, *BASELINES])
-    parser.add_argument("--iterations", type=int, default=2000)
+    parser.add_argument("--iterations", type=int, default=1500)
     parser.add_argument("--cache-dir", type=Path, default=Path(".cache/features"))
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()

@@ -168,3 +168,46 @@ def bench_retrieval(
         f"{result['map_at_20_truncated']:.4f} (truncated), P@10 {result['precision_at_10']:.4f}"
         f" | {result['n_queries']} queries, train {result['train_seconds']:.1f} s -> {out}"
     )
+
+
+@app.command()
+def train(
+    images: Annotated[Path, typer.Option(help="Folder the CSV paths are relative to.")],
+    labels: Annotated[Path, typer.Option(help="CSV with columns path,class.")],
+    method: Annotated[str, typer.Option(help="A deep hashing preset (e.g. milan, dhcnn).")],
+    out: Annotated[Path, typer.Option(help="Checkpoint folder to write.")],
+    bits: Annotated[int, typer.Option(help="Code length.")] = 64,
+    iterations: Annotated[int, typer.Option(help="Training iterations.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    backbone: Annotated[str, typer.Option(help="Frozen backbone.")] = "efficientnet-lite0",
+    input_size: Annotated[int, typer.Option(help="Images are resized to this size.")] = 150,
+    cache_dir: Annotated[Path, typer.Option(help="Feature cache.")] = Path(".cache/features"),
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: auto).")] = None,
+) -> None:
+    """Train a preset on frozen-backbone features of a labelled image folder; save the encoder."""
+    from stac_rscbir.models.recipes import train_on_folder
+    from stac_rscbir.models.training import TrainConfig
+
+    if bits not in SUPPORTED_BITS:
+        console.print(f"[red]--bits must be one of {list(SUPPORTED_BITS)}[/]")
+        raise typer.Exit(2)
+    config = TrainConfig(iterations=iterations, seed=seed, device=device)
+    try:
+        _, result = train_on_folder(
+            images,
+            labels,
+            method,
+            bits,
+            out,
+            backbone=backbone,
+            input_size=input_size,
+            cache_dir=cache_dir,
+            config=config,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(1) from err
+    console.print(
+        f"trained {method} ({bits} bits) in {result.seconds:.1f} s on {result.device}; "
+        f"final loss {result.history[-1]['loss']:.4f} -> {out}"
+    )

@@ -76,7 +76,11 @@ def split_per_class(
 
 
 class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
-    """RGB image files as normalised float tensors (3, size, size) with their labels."""
+    """RGB image files as normalised float tensors (3, size, size) with their labels.
+
+    ``panchromatic=True`` yields the luminance image in all three bands: the PAN side of a
+    PAN/multispectral cross-source pair (as in DSRSID) for two-source presets on RGB data.
+    """
 
     def __init__(
         self,
@@ -85,12 +89,14 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
         size: int | None = None,
         mean: Sequence[float] = (0.0, 0.0, 0.0),
         std: Sequence[float] = (1.0, 1.0, 1.0),
+        panchromatic: bool = False,
     ) -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths = list(paths)
         self.labels = np.asarray(labels)
         self.size = size
+        self.panchromatic = panchromatic
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
@@ -99,7 +105,8 @@ class ImageFileDataset(Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         with Image.open(self.paths[i]) as img:
-            rgb = img.convert("RGB")
+            # a panchromatic view (luminance repeated in 3 bands) simulates a second source
+            rgb = img.convert("L").convert("RGB") if self.panchromatic else img.convert("RGB")
             if self.size is not None and rgb.size != (self.size, self.size):
                 rgb = rgb.resize((self.size, self.size), Image.Resampling.BILINEAR)
             pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)

@@ -82,12 +82,26 @@ def run_with_codes(
             hasher = (LSH if method == "lsh" else ITQ)(bits, seed=setup.seed)
             codes = hasher.fit(x_train.numpy()).encode(x_test.numpy())
         else:
+            spec = METHODS[method]
+            second = None
+            if spec.two_sources:  # cross-source: panchromatic view <-> RGB, as PAN/MS pairs
+                pan, pan_seconds = cached_features(
+                    data,
+                    setup.backbone,
+                    setup.input_size,
+                    setup.cache_dir,
+                    setup.device,
+                    panchromatic=True,
+                )
+                second, feature_seconds = pan[train_idx], feature_seconds + pan_seconds
+                extra["second_source"] = "panchromatic view of the same images"
             trained = train_hashing(
-                METHODS[method],
+                spec,
                 x_train,
                 y_train,
                 bits,
                 TrainConfig(iterations=setup.iterations, seed=setup.seed, device=setup.device),
+                second_source=second,
             )
             codes, relaxed = encode(trained.net, x_test)
             same_net = evaluate_float(relaxed, relaxed, y_test, y_test, self_index=self_index)

@@ -23,22 +23,30 @@ def cached_features(
     input_size: int,
     cache_dir: Path,
     device: str | None = None,
+    panchromatic: bool = False,
 ) -> tuple[torch.Tensor, float]:
-    """(N, D) descriptors of ``data``'s RGB images and the seconds spent (0.0 on a cache hit).
+    """(N, D) descriptors of ``data``'s images (RGB, or their panchromatic view) and the seconds
+    spent (0.0 on a cache hit).
 
     The cache key covers the backbone, input size and the image list, so a changed dataset or
     setting never reads stale features; the file is written atomically.
     """
     key = hashlib.sha256(
-        json.dumps([backbone, input_size, [str(p) for p in data.paths]]).encode()
+        json.dumps([backbone, input_size, panchromatic, [str(p) for p in data.paths]]).encode()
     ).hexdigest()[:16]
-    path = cache_dir / f"{backbone}-{input_size}-{key}.npy"
+    view = "-pan" if panchromatic else ""
+    path = cache_dir / f"{backbone}-{input_size}{view}-{key}.npy"
     if path.is_file():
         return torch.from_numpy(np.load(path)), 0.0
     start = time.perf_counter()
     net = build_backbone(backbone, in_bands=3, pretrained=True)
     dataset = ImageFileDataset(
-        data.paths, data.labels, size=input_size, mean=IMAGENET_MEAN, std=IMAGENET_STD
+        data.paths,
+        data.labels,
+        size=input_size,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        panchromatic=panchromatic,
     )
     loader = DataLoader(dataset, batch_size=64, num_workers=1)
     feats = run_backbone(net, (x for x, _ in loader), device=pick_device(device))

@@ -156,11 +156,13 @@ class HashingNet(nn.Module):
         bits: int,
         n_classes: int,
         backbone: nn.Module | None = None,
+        backbone2: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.spec = spec
         self.bits = bits
         self.backbone = backbone
+        self.backbone2 = backbone2  # None: the second source shares ``backbone``
         self.head = HashHead(in_dim, bits, hidden=spec.hidden, activation=spec.activation)
         self.head2 = (
             HashHead(in_dim, bits, hidden=spec.hidden, activation=spec.activation)
@@ -175,14 +177,15 @@ class HashingNet(nn.Module):
         )
         self.discriminator = L.HashDiscriminator(bits) if spec.adversarial else None
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Descriptors of the input: the backbone's output, or ``x`` itself when cached."""
-        return x if self.backbone is None else self.backbone(x)
+    def features(self, x: torch.Tensor, source: int = 0) -> torch.Tensor:
+        """Descriptors of the input: the (source's) backbone output, or ``x`` itself if cached."""
+        backbone = self.backbone2 if source == 1 and self.backbone2 is not None else self.backbone
+        return x if backbone is None else backbone(x)
 
     def forward(self, x: torch.Tensor, source: int = 0) -> torch.Tensor:
         """Relaxed codes (B, bits) in the head's value range."""
         head = self.head2 if source == 1 and self.head2 is not None else self.head
-        return head(self.features(x))
+        return head(self.features(x, source))
 
     @torch.inference_mode()
     def encode(self, x: torch.Tensor, source: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,7 +260,7 @@ def method_loss(
         terms["adversarial"], d_loss = L.adversarial_losses(net.discriminator, h, space=space)
     if "cross_pairwise" in w:
         assert x2 is not None and net.head2 is not None
-        h2 = net.head2(net.features(x2))
+        h2 = net.head2(net.features(x2, source=1))
         terms["cross_pairwise"] = L.pairwise_likelihood_loss(h, sim, h2)
         terms["pairwise"] = terms["pairwise"] + L.pairwise_likelihood_loss(h2, sim)
         terms["quantization"] = terms["quantization"] + L.quantization_loss(h2, space=space)

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from stac_rscbir.models.methods import HashingNet, MethodSpec, method_loss
 from stac_rscbir.models.mining import similarity_matrix
-from stac_rscbir.models.samplers import ClassPairTripletSampler, PKBatchSampler, RandomBatchSampler
+from stac_rscbir.models.samplers import (
+    ClassPairTripletSampler,
+    MultiLabelTripletSampler,
+    PKBatchSampler,
+    RandomBatchSampler,
+)
 
 
 @dataclass
@@ -57,37 +63,55 @@ def seed_everything(seed: int) -> None:
 def _batches(
     spec: MethodSpec, labels: npt.NDArray[np.int64], batch_size: int, seed: int
 ) -> Iterator[tuple[npt.NDArray[np.int64], npt.NDArray[np.int64] | None]]:
-    """Endless (batch indices, triplet rows in batch coordinates or None) for the method."""
+    """Endless (batch indices, triplet rows in batch coordinates or None) for the method.
+
+    Triplet presets draw class-pair triplets (MiLaN) for single labels and label-overlap
+    triplets for multi-hot labels; mining presets draw P x K batches (random batches for
+    multi-hot labels, mined with the shares-a-label similarity).
+    """
+    multi = labels.ndim == 2
     while True:
         if spec.sampling == "class_pair_triplets":
-            sampler = ClassPairTripletSampler(labels, triplets_per_batch=batch_size // 3, seed=seed)
+            per_batch = max(1, batch_size // 3)
+            sampler: Iterable = (
+                MultiLabelTripletSampler(labels, triplets_per_batch=per_batch, seed=seed)
+                if multi
+                else ClassPairTripletSampler(labels, triplets_per_batch=per_batch, seed=seed)
+            )
             for triplets in sampler:
-                flat = np.asarray(triplets, dtype=np.int64).reshape(-1, 3)
-                idx = flat.reshape(-1)
-                rows = np.arange(idx.size, dtype=np.int64).reshape(-1, 3)
-                yield idx, rows
-        elif spec.sampling == "pk":
-            n_classes = len(np.unique(labels))
+                idx = np.asarray(triplets, dtype=np.int64).reshape(-1)
+                yield idx, np.arange(idx.size, dtype=np.int64).reshape(-1, 3)
+        elif spec.sampling == "pk" and not multi:
             k = 4
-            p = max(2, min(n_classes, batch_size // k))
+            p = max(2, min(len(np.unique(labels)), batch_size // k))
             for batch in PKBatchSampler(labels, p=p, k=k, replace=True, seed=seed):
                 yield np.asarray(batch, dtype=np.int64), None
         else:
             for batch in RandomBatchSampler(len(labels), batch_size=batch_size, seed=seed):
-                yield np.asarray(batch, dtype=np.int64), None
+                if len(batch) > 1:  # pairwise losses need two samples
+                    yield np.asarray(batch, dtype=np.int64), None
         seed += 1
 
 
 def train_hashing(
     spec: MethodSpec,
-    features: torch.Tensor,
+    inputs: torch.Tensor,
     labels: npt.ArrayLike,
     bits: int,
     config: TrainConfig | None = None,
     *,
     second_source: torch.Tensor | None = None,
+    backbone: nn.Module | None = None,
+    backbone2: nn.Module | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train ``spec`` on cached descriptors ``features`` (N, D) with single or multi-hot labels."""
+    """Train ``spec`` with single (N,) or multi-hot (N, C) labels.
+
+    Frozen-backbone mode: ``inputs`` are cached descriptors (N, D) and ``backbone`` is None.
+    Fine-tuning mode: ``inputs`` are normalised images (N, bands, H, W), trained end to end
+    through ``backbone`` (and ``augment`` applied per batch). Two-source presets take the paired
+    second view in ``second_source`` (with its own ``backbone2`` when its bands differ).
+    """
     cfg = config or TrainConfig()
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
@@ -95,21 +119,22 @@ def train_hashing(
     single = y.ndim == 1
     n_classes = int(y.max()) + 1 if single else y.shape[1]
     if spec.two_sources and second_source is None:
-        raise ValueError(f"method {spec.name!r} needs a second source (paired descriptors)")
-    net = HashingNet(spec, features.shape[1], bits, n_classes).to(device)
+        raise ValueError(f"method {spec.name!r} needs a second source (paired inputs)")
+    if len(inputs) != len(y):
+        raise ValueError(f"{len(inputs)} inputs but {len(y)} labels")
+    in_dim = int(getattr(backbone, "out_dim", 0)) if backbone is not None else inputs.shape[1]
+    net = HashingNet(spec, in_dim, bits, n_classes, backbone, backbone2).to(device)
     disc_params = list(net.discriminator.parameters()) if net.discriminator is not None else []
     main_params = [p for n, p in net.named_parameters() if not n.startswith("discriminator.")]
     opt = torch.optim.Adam(main_params, lr=cfg.lr or spec.lr, weight_decay=cfg.weight_decay)
     opt_d = torch.optim.Adam(disc_params, lr=cfg.lr or spec.lr) if disc_params else None
-    x_all = features.to(device)
+    x_all = inputs.to(device)
     x2_all = second_source.to(device) if second_source is not None else None
     y_all = torch.as_tensor(y, device=device)
     labelled_all = torch.as_tensor(
         np.random.default_rng(cfg.seed).random(len(y)) < spec.labelled_fraction, device=device
     )
-    # MiLaN's class-pair sampler needs single labels; multi-label data use the first label.
-    sample_labels = y if single else y.argmax(axis=1)
-    batches = _batches(spec, sample_labels, cfg.batch_size, cfg.seed)
+    batches = _batches(spec, y, cfg.batch_size, cfg.seed)
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     net.train()
@@ -121,9 +146,10 @@ def train_hashing(
         yb = y_all[idx]
         sim = similarity_matrix(yb)
         with torch.autocast(device.type, enabled=amp):
+            xb = x_all[idx] if augment is None else augment(x_all[idx])
             loss, d_loss, terms = method_loss(
                 net,
-                x_all[idx],
+                xb,
                 yb,
                 sim,
                 triplets=torch.as_tensor(rows, device=device) if rows is not None else None,
@@ -148,7 +174,7 @@ def train_hashing(
 def encode(
     net: HashingNet, features: torch.Tensor, batch_size: int = 1024, source: int = 0
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.float32]]:
-    """{0,1} codes (N, bits) and relaxed float codes (N, bits) of cached descriptors."""
+    """{0,1} codes and relaxed float codes (N, bits) of descriptors (or images, with a backbone)."""
     device = next(net.parameters()).device
     bits, floats = [], []
     for start in range(0, len(features), batch_size):
