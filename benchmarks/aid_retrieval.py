@@ -1,8 +1,9 @@
 """AID retrieval benchmark: every method x bit length under the 60/40 protocol, one table.
 
 Writes benchmarks/results/aid/<method>-<bits>.json per run, aid_table.json with all rows,
-aid_table.png (mAP@20 per method and bit length) and aid_pr_64.png (precision-recall of the
-64-bit codes). Frozen EfficientNet-Lite0 features are cached, so reruns only retrain.
+aid_table.md (the RESULTS.md table), aid_table.png (mAP@20 per method and bit length) and
+aid_pr_64.png (precision-recall of the 64-bit codes). Frozen EfficientNet-Lite0 features are
+cached, so reruns only retrain.
 
     .venv/bin/python benchmarks/aid_retrieval.py --images ../shared/datasets/aid \
         --labels ../shared/datasets/aid/labels.csv
@@ -55,6 +56,24 @@ def plot_table(rows: list[dict], path: Path) -> None:
     ax.set_title("AID, 60/40 split, frozen EfficientNet-Lite0 features")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The RESULTS.md table: one line per method and bit length."""
+    lines = [
+        "| method | bits | mAP@20 (A) | mAP@20 (trunc.) | P@10 | float same net mAP@20 (A) "
+        "| random mAP@20 (A) | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        same = r.get("float_same_network", {}).get("map_at_20")
+        lines.append(
+            f"| {r['method']} | {r['bits'] or 'float'} | {r['map_at_20']:.3f} "
+            f"| {r['map_at_20_truncated']:.3f} | {r['precision_at_10']:.3f} "
+            f"| {'' if same is None else f'{same:.3f}'} | {r['random_map_at_20']:.3f} "
+            f"| {r['train_seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -110,6 +129,7 @@ def main() -> None:
         "total_seconds": round(time.perf_counter() - start, 1),
     }
     (args.out / "aid_table.json").write_text(json.dumps(table, indent=2) + "\n")
+    (args.out / "aid_table.md").write_text(markdown_table(rows))
     plot_table(rows, args.out / "aid_table.png")
     if curves:
         save_pr_curve(curves, args.out / "aid_pr_64.png", title="AID, 64-bit codes")

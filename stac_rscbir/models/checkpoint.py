@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -41,7 +42,7 @@ class ModelConfig:
                 f"normalisation has {len(self.mean)} means and {len(self.std)} stds "
                 f"for {len(self.bands)} bands"
             )
-        if any(s <= 0 for s in self.std):
+        if any(math.isnan(s) or s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std}")
 
 
@@ -68,11 +69,19 @@ def load_checkpoint(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     return ModelConfig(**raw), load_file(str(weights_path))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(target: Path, write: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
     os.close(fd)
     try:
         write(Path(tmp))
+        # mkstemp creates 0600 files: give the result the mode a plain write would have
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -56,9 +56,10 @@ METHODS: dict[str, MethodSpec] = {
         ),
         MethodSpec(
             "sidhcnn",
-            "Source-invariant DHCNN: intra- and inter-source pairwise constraints, "
-            "quantization and bit balance, one branch per source",
-            activation="tanh",
+            "Source-invariant DHCNN: intra- and inter-source pairwise (contrastive) constraints, "
+            "quantization and the feature-distribution (bit balance) constraint, one branch per "
+            "source, linear hash layer",
+            activation="linear",
             hidden=(1024,),
             sampling="random",
             weights={
@@ -83,8 +84,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec(
             "dhcnn",
             "DHCNN: pairwise likelihood + quantization + cross-entropy of a classifier on the "
-            "codes (visual and semantic retrieval)",
-            activation="tanh",
+            "codes (visual and semantic retrieval), linear hash layer",
+            activation="linear",
             hidden=(1024,),
             sampling="random",
             weights={"pairwise": 1.0, "quantization": 0.1, "cross_entropy": 1.0},
@@ -93,15 +94,18 @@ METHODS: dict[str, MethodSpec] = {
         ),
         MethodSpec(
             "sshaae",
-            "SSHAAE: semi-supervised adversarial autoencoder (reconstruction + adversarial "
-            "toward a binary prior + classification on the labelled part + quantization)",
-            activation="sigmoid",
+            "SSHAAE: semi-supervised adversarial autoencoder: reconstruction + adversarial "
+            "toward a binary prior (its bit balance) + per-bit balance + cross-entropy and "
+            "pairwise (contrastive) terms on the labelled half + quantization, linear hash layer",
+            activation="linear",
             hidden=(1024,),
             sampling="random",
             weights={
                 "reconstruction": 1.0,
                 "adversarial": 0.1,
+                "bit_balance": 0.1,
                 "cross_entropy": 1.0,
+                "pairwise": 1.0,
                 "quantization": 0.1,
             },
             classifier=True,
@@ -112,12 +116,19 @@ METHODS: dict[str, MethodSpec] = {
         ),
         MethodSpec(
             "adversarial",
-            "Adversarial hash-code learning: pairwise likelihood + a discriminator pushing codes "
-            "toward the uniform binary prior + quantization",
-            activation="tanh",
+            "Adversarial hash-code learning: pairwise likelihood + cross-entropy + a "
+            "discriminator pushing codes toward the uniform binary prior + quantization, "
+            "sigmoid hash layer",
+            activation="sigmoid",
             hidden=(1024,),
             sampling="random",
-            weights={"pairwise": 1.0, "adversarial": 0.1, "quantization": 0.1},
+            weights={
+                "pairwise": 1.0,
+                "cross_entropy": 1.0,
+                "adversarial": 0.1,
+                "quantization": 0.1,
+            },
+            classifier=True,
             adversarial=True,
             reference="Liu et al., IGARSS 2019 [29]",
         ),
@@ -220,8 +231,19 @@ def method_loss(
     feats = net.features(x)
     h = net.head(feats)
     terms: dict[str, torch.Tensor] = {}
+    mask = (
+        labelled
+        if labelled is not None
+        else torch.ones(labels.shape[0], dtype=torch.bool, device=labels.device)
+    )
     if "pairwise" in w:
-        terms["pairwise"] = L.pairwise_likelihood_loss(h, sim)
+        # supervised pairs only (semi-supervised presets); sigmoid codes compared as 2h - 1
+        hp = 2 * h - 1 if space == "01" else h
+        terms["pairwise"] = (
+            L.pairwise_likelihood_loss(hp[mask], sim[mask][:, mask])
+            if int(mask.sum()) >= 2
+            else h.sum() * 0
+        )
     if "quantization" in w:
         terms["quantization"] = L.quantization_loss(h, space=space)
     if "bit_balance" in w:
@@ -232,7 +254,9 @@ def method_loss(
             h[triplets[:, 0]], h[triplets[:, 1]], h[triplets[:, 2]], margin=spec.margin
         )
     if "triplet_mined" in w:
-        mined = batch_hard_triplets(h.detach(), labels)
+        # mine in the space the loss measures (L2-normalised codes), so the hardest
+        # positive/negative are the hardest for this loss
+        mined = batch_hard_triplets(h.detach(), labels, normalize=True)
         terms["triplet_mined"] = L.triplet_loss_from_indices(h, mined, margin=spec.margin)
     if "push" in w:
         terms["push"] = L.milan_push_loss(h)
@@ -241,7 +265,6 @@ def method_loss(
     if "cross_entropy" in w:
         assert net.classifier is not None
         logits = net.classifier(h)
-        mask = labelled if labelled is not None else torch.ones_like(labels, dtype=torch.bool)
         if labels.ndim == 1:
             ce = L.cross_entropy_loss(logits[mask], labels[mask]) if mask.any() else h.sum() * 0
         else:

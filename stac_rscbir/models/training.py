@@ -122,6 +122,8 @@ def train_hashing(
         raise ValueError(f"method {spec.name!r} needs a second source (paired inputs)")
     if len(inputs) != len(y):
         raise ValueError(f"{len(inputs)} inputs but {len(y)} labels")
+    if second_source is not None and len(second_source) != len(y):
+        raise ValueError(f"{len(second_source)} second-source inputs but {len(y)} labels")
     in_dim = int(getattr(backbone, "out_dim", 0)) if backbone is not None else inputs.shape[1]
     net = HashingNet(spec, in_dim, bits, n_classes, backbone, backbone2).to(device)
     disc_params = list(net.discriminator.parameters()) if net.discriminator is not None else []
