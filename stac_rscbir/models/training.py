@@ -147,7 +147,8 @@ def train_hashing(
         idx = torch.as_tensor(idx_np, device=device)
         yb = y_all[idx]
         sim = similarity_matrix(yb)
-        with torch.autocast(device.type, enabled=amp):
+        # bfloat16 autocast: mixed precision without the underflow that float16 needs a scaler for
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             xb = x_all[idx] if augment is None else augment(x_all[idx])
             loss, d_loss, terms = method_loss(
                 net,
