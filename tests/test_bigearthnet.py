@@ -34,6 +34,11 @@ from stac_rscbir.data.bigearthnet import (
     read_s1_patch,
     read_s2_patch,
 )
+from stac_rscbir.models.backbones import build_backbone
+from stac_rscbir.models.checkpoint import ModelConfig
+from stac_rscbir.models.encoder import HashEncoder
+from stac_rscbir.models.methods import METHODS
+from stac_rscbir.models.training import TrainConfig, encode, train_hashing
 
 from .conftest import require
 
@@ -179,6 +184,40 @@ def test_band_stats_from_training_patches(v1_s2: BenPatches) -> None:
     np.testing.assert_allclose(z.std(axis=(0, 2, 3)), 1, atol=1e-4)
     restored = BandStats.from_config(json.loads(json.dumps(stats.to_config())))
     assert restored == stats
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize(("sensor", "method"), [("s2", "milan"), ("s1", "triplet")])
+def test_train_checkpoint_and_encode_raw_patches(
+    v1_root: Path, sensor: str, method: str, tmp_path: Path
+) -> None:
+    """The multispectral / SAR path end to end: fit stats, train, save, reload, encode raw DN/dB."""
+    patches = load_ben_v1(v1_root, sensor, label_set=19)  # type: ignore[arg-type]
+    train = patches.in_split("train", "val")
+    stats = BandStats.fit(train.images, train.bands)
+    result = train_hashing(
+        METHODS[method],
+        torch.from_numpy(stats.normalise(train.images)),
+        train.labels,
+        16,
+        TrainConfig(iterations=8, batch_size=8, progress=False),
+        backbone=build_backbone("smallcnn", len(train.bands), pretrained=False),
+    )
+    losses = [h["loss"] for h in result.history]
+    assert all(np.isfinite(losses))
+    config = ModelConfig(
+        method=method,
+        bits=16,
+        backbone="smallcnn",
+        head={"n_classes": train.labels.shape[1]},
+        **stats.to_config(),
+    )
+    HashEncoder(config, result.net).save(tmp_path / "ckpt")
+    encoder = HashEncoder.load(tmp_path / "ckpt")
+    codes, _ = encoder.encode_numpy(patches.images)  # raw physical units in, codes out
+    direct, _ = encode(result.net.eval(), torch.from_numpy(stats.normalise(patches.images)))
+    assert codes.shape == (len(patches), 16)
+    np.testing.assert_array_equal(codes, direct)
 
 
 # --------------------------------------------------------------------------- no shared data

@@ -28,11 +28,12 @@ def cached_features(
     """(N, D) descriptors of ``data``'s images (RGB, or their panchromatic view) and the seconds
     spent (0.0 on a cache hit).
 
-    The cache key covers the backbone, input size and the image list, so a changed dataset or
-    setting never reads stale features; the file is written atomically.
+    The cache key covers the backbone, input size and the image list (resolved paths, so the
+    same files hit the same cache however they are spelled), so a changed dataset or setting
+    never reads stale features; the file is written atomically.
     """
     key = hashlib.sha256(
-        json.dumps([backbone, input_size, panchromatic, [str(p) for p in data.paths]]).encode()
+        json.dumps([backbone, input_size, panchromatic, [str(Path(p).resolve()) for p in data.paths]]).encode()
     ).hexdigest()[:16]
     view = "-pan" if panchromatic else ""
     path = cache_dir / f"{backbone}-{input_size}{view}-{key}.npy"
