@@ -211,3 +211,73 @@ def train(
         f"trained {method} ({bits} bits) in {result.seconds:.1f} s on {result.device}; "
         f"final loss {result.history[-1]['loss']:.4f} -> {out}"
     )
+
+
+@app.command()
+def ingest(
+    source: Annotated[
+        str,
+        typer.Argument(help="catalog.json / collection / ItemCollection file, or a STAC API URL."),
+    ],
+    model: Annotated[Path, typer.Option(help="Checkpoint folder (config.json + safetensors).")],
+    sink: Annotated[
+        str | None,
+        typer.Option(
+            help="catalog[:DIR] (default for a catalog source: write back in place), "
+            "geoparquet:DIR, or a Transactions API URL."
+        ),
+    ] = None,
+    bbox: Annotated[str | None, typer.Option(help="API search: minx,miny,maxx,maxy.")] = None,
+    datetime: Annotated[str | None, typer.Option(help="API search: RFC 3339 interval.")] = None,
+    collections: Annotated[str | None, typer.Option(help="API search: comma-separated.")] = None,
+    chip_size: Annotated[int | None, typer.Option(help="Chip size (default: model's).")] = None,
+    stride: Annotated[int | None, typer.Option(help="Chip stride (default: chip size).")] = None,
+    min_valid: Annotated[float, typer.Option(help="Minimum valid-pixel share of a chip.")] = 0.9,
+    batch_size: Annotated[int, typer.Option(help="Chips per model batch.")] = 64,
+    readers: Annotated[int, typer.Option(help="Prefetching reader threads.")] = 2,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: auto).")] = None,
+    dask: Annotated[str | None, typer.Option(help="Dask scheduler address.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write the run report JSON here.")] = None,
+) -> None:
+    """Encode items into hash codes and write them back (already-encoded items are skipped)."""
+    from stac_rscbir.ingest.sinks import open_sink
+    from stac_rscbir.ingest.sources import SourceError, open_source
+    from stac_rscbir.ingest.worker import IngestOptions, Ingestor
+
+    search: dict[str, Any] = {}
+    if bbox:
+        search["bbox"] = [float(v) for v in bbox.split(",")]
+    if datetime:
+        search["datetime"] = datetime
+    if collections:
+        search["collections"] = collections.split(",")
+    options = IngestOptions(
+        chip_size=chip_size,
+        stride=stride,
+        min_valid=min_valid,
+        batch_size=batch_size,
+        readers=readers,
+        device=device,
+    )
+    try:
+        target = open_sink(sink or "catalog", source)
+        items = open_source(source, search)
+        if dask:
+            from stac_rscbir.ingest.distributed import ingest_dask
+
+            run = ingest_dask(dask, list(items), model, target, options)
+        else:
+            run = Ingestor.from_checkpoint(model, options).run(items, target)
+    except (SourceError, FileNotFoundError, ValueError) as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(1) from err
+    if report:
+        run.write(report)
+    summary = run.to_dict()
+    console.print(
+        f"{run.items_encoded} encoded, {run.items_skipped} already encoded, "
+        f"{len(run.errors)} refused {summary['errors_by_kind']}; {run.chips_encoded} chips "
+        f"({run.chips_dropped} dropped as nodata/cloud) in {run.wall_seconds:.1f} s on {run.device}"
+    )
+    for e in run.errors[:20]:
+        console.print(f"  [yellow]{e.kind}[/] {e.collection}/{e.item_id}: {e.message}")

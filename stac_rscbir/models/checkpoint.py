@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from stac_rscbir.fsutil import atomic_write, atomic_write_text
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -50,9 +50,9 @@ def save_checkpoint(directory: Path, config: ModelConfig, state: dict[str, torch
     """Write ``config.json`` and ``model.safetensors`` into ``directory``, each atomically."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
     text = json.dumps(asdict(config), indent=2, sort_keys=True) + "\n"
-    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(text))
+    atomic_write_text(directory / CONFIG_NAME, text)
     return directory
 
 
@@ -67,22 +67,3 @@ def load_checkpoint(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     if version != FORMAT_VERSION:
         raise ValueError(f"{config_path}: format_version {version!r}, expected {FORMAT_VERSION}")
     return ModelConfig(**raw), load_file(str(weights_path))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(target: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        # mkstemp creates 0600 files: give the result the mode a plain write would have
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -33,7 +33,9 @@ def cached_features(
     never reads stale features; the file is written atomically.
     """
     key = hashlib.sha256(
-        json.dumps([backbone, input_size, panchromatic, [str(Path(p).resolve()) for p in data.paths]]).encode()
+        json.dumps(
+            [backbone, input_size, panchromatic, [str(Path(p).resolve()) for p in data.paths]]
+        ).encode()
     ).hexdigest()[:16]
     view = "-pan" if panchromatic else ""
     path = cache_dir / f"{backbone}-{input_size}{view}-{key}.npy"

@@ -1,0 +1,1 @@
+"""The ingestion worker: STAC items -> pixels -> hash codes -> items with ``cbir:`` fields."""

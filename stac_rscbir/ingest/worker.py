@@ -1,0 +1,287 @@
+"""Encode STAC items with a hash model: read (prefetched), chip, batch through the model, write.
+
+One :class:`Ingestor` holds one model for a worker's lifetime. Reading and chipping run on a
+small thread pool ahead of the model (GDAL releases the GIL), so I/O overlaps compute; chips of
+several items share a batch. A scene is committed to the sink only when all its chips are
+encoded: its chip items first, then the scene item with its scene-level code (the model's own
+binarisation of the mean of its chips' relaxed codes, i.e. a per-bit soft majority), so a kill
+at any point leaves no scene marked encoded without its chips.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pystac
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from stac_rscbir.data.chips import (
+    Chip,
+    chip_item,
+    chip_pixels,
+    is_patch,
+    make_chips,
+    scene_chip_collection_id,
+)
+from stac_rscbir.data.profiles import SensorProfile, profile_for_bands
+from stac_rscbir.data.reader import ItemReadError, read_item
+from stac_rscbir.extension.cbir import CBIRExtension, CBIRModel, Descriptor, HashCode
+from stac_rscbir.ingest.report import ItemError, RunReport
+from stac_rscbir.ingest.sinks import Sink, has_code
+from stac_rscbir.models.encoder import HashEncoder
+from stac_rscbir.models.training import pick_device
+
+DEFAULT_CHIP_SIZE = 120
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """How items are cut and batched; defaults follow the model's checkpoint."""
+
+    chip_size: int | None = None  # default: the model's input size, else 120 px
+    stride: int | None = None  # default: chip_size (no overlap)
+    min_valid: float = 0.9  # chips (and patches) with less valid (no nodata, no cloud) are skipped
+    batch_size: int = 64
+    readers: int = 2  # prefetching reader threads
+    resolution: float | None = None  # default: the sensor profile's
+    device: str | None = None  # default: CUDA when present, else CPU
+    descriptors: bool = True  # store the relaxed codes as float descriptors (for re-ranking)
+    progress: bool = True
+
+
+@dataclass
+class _Prepared:
+    """One item read and cut: its model inputs (raw units, nodata filled) and its chips."""
+
+    item: pystac.Item
+    inputs: npt.NDArray[np.float32]  # (n, bands, size, size)
+    chips: list[Chip] | None  # None: the item is a patch, encoded whole
+    dropped: int = 0
+    outputs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.outputs) == len(self.inputs)
+
+
+class Ingestor:
+    """A loaded model and the pipeline that encodes items with it."""
+
+    def __init__(self, encoder: HashEncoder, options: IngestOptions | None = None) -> None:
+        self.options = options or IngestOptions()
+        config = encoder.config
+        if not config.model_id:
+            raise ValueError("the checkpoint has no model_id: codes must name their model")
+        self.device = pick_device(self.options.device)
+        self.encoder = encoder.to(self.device).eval()
+        self.profile: SensorProfile = profile_for_bands(config.bands)
+        self.chip_size = self.options.chip_size or config.input_size or DEFAULT_CHIP_SIZE
+        self.input_size = config.input_size or self.chip_size
+        self.model_id, self.version = config.model_id, config.version
+        self._fill = np.asarray(config.mean, dtype=np.float32)[:, None, None]
+
+    @classmethod
+    def from_checkpoint(cls, directory: Path, options: IngestOptions | None = None) -> Ingestor:
+        """Load the model once (on the chosen device) for a whole run."""
+        device = pick_device((options or IngestOptions()).device)
+        return cls(HashEncoder.load(Path(directory), device=device), options)
+
+    def model_description(self) -> CBIRModel:
+        """The ``cbir:models`` entry that collections get for this model."""
+        c = self.encoder.config
+        return CBIRModel.create(
+            c.model_id,
+            c.version,
+            c.bits,
+            list(c.bands),
+            method=c.method,
+            backbone=c.backbone,
+            descriptor_dtype="float32" if self.options.descriptors else None,
+            descriptor_dim=c.bits if self.options.descriptors else None,
+            chip_size=(self.chip_size, self.chip_size),
+            resolution=self.options.resolution or self.profile.resolution,
+        )
+
+    # ------------------------------------------------------------------ stages
+
+    def _prepare(self, item: pystac.Item) -> _Prepared | ItemError:
+        """Read and cut one item (runs on a reader thread); bad items become errors."""
+        try:
+            pixels = read_item(item, self.profile, resolution=self.options.resolution)
+        except ItemReadError as exc:
+            return ItemError(item.id, item.collection_id, exc.kind, str(exc))
+        except Exception as exc:  # one broken item must not stop the run
+            return ItemError(item.id, item.collection_id, "unreadable-asset", f"{item.id}: {exc}")
+        _, height, width = pixels.data.shape
+        data = np.where(pixels.valid[None], pixels.data, self._fill).astype(np.float32)
+        if is_patch(height, width, self.chip_size):
+            valid = float(pixels.valid.mean())
+            if valid < self.options.min_valid:
+                return self._too_empty(item, f"valid fraction {valid:.2f}")
+            return _Prepared(item, data[None], None)
+        try:
+            kept, dropped = make_chips(
+                pixels.valid,
+                pixels.transform,
+                pixels.crs,
+                self.chip_size,
+                self.options.stride,
+                self.options.min_valid,
+            )
+        except ValueError as exc:
+            return ItemError(item.id, item.collection_id, "too-small", str(exc))
+        if not kept:
+            return self._too_empty(item, f"all {len(dropped)} chips")
+        inputs = np.stack([chip_pixels(data, c) for c in kept])
+        return _Prepared(item, inputs, kept, dropped=len(dropped))
+
+    def _too_empty(self, item: pystac.Item, what: str) -> ItemError:
+        return ItemError(
+            item.id,
+            item.collection_id,
+            "mostly-nodata",
+            f"{item.id}: {what} below the valid-pixel threshold {self.options.min_valid} "
+            "(nodata or cloud)",
+        )
+
+    @torch.inference_mode()
+    def encode_array(self, inputs: npt.NDArray[np.float32]) -> tuple[np.ndarray, np.ndarray]:
+        """({0,1} codes, relaxed codes) of raw-unit inputs (n, bands, h, w) in model batches."""
+        bits, relaxed = [], []
+        for start in range(0, len(inputs), self.options.batch_size):
+            x = torch.from_numpy(inputs[start : start + self.options.batch_size]).to(self.device)
+            if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+                x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear")
+            with torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+            ):
+                b, h = self.encoder(x)
+            bits.append(b.cpu().numpy())
+            relaxed.append(h.float().cpu().numpy())
+        return np.concatenate(bits).astype(np.uint8), np.concatenate(relaxed)
+
+    def _code(self, bits: np.ndarray, relaxed: np.ndarray) -> HashCode:
+        descriptor = Descriptor.create(relaxed) if self.options.descriptors else None
+        return HashCode.from_bits(self.model_id, self.version, bits, descriptor=descriptor)
+
+    def _items(self, prep: _Prepared) -> tuple[pystac.Item, list[pystac.Item]]:
+        """The encoded scene item and its chip items."""
+        bits = np.stack([b for b, _ in prep.outputs])
+        relaxed = np.stack([h for _, h in prep.outputs])
+        chips = []
+        for chip, b, h in zip(prep.chips or [], bits, relaxed, strict=False):
+            chip_it = chip_item(prep.item, chip)
+            chip_it.collection_id = scene_chip_collection_id(prep.item.collection_id or "items")
+            CBIRExtension.ext(chip_it, add_if_missing=True).add_code(self._code(b, h))
+            chips.append(chip_it)
+        if prep.chips is None:
+            scene_bits, scene_relaxed = bits[0], relaxed[0]
+        else:  # scene-level code: the model's binarisation of the chips' mean relaxed code
+            scene_relaxed = relaxed.mean(axis=0)
+            head = self.encoder.net.head
+            scene_bits = head.binarize(torch.from_numpy(scene_relaxed)[None])[0].numpy()
+        scene = prep.item.clone()
+        CBIRExtension.ext(scene, add_if_missing=True).add_code(
+            self._code(scene_bits, scene_relaxed)
+        )
+        return scene, chips
+
+    # ------------------------------------------------------------------ the run
+
+    def _todo(
+        self, items: Iterable[pystac.Item], sink: Sink, report: RunReport
+    ) -> Iterator[pystac.Item]:
+        """Items not yet encoded by this model version (in the item itself or in the sink).
+
+        Chip items (``cbir:chip``) are outputs of an earlier run, not inputs: they are passed
+        over, so a catalog that now links its chip collection can be ingested again.
+        """
+        seen: set[tuple[str | None, str]] = set()
+        for item in items:
+            key = (item.collection_id, item.id)
+            if key in seen or "cbir:chip" in item.properties:
+                continue
+            seen.add(key)
+            report.items_seen += 1
+            if has_code(item.properties, self.model_id, self.version) or sink.is_encoded(
+                item, self.model_id, self.version
+            ):
+                report.items_skipped += 1
+                continue
+            yield item
+
+    def _timed_prepare(self, item: pystac.Item) -> tuple[_Prepared | ItemError, float]:
+        start = time.perf_counter()
+        return self._prepare(item), time.perf_counter() - start
+
+    def run(self, items: Iterable[pystac.Item], sink: Sink) -> RunReport:
+        """Encode every item not yet encoded, commit each to ``sink``, report what happened."""
+        report = RunReport(self.model_id, self.version, device=str(self.device))
+        start = time.perf_counter()
+        bar = tqdm(disable=not self.options.progress, unit="item", desc=f"ingest {self.model_id}")
+        pending: deque[_Prepared] = deque()  # prepared, waiting for model outputs, in order
+        queue: list[tuple[_Prepared, int]] = []  # (owner, chip index) not yet through the model
+
+        def run_model(final: bool) -> None:
+            while queue and (final or len(queue) >= self.options.batch_size):
+                batch, queue[:] = (
+                    queue[: self.options.batch_size],
+                    queue[self.options.batch_size :],
+                )
+                t0 = time.perf_counter()
+                bits, relaxed = self.encode_array(np.stack([p.inputs[i] for p, i in batch]))
+                report.add_time("model", time.perf_counter() - t0)
+                for (owner, _), b, h in zip(batch, bits, relaxed, strict=True):
+                    owner.outputs.append((b, h))
+            while pending and pending[0].complete:
+                commit(pending.popleft())
+
+        def commit(prep: _Prepared) -> None:
+            t0 = time.perf_counter()
+            scene, chips = self._items(prep)
+            sink.write(scene, chips)
+            report.add_time("write", time.perf_counter() - t0)
+            report.items_encoded += 1
+            report.chips_encoded += len(chips)
+            report.chips_dropped += prep.dropped
+            bar.update(1)
+            wall = time.perf_counter() - start
+            bar.set_postfix(chips_s=f"{report.chips_encoded / wall:.1f}", errors=len(report.errors))
+
+        lookahead = max(2, 2 * self.options.readers)
+        with ThreadPoolExecutor(self.options.readers, thread_name_prefix="reader") as pool:
+            inflight: deque[Future[tuple[_Prepared | ItemError, float]]] = deque()
+            todo = self._todo(items, sink, report)
+            exhausted = False
+            while True:
+                while not exhausted and len(inflight) < lookahead:
+                    item = next(todo, None)
+                    if item is None:
+                        exhausted = True
+                    else:
+                        inflight.append(pool.submit(self._timed_prepare, item))
+                if not inflight:
+                    break
+                result, seconds = inflight.popleft().result()
+                report.add_time("read", seconds)
+                if isinstance(result, ItemError):
+                    report.errors.append(result)
+                    bar.update(1)
+                    continue
+                pending.append(result)
+                queue.extend((result, i) for i in range(len(result.inputs)))
+                run_model(final=False)
+            run_model(final=True)
+        sink.finalize(self.model_description())
+        bar.close()
+        report.wall_seconds = round(time.perf_counter() - start, 3)
+        return report
