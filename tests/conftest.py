@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +37,19 @@ def require(condition: bool, reason: str) -> None:
     if os.environ.get("RSCBIR_REQUIRE_ALL") == "1":
         pytest.fail(f"required in CI: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pgstac_dsn() -> Iterator[str]:
+    """The DSN of a throwaway PostgreSQL 15 + PostGIS cluster with pgstac migrated (one per
+    session; tests keep to their own collections). Skips locally, fails in CI, when PostgreSQL,
+    PostGIS or pypgstac are not installed."""
+    from .pgcluster import missing, start_cluster
+
+    reason = missing()
+    require(reason is None, reason or "")
+    cluster = start_cluster()
+    try:
+        yield cluster.dsn
+    finally:
+        cluster.stop()

@@ -414,3 +414,14 @@ def test_landsat_scene_is_chipped_on_its_own_grid(tmp_path: Path) -> None:
             assert [bbox["xmin"], bbox["ymin"], bbox["xmax"], bbox["ymax"]] == pytest.approx(
                 [west, south, east, north], abs=1e-6
             )
+
+
+def test_near_patch_sized_items_are_resampled_and_encoded_whole(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """An item within 10 % of the chip size is one model input, resampled to the chip size."""
+    items = [raster_item("near", _scene(tmp_path, "near", CHIP + 2, CHIP - 1, seed=8))]
+    report = Ingestor.from_checkpoint(checkpoint, OPTIONS).run(
+        items, GeoParquetSink(tmp_path / "o")
+    )
+    assert (report.items_encoded, report.chips_encoded, report.errors) == (1, 0, [])

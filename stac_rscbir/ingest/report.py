@@ -32,8 +32,16 @@ class RunReport:
     chips_encoded: int = 0
     chips_dropped: int = 0  # mostly nodata or cloud
     errors: list[ItemError] = field(default_factory=list)
+    # stage seconds; read and preprocess are summed over the reader threads, which overlap
+    # the model: wait_for_readers is how long the model side sat idle waiting for pixels
     seconds: dict[str, float] = field(
-        default_factory=lambda: {"read": 0.0, "preprocess": 0.0, "model": 0.0, "write": 0.0}
+        default_factory=lambda: {
+            "read": 0.0,
+            "preprocess": 0.0,
+            "model": 0.0,
+            "write": 0.0,
+            "wait_for_readers": 0.0,
+        }
     )
     wall_seconds: float = 0.0
     device: str = "cpu"

@@ -33,7 +33,7 @@ from stac_rscbir.data.chips import (
     scene_chip_collection_id,
 )
 from stac_rscbir.data.profiles import SensorProfile, profile_for_bands
-from stac_rscbir.data.reader import ItemReadError, read_item
+from stac_rscbir.data.reader import ItemReadError, Pixels, read_item
 from stac_rscbir.extension.cbir import CBIRExtension, CBIRModel, Descriptor, HashCode
 from stac_rscbir.ingest.report import ItemError, RunReport
 from stac_rscbir.ingest.sinks import Sink, has_code
@@ -113,20 +113,33 @@ class Ingestor:
 
     # ------------------------------------------------------------------ stages
 
-    def _prepare(self, item: pystac.Item) -> _Prepared | ItemError:
-        """Read and cut one item (runs on a reader thread); bad items become errors."""
+    def _prepare(self, item: pystac.Item) -> tuple[_Prepared | ItemError, float, float]:
+        """Read and cut one item on a reader thread: (result, read seconds, cut seconds)."""
+        start = time.perf_counter()
         try:
             pixels = read_item(item, self.profile, resolution=self.options.resolution)
         except ItemReadError as exc:
-            return ItemError(item.id, item.collection_id, exc.kind, str(exc))
+            error = ItemError(item.id, item.collection_id, exc.kind, str(exc))
+            return error, time.perf_counter() - start, 0.0
         except Exception as exc:  # one broken item must not stop the run
-            return ItemError(item.id, item.collection_id, "unreadable-asset", f"{item.id}: {exc}")
+            error = ItemError(item.id, item.collection_id, "unreadable-asset", f"{item.id}: {exc}")
+            return error, time.perf_counter() - start, 0.0
+        read = time.perf_counter() - start
+        result = self._cut(item, pixels)
+        return result, read, time.perf_counter() - start - read
+
+    def _cut(self, item: pystac.Item, pixels: Pixels) -> _Prepared | ItemError:
+        """Fill invalid pixels with the band means and cut the item into model inputs."""
         _, height, width = pixels.data.shape
         data = np.where(pixels.valid[None], pixels.data, self._fill).astype(np.float32)
         if is_patch(height, width, self.chip_size):
             valid = float(pixels.valid.mean())
             if valid < self.options.min_valid:
                 return self._too_empty(item, f"valid fraction {valid:.2f}")
+            if (height, width) != (self.chip_size, self.chip_size):  # near-patch-sized: resample
+                size = (self.chip_size, self.chip_size)
+                data = F.interpolate(torch.from_numpy(data)[None], size=size, mode="bilinear")[0]
+                data = data.numpy()
             return _Prepared(item, data[None], None)
         try:
             kept, dropped = make_chips(
@@ -219,10 +232,6 @@ class Ingestor:
                 continue
             yield item
 
-    def _timed_prepare(self, item: pystac.Item) -> tuple[_Prepared | ItemError, float]:
-        start = time.perf_counter()
-        return self._prepare(item), time.perf_counter() - start
-
     def run(self, items: Iterable[pystac.Item], sink: Sink) -> RunReport:
         """Encode every item not yet encoded, commit each to ``sink``, report what happened."""
         report = RunReport(self.model_id, self.version, device=str(self.device))
@@ -259,7 +268,7 @@ class Ingestor:
 
         lookahead = max(2, 2 * self.options.readers)
         with ThreadPoolExecutor(self.options.readers, thread_name_prefix="reader") as pool:
-            inflight: deque[Future[tuple[_Prepared | ItemError, float]]] = deque()
+            inflight: deque[Future[tuple[_Prepared | ItemError, float, float]]] = deque()
             todo = self._todo(items, sink, report)
             exhausted = False
             while True:
@@ -268,11 +277,14 @@ class Ingestor:
                     if item is None:
                         exhausted = True
                     else:
-                        inflight.append(pool.submit(self._timed_prepare, item))
+                        inflight.append(pool.submit(self._prepare, item))
                 if not inflight:
                     break
-                result, seconds = inflight.popleft().result()
-                report.add_time("read", seconds)
+                t0 = time.perf_counter()
+                result, read_s, cut_s = inflight.popleft().result()
+                report.add_time("wait_for_readers", time.perf_counter() - t0)
+                report.add_time("read", read_s)
+                report.add_time("preprocess", cut_s)
                 if isinstance(result, ItemError):
                     report.errors.append(result)
                     bar.update(1)
