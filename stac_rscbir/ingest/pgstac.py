@@ -316,11 +316,13 @@ def listen_and_encode(
     channel: str = DEFAULT_CHANNEL,
     idle_timeout: float | None = None,
     stop: threading.Event | None = None,
+    collections: Sequence[str] | None = None,
     poll: float = 0.5,
     max_batch: int = 512,
 ) -> RunReport:
     """Encode items announced on ``channel`` (see :func:`install_notify_trigger`) until ``stop``
-    is set or ``idle_timeout`` seconds pass without a notification.
+    is set or ``idle_timeout`` seconds pass without a notification; with ``collections``, only
+    items of those collections.
 
     LISTENs first, then encodes every item still lacking this model version's code (what was
     loaded while no consumer listened: those notifications are lost), then each batch of
@@ -336,7 +338,10 @@ def listen_and_encode(
             report.merge(
                 ingestor.run(
                     items_from_pgstac(
-                        dsn, missing_model=ingestor.model_id, missing_version=ingestor.version
+                        dsn,
+                        collections,
+                        missing_model=ingestor.model_id,
+                        missing_version=ingestor.version,
                     ),
                     sink,
                 )
@@ -352,7 +357,8 @@ def listen_and_encode(
                 keys: set[tuple[str, str]] = set()
                 for note in listener.notifies(timeout=wait, stop_after=max_batch):
                     payload = json.loads(note.payload)
-                    keys.add((payload["collection"], payload["id"]))
+                    if collections is None or payload["collection"] in collections:
+                        keys.add((payload["collection"], payload["id"]))
                 if not keys:
                     continue
                 last_heard = time.monotonic()

@@ -1,0 +1,288 @@
+"""pgstac as source and sink of the ingestion worker, and the bulk-load hook, on a real
+PostgreSQL 15 + PostGIS cluster (the ``pgstac_dsn`` fixture) with rasters written here."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import pystac
+import pytest
+
+from stac_rscbir.data.chips import chip_windows
+from stac_rscbir.ingest.report import RunReport
+from stac_rscbir.ingest.worker import Ingestor
+
+from . import test_ingest as base
+from .stac_builders import raster_item
+
+if find_spec("psycopg") is None:  # the pgstac extra: skipped locally, required in CI
+    if os.environ.get("RSCBIR_REQUIRE_ALL") == "1":
+        raise ImportError("required in CI: psycopg (install the pgstac extra)")
+    pytest.skip("psycopg not installed (the pgstac extra)", allow_module_level=True)
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from stac_rscbir.ingest.pgstac import (
+    PgstacError,
+    PgstacSink,
+    install_notify_trigger,
+    items_from_pgstac,
+    listen_and_encode,
+)
+
+checkpoint = base.checkpoint  # the random-weight RGB model of the ingestion tests
+MODEL = base.MODEL
+PYPGSTAC = str(Path(sys.executable).with_name("pypgstac"))
+SHAPES = [(64, 64), (64, 32), (32, 32)]  # 4 chips, 2 chips, one patch (no chips)
+
+
+def _collection(cid: str) -> dict[str, Any]:
+    return pystac.Collection(
+        id=cid,
+        description="test scenes",
+        extent=pystac.Extent(
+            pystac.SpatialExtent([[-180.0, -90.0, 180.0, 90.0]]),
+            pystac.TemporalExtent([[datetime(2020, 1, 1, tzinfo=UTC), None]]),
+        ),
+        license="other",
+    ).to_dict(include_self_link=False)
+
+
+def _scenes(folder: Path, cid: str, seed: int, months: Sequence[int] = (6,)) -> list[pystac.Item]:
+    """One item per shape and month, over COGs written in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = []
+    for m, month in enumerate(months):
+        for s, (h, w) in enumerate(SHAPES):
+            name = f"{cid}-{month:02d}-{s}"
+            item = raster_item(
+                name, base._scene(folder, name, h, w, seed=seed + 10 * m + s), collection=cid
+            )
+            item.datetime = datetime(2020, month, 1, tzinfo=UTC)
+            items.append(item)
+    return items
+
+
+def _chips_of(items: Sequence[pystac.Item]) -> int:
+    n = 0
+    for item in items:
+        h, w = item.assets["image"].extra_fields["proj:shape"]
+        n += 0 if (h, w) == (base.CHIP, base.CHIP) else len(chip_windows(h, w, base.CHIP))
+    return n
+
+
+def _insert(dsn: str, cid: str, items: Sequence[pystac.Item]) -> None:
+    """Items (and their collection) written straight into pgstac with its SQL API."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pgstac.upsert_collection(%s)", (Jsonb(_collection(cid)),))
+        dicts = [i.to_dict(include_self_link=False, transform_hrefs=False) for i in items]
+        conn.execute("SELECT pgstac.upsert_items(%s)", (Jsonb(dicts),))
+
+
+def _pypgstac_load(dsn: str, kind: str, path: Path) -> None:
+    """``pypgstac load`` as an operator would run it: behind the API's (and our) back."""
+    subprocess.run(
+        [PYPGSTAC, "load", kind, str(path), "--dsn", dsn, "--method", "insert_ignore"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+
+
+def _ndjson(path: Path, items: Sequence[pystac.Item]) -> Path:
+    lines = [json.dumps(i.to_dict(include_self_link=False, transform_hrefs=False)) for i in items]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _stored(dsn: str, cid: str) -> dict[str, dict[str, Any]]:
+    """Hydrated items of collection ``cid`` by id."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET search_path TO pgstac, public")
+        rows = conn.execute(
+            "SELECT id, content_hydrate(i) FROM items i WHERE collection = %s", (cid,)
+        ).fetchall()
+    return dict(rows)
+
+
+def _model_codes(item: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for c in item["properties"].get("cbir:codes", []) if c["model"] == MODEL]
+
+
+def _collection_content(dsn: str, cid: str) -> dict[str, Any]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT content FROM pgstac.collections WHERE id = %s", (cid,)
+        ).fetchone()
+    assert row is not None, cid
+    return row[0]
+
+
+def _wait_until(condition: Callable[[], bool], worker: _Consumer, what: str) -> None:
+    deadline = time.monotonic() + 120
+    while not condition():
+        worker.check()
+        assert time.monotonic() < deadline, f"timed out waiting for {what} to be encoded"
+        time.sleep(0.2)
+
+
+def _all_encoded(dsn: str, cid: str, n: int) -> bool:
+    stored = _stored(dsn, cid)
+    return len(stored) == n and all(_model_codes(i) for i in stored.values())
+
+
+def _assert_encoded_once(dsn: str, cid: str, items: Sequence[pystac.Item]) -> None:
+    stored = _stored(dsn, cid)
+    assert sorted(stored) == sorted(i.id for i in items)
+    assert all(len(_model_codes(i)) == 1 for i in stored.values())
+    chips = _stored(dsn, f"{cid}-chips")
+    assert len(chips) == _chips_of(items)
+    assert all(len(_model_codes(c)) == 1 and "cbir:chip" in c["properties"] for c in chips.values())
+
+
+class _Consumer:
+    """``listen_and_encode`` on a thread, restricted to one collection, until :meth:`stop`."""
+
+    def __init__(self, dsn: str, checkpoint: Path, cid: str) -> None:
+        self._stop = threading.Event()
+        self.report: RunReport | None = None
+        self.error: BaseException | None = None
+        ingestor = Ingestor.from_checkpoint(checkpoint, base.OPTIONS)
+
+        def run() -> None:
+            try:
+                self.report = listen_and_encode(
+                    dsn, ingestor, stop=self._stop, collections=[cid], poll=0.2
+                )
+            except BaseException as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+        assert self.thread.is_alive(), "the consumer stopped on its own"
+
+    def stop(self) -> RunReport:
+        self._stop.set()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "the consumer did not stop"
+        if self.error is not None:
+            raise self.error
+        assert self.report is not None
+        return self.report
+
+
+def test_pgstac_round_trip_source_and_sink(
+    pgstac_dsn: str, checkpoint: Path, tmp_path: Path
+) -> None:
+    cid = "rt-scenes"
+    items = _scenes(tmp_path, cid, seed=100)
+    _insert(pgstac_dsn, cid, items)
+    sink = PgstacSink(pgstac_dsn)
+    ingestor = Ingestor.from_checkpoint(checkpoint, base.OPTIONS)
+    report = ingestor.run(items_from_pgstac(pgstac_dsn, [cid]), sink)
+    assert (report.items_encoded, report.chips_encoded, report.errors) == (3, 6, [])
+    _assert_encoded_once(pgstac_dsn, cid, items)
+    # the scene's own fields survive the round trip, next to the code
+    scene = _stored(pgstac_dsn, cid)[f"{cid}-06-0"]
+    assert scene["properties"]["platform"] == "test-sat" and "image" in scene["assets"]
+    # both collections describe the model; the chip collection has the chips' extent
+    for c in (cid, f"{cid}-chips"):
+        assert [m["id"] for m in _collection_content(pgstac_dsn, c)["cbir:models"]] == [MODEL]
+    chip_bbox = _collection_content(pgstac_dsn, f"{cid}-chips")["extent"]["spatial"]["bbox"][0]
+    assert chip_bbox[0] > 0 and chip_bbox[2] - chip_bbox[0] < 1  # not the global placeholder
+
+    # rerun: every item already carries the code; nothing is written
+    again = ingestor.run(items_from_pgstac(pgstac_dsn, [cid]), pickle.loads(pickle.dumps(sink)))
+    assert (again.items_seen, again.items_skipped, again.items_encoded) == (3, 3, 0)
+    assert list(items_from_pgstac(pgstac_dsn, [cid], missing_model=MODEL)) == []
+    # chip items are outputs, never inputs, even when their collection is listed
+    both = [cid, f"{cid}-chips"]
+    assert len(list(items_from_pgstac(pgstac_dsn, both, missing_model="other-model"))) == 3
+    sink.close()
+
+
+def test_pgstac_errors_name_the_problem(pgstac_dsn: str, tmp_path: Path) -> None:
+    with pytest.raises(PgstacError, match=r"no such collection.*nope"):
+        list(items_from_pgstac(pgstac_dsn, ["nope"]))
+    item = _scenes(tmp_path, "absent", seed=1)[0]
+    with pytest.raises(PgstacError, match=r"collection 'absent' .* does not exist"):
+        PgstacSink(pgstac_dsn).write(item, [])
+    dead = "postgresql://postgres:secret@127.0.0.1:1/pgstac"
+    with pytest.raises(PgstacError, match="cannot connect") as info:
+        PgstacSink(dead).is_encoded(item, MODEL, "1")
+    assert "secret" not in str(info.value)
+    no_schema = pgstac_dsn.rsplit("/", 1)[0] + "/postgres"
+    with pytest.raises(PgstacError, match="no pgstac schema"):
+        list(items_from_pgstac(no_schema))
+
+
+def test_bulk_loaded_items_are_encoded_exactly_once(
+    pgstac_dsn: str, checkpoint: Path, tmp_path: Path
+) -> None:
+    cid = "bulk-scenes"
+    install_notify_trigger(pgstac_dsn)
+    install_notify_trigger(pgstac_dsn)  # idempotent
+    _pypgstac_load(pgstac_dsn, "collections", _ndjson_collection(tmp_path, cid))
+    with psycopg.connect(pgstac_dsn, autocommit=True) as conn:  # monthly sub-partitions
+        conn.execute(
+            "UPDATE pgstac.collections SET partition_trunc = 'month' WHERE id = %s", (cid,)
+        )
+    worker = _Consumer(pgstac_dsn, checkpoint, cid)
+    try:
+        first = _scenes(tmp_path / "a", cid, seed=200, months=(6,))
+        _pypgstac_load(pgstac_dsn, "items", _ndjson(tmp_path / "a.ndjson", first))
+        _wait_until(lambda: _all_encoded(pgstac_dsn, cid, 3), worker, "the first load")
+        # a second load, into partitions that did not exist when the trigger was made, after
+        # the consumer's catch-up pass is certainly over: only notifications can bring it in
+        second = _scenes(tmp_path / "b", cid, seed=300, months=(7, 8))
+        _pypgstac_load(pgstac_dsn, "items", _ndjson(tmp_path / "b.ndjson", second))
+        _wait_until(lambda: _all_encoded(pgstac_dsn, cid, 9), worker, "the second load")
+        time.sleep(1.0)  # the consumer hears its own upserts: they must not write again
+    finally:
+        report = worker.stop()
+    with psycopg.connect(pgstac_dsn, autocommit=True) as conn:
+        (triggers,) = conn.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'rscbir_notify_cbir_items'"
+        ).fetchone() or (0,)
+    assert triggers >= 1 + 1 + 3  # on items, on the collection's partition, on its 3 months
+    _assert_encoded_once(pgstac_dsn, cid, [*first, *second])
+    assert (report.items_encoded, report.chips_encoded) == (9, _chips_of([*first, *second]))
+
+
+def _ndjson_collection(folder: Path, cid: str) -> Path:
+    path = folder / f"{cid}.json"
+    path.write_text(json.dumps(_collection(cid)) + "\n")
+    return path
+
+
+def test_items_loaded_without_a_consumer_are_caught_up(
+    pgstac_dsn: str, checkpoint: Path, tmp_path: Path
+) -> None:
+    cid = "late-scenes"
+    install_notify_trigger(pgstac_dsn)
+    _pypgstac_load(pgstac_dsn, "collections", _ndjson_collection(tmp_path, cid))
+    items = _scenes(tmp_path, cid, seed=400)
+    _pypgstac_load(pgstac_dsn, "items", _ndjson(tmp_path / "items.ndjson", items))
+    ingestor = Ingestor.from_checkpoint(checkpoint, base.OPTIONS)
+    report = listen_and_encode(pgstac_dsn, ingestor, idle_timeout=1.0, collections=[cid])
+    assert (report.items_encoded, report.chips_encoded, report.errors) == (3, 6, [])
+    _assert_encoded_once(pgstac_dsn, cid, items)
+    # a second consumer finds nothing left to do
+    again = listen_and_encode(pgstac_dsn, ingestor, idle_timeout=0.5, collections=[cid])
+    assert (again.items_seen, again.items_encoded) == (0, 0)
