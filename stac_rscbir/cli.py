@@ -281,3 +281,34 @@ def ingest(
     )
     for e in run.errors[:20]:
         console.print(f"  [yellow]{e.kind}[/] {e.collection}/{e.item_id}: {e.message}")
+
+
+@app.command()
+def serve(
+    db: Annotated[Path, typer.Option(help="SQLite store file (created if missing).")],
+    model: Annotated[
+        list[Path] | None,
+        typer.Option(help="Checkpoint folder(s) for image queries; repeatable."),
+    ] = None,
+    encode_with: Annotated[
+        Path | None, typer.Option(help="Encode items added through Transactions with this model.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8080,
+) -> None:
+    """Serve the STAC API with similarity search over the embedded SQLite store."""
+    import uvicorn
+
+    from stac_rscbir.api.app import create_api
+    from stac_rscbir.models.checkpoint import load_checkpoint
+    from stac_rscbir.store.sqlite import SQLiteStore
+
+    models = {}
+    for path in model or []:
+        try:
+            models[load_checkpoint(path)[0].model_id] = path
+        except (FileNotFoundError, ValueError) as err:
+            console.print(f"[red]{err}[/]")
+            raise typer.Exit(1) from err
+    api = create_api(SQLiteStore(db), db.with_suffix(".index"), models, encode_with=encode_with)
+    uvicorn.run(api.app, host=host, port=port)

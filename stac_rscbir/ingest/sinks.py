@@ -361,3 +361,45 @@ def open_sink(spec: str, source: str | None = None) -> Sink:
     raise ValueError(
         f"unknown sink {spec!r}: use catalog[:DIR], geoparquet:DIR or an http(s):// STAC API root"
     )
+
+
+class StoreSink:
+    """The search service's own store (any :class:`~stac_rscbir.store.base.ItemStore`):
+    chips and scene upserted in one call, the chip collection created on first use."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self._written: set[str] = set()
+
+    def is_encoded(self, item: pystac.Item, model: str, version: str) -> bool:
+        from stac_rscbir.store.base import NotFoundError
+
+        try:
+            stored = self.store.get_item(item.collection_id or "", item.id)
+        except NotFoundError:
+            return False
+        return has_code(stored.get("properties", {}), model, version)
+
+    def write(self, scene: pystac.Item, chips: Sequence[pystac.Item]) -> None:
+        from stac_rscbir.store.base import NotFoundError
+
+        dicts = [it.to_dict(include_self_link=False, transform_hrefs=False) for it in chips]
+        for cid in {d["collection"] for d in dicts}:
+            try:
+                self.store.get_collection(cid)
+            except NotFoundError:
+                coll = pystac.Collection(
+                    id=cid,
+                    description=f"Chips encoded by stac-rscbir ({cid})",
+                    extent=_extent(dicts),
+                    license="other",
+                )
+                self.store.create_collection(coll.to_dict(include_self_link=False))
+        scene_dict = scene.to_dict(include_self_link=False, transform_hrefs=False)
+        self.store.upsert_items([*dicts, scene_dict])
+        self._written.update(d["collection"] for d in [*dicts, scene_dict])
+
+    def finalize(self, model: CBIRModel) -> None:
+        """Describe the model in the collections this sink wrote to."""
+        for cid in sorted(self._written):
+            self.store.update_collection(_add_model(self.store.get_collection(cid), model))

@@ -1,0 +1,1 @@
+"""The STAC API: stac-fastapi composed with the similarity search extension."""

@@ -1,0 +1,326 @@
+"""stac-fastapi clients over an :class:`~stac_rscbir.store.base.ItemStore`.
+
+The core client answers the STAC API core, collections, features and item search (with the
+filter, sort, fields and token pagination extensions); the transactions client writes through
+the store and tells the similarity layer, so the hash index follows every change.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable, Iterable
+from typing import Any
+from urllib.parse import urlencode
+
+import attr
+from fastapi import HTTPException, Request
+from stac_fastapi.extensions.transaction.client import BaseTransactionsClient
+from stac_fastapi.types.core import BaseCoreClient
+from stac_fastapi.types.errors import NotFoundError as ApiNotFoundError
+from stac_fastapi.types.links import CollectionLinks, ItemLinks, resolve_links
+from stac_fastapi.types.requests import get_base_url
+
+from stac_rscbir.store.base import (
+    ConflictError,
+    InvalidQueryError,
+    ItemStore,
+    NotFoundError,
+    SearchPage,
+    SearchQuery,
+)
+
+ItemHook = Callable[[str, dict[str, Any] | None, str], None]  # (collection, item or None, item id)
+
+
+def store_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Map store errors to HTTP errors: 404, 409, 400 with the store's message."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except NotFoundError as exc:
+            raise ApiNotFoundError(str(exc)) from exc
+        except ConflictError as exc:
+            raise HTTPException(status_code=409, detail=str(exc)) from exc
+        except (InvalidQueryError, ValueError) as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from exc
+
+    return wrapper
+
+
+def _dump(value: Any) -> Any:
+    """Pydantic models (geometries, sort models, items) to plain JSON values."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json", exclude_none=True, by_alias=True)
+    if isinstance(value, (list, tuple)):
+        return [_dump(v) for v in value]
+    return value
+
+
+def query_from_request(search: Any) -> SearchQuery:
+    """A :class:`SearchQuery` from a POST search model (pydantic) or a dict of GET params."""
+    get = search.get if isinstance(search, dict) else lambda k, d=None: getattr(search, k, d)
+    filt = get("filter_expr") if get("filter_expr") is not None else get("filter")
+    if isinstance(filt, str) and get("filter_lang") == "cql2-json":
+        try:
+            filt = json.loads(filt)
+        except json.JSONDecodeError as exc:
+            raise InvalidQueryError(f"filter is not valid CQL2 JSON: {exc}") from exc
+    sortby = get("sortby")
+    if sortby and isinstance(sortby[0], str):  # GET: "+field,-field"
+        sortby = [
+            {"field": s.lstrip("+-"), "direction": "desc" if s.startswith("-") else "asc"}
+            for s in sortby
+        ]
+    return SearchQuery(
+        collections=get("collections"),
+        ids=get("ids"),
+        bbox=list(get("bbox")) if get("bbox") else None,
+        intersects=_dump(get("intersects")),
+        datetime=get("datetime"),
+        filter=_dump(filt),
+        sortby=_dump(sortby),
+        limit=int(get("limit") or 10),
+        token=get("token"),
+    )
+
+
+def apply_fields(item: dict[str, Any], fields: Any) -> dict[str, Any]:
+    """The fields extension: keep ``include`` (dotted paths) and drop ``exclude``."""
+    if not fields:
+        return item
+    include = set(getattr(fields, "include", None) or [])
+    exclude = set(getattr(fields, "exclude", None) or [])
+    if isinstance(fields, list):  # GET: ["a", "-b"]
+        include = {f.lstrip("+") for f in fields if not f.startswith("-")}
+        exclude = {f[1:] for f in fields if f.startswith("-")}
+    out = item
+    if include:
+        out = {k: item[k] for k in ("type", "stac_version", "id", "links") if k in item}
+        for path in include | {"collection"}:
+            _copy_path(item, out, path.split("."))
+    for path in exclude - include:
+        _drop_path(out, path.split("."))
+    return out
+
+
+def _copy_path(src: dict[str, Any], dst: dict[str, Any], parts: list[str]) -> None:
+    if parts[0] not in src:
+        return
+    if len(parts) == 1:
+        dst[parts[0]] = src[parts[0]]
+    elif isinstance(src[parts[0]], dict):
+        _copy_path(src[parts[0]], dst.setdefault(parts[0], {}), parts[1:])
+
+
+def _drop_path(d: dict[str, Any], parts: list[str]) -> None:
+    if len(parts) == 1:
+        d.pop(parts[0], None)
+    elif isinstance(d.get(parts[0]), dict):
+        _drop_path(d[parts[0]], parts[1:])
+
+
+def item_links(item: dict[str, Any], base_url: str) -> dict[str, Any]:
+    """The item with the API's own links (self, parent, collection, root) and its others."""
+    inferred = ItemLinks(item["collection"], base_url, item["id"]).create_links()
+    item["links"] = inferred + resolve_links(item.get("links", []), base_url)
+    return item
+
+
+@attr.s
+class StoreCoreClient(BaseCoreClient):
+    """Core, collections, features and item search over a store."""
+
+    store: ItemStore = attr.ib(kw_only=True)
+    similarity: Any = attr.ib(default=None, kw_only=True)  # the similarity service, if any
+
+    @store_errors
+    def all_collections(self, request: Request, **kwargs: Any) -> dict[str, Any]:
+        base = get_base_url(request)
+        collections = [self._collection(c, base) for c in self.store.all_collections()]
+        links = [
+            {"rel": "root", "type": "application/json", "href": base},
+            {"rel": "parent", "type": "application/json", "href": base},
+            {"rel": "self", "type": "application/json", "href": f"{base}collections"},
+        ]
+        return {"collections": collections, "links": links}
+
+    def _collection(self, collection: dict[str, Any], base: str) -> dict[str, Any]:
+        collection = dict(collection)
+        inferred = CollectionLinks(collection["id"], base).create_links()
+        collection["links"] = inferred + resolve_links(collection.get("links", []), base)
+        return collection
+
+    @store_errors
+    def get_collection(self, collection_id: str, request: Request, **kwargs: Any) -> dict:
+        return self._collection(self.store.get_collection(collection_id), get_base_url(request))
+
+    @store_errors
+    def get_item(self, item_id: str, collection_id: str, request: Request, **kwargs: Any) -> dict:
+        return item_links(self.store.get_item(collection_id, item_id), get_base_url(request))
+
+    @store_errors
+    def item_collection(
+        self,
+        collection_id: str,
+        request: Request,
+        bbox: list[float] | None = None,
+        datetime: str | None = None,
+        limit: int = 10,
+        token: str | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        self.store.get_collection(collection_id)  # 404 for an unknown collection
+        params = {"bbox": bbox, "datetime": datetime, "limit": limit, "token": token, **kwargs}
+        query = query_from_request({**params, "collections": [collection_id]})
+        return self._page(self.store.search(query), request, "GET", params, query)
+
+    @store_errors
+    def post_search(self, search_request: Any, request: Request, **kwargs: Any) -> dict:
+        query = query_from_request(search_request)
+        body = search_request.model_dump(mode="json", exclude_none=True, by_alias=True)
+        similarity = getattr(search_request, "similarity", None)
+        if similarity is not None:
+            page = self.similarity.search(query, similarity)
+        else:
+            page = self.store.search(query)
+        return self._page(
+            page, request, "POST", body, query, getattr(search_request, "fields", None)
+        )
+
+    @store_errors
+    def get_search(self, request: Request, **kwargs: Any) -> dict[str, Any]:
+        params = {k: v for k, v in kwargs.items() if v is not None}
+        query = query_from_request(params)
+        similarity = self.similarity.from_get(params) if self.similarity else None
+        page = self.similarity.search(query, similarity) if similarity else self.store.search(query)
+        return self._page(page, request, "GET", params, query, params.get("fields"))
+
+    def _page(
+        self,
+        page: SearchPage,
+        request: Request,
+        method: str,
+        params: dict[str, Any],
+        query: SearchQuery,
+        fields: Any = None,
+    ) -> dict[str, Any]:
+        """An ItemCollection with self/root and, when there is more, a next link."""
+        base = get_base_url(request)
+        features = [apply_fields(item_links(i, base), fields) for i in page.items]
+        url = str(request.url).split("?")[0]
+        links: list[dict[str, Any]] = [
+            {"rel": "root", "type": "application/json", "href": base},
+            {"rel": "self", "type": "application/geo+json", "href": str(request.url)},
+        ]
+        if page.next_token:
+            if method == "POST":
+                body = {**params, "token": page.next_token}
+                links.append(
+                    {
+                        "rel": "next",
+                        "type": "application/geo+json",
+                        "href": url,
+                        "method": "POST",
+                        "body": body,
+                    }
+                )
+            else:
+                args = {**_flat(request.query_params.multi_items()), "token": page.next_token}
+                links.append(
+                    {
+                        "rel": "next",
+                        "type": "application/geo+json",
+                        "href": f"{url}?{urlencode(args)}",
+                    }
+                )
+        out: dict[str, Any] = {"type": "FeatureCollection", "features": features, "links": links}
+        out["numberReturned"] = len(features)
+        if page.matched is not None:
+            out["numberMatched"] = page.matched
+        out.update(page.extra)
+        return out
+
+
+def _flat(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in pairs:
+        out[k] = f"{out[k]},{v}" if k in out and k != "token" else v
+    return out
+
+
+@attr.s
+class StoreTransactionsClient(BaseTransactionsClient):
+    """Transactions through the store; ``on_item`` hooks run after each committed write."""
+
+    store: ItemStore = attr.ib(kw_only=True)
+    on_item: list[ItemHook] = attr.ib(factory=list, kw_only=True)
+
+    def _notify(self, collection_id: str, item: dict[str, Any] | None, item_id: str) -> None:
+        for hook in self.on_item:
+            hook(collection_id, item, item_id)
+
+    def _items(self, collection_id: str, item: Any) -> list[dict[str, Any]]:
+        data = _dump(item)
+        items = data["features"] if data.get("type") == "FeatureCollection" else [data]
+        for i in items:
+            if i.get("collection", collection_id) != collection_id:
+                raise HTTPException(
+                    400,
+                    f"item {i.get('id')!r} names collection {i['collection']!r}, "
+                    f"the path says {collection_id!r}",
+                )
+            i["collection"] = collection_id
+        return items
+
+    @store_errors
+    def create_item(self, collection_id: str, item: Any, **kwargs: Any) -> dict | None:
+        items = self._items(collection_id, item)
+        if len(items) == 1:
+            self.store.create_item(items[0])
+        else:
+            self.store.upsert_items(items)
+        for i in items:
+            self._notify(collection_id, i, i["id"])
+        return items[0] if len(items) == 1 else None
+
+    @store_errors
+    def update_item(self, collection_id: str, item_id: str, item: Any, **kwargs: Any) -> dict:
+        (data,) = self._items(collection_id, item)
+        if data.get("id", item_id) != item_id:
+            raise HTTPException(400, f"item id {data['id']!r} differs from the path's {item_id!r}")
+        self.store.update_item(data)
+        self._notify(collection_id, data, item_id)
+        return data
+
+    def patch_item(self, collection_id: str, item_id: str, patch: Any, **kwargs: Any) -> Any:
+        raise HTTPException(405, "PATCH is not supported: PUT the whole item")
+
+    @store_errors
+    def delete_item(self, item_id: str, collection_id: str, **kwargs: Any) -> None:
+        self.store.delete_item(collection_id, item_id)
+        self._notify(collection_id, None, item_id)
+
+    @store_errors
+    def create_collection(self, collection: Any, **kwargs: Any) -> dict:
+        data = _dump(collection)
+        self.store.create_collection(data)
+        return data
+
+    @store_errors
+    def update_collection(self, collection_id: str, collection: Any, **kwargs: Any) -> dict:
+        data = _dump(collection)
+        if data.get("id") != collection_id:
+            raise HTTPException(400, f"collection id {data.get('id')!r} differs from the path's")
+        self.store.update_collection(data)
+        return data
+
+    def patch_collection(self, collection_id: str, patch: Any, **kwargs: Any) -> Any:
+        raise HTTPException(405, "PATCH is not supported: PUT the whole collection")
+
+    @store_errors
+    def delete_collection(self, collection_id: str, **kwargs: Any) -> None:
+        self.store.delete_collection(collection_id)
+        self._notify(collection_id, None, "*")

@@ -1,0 +1,1 @@
+"""Item stores behind one interface: embedded SQLite (default) and pgstac (production)."""

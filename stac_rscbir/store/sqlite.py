@@ -1,0 +1,1038 @@
+"""The embedded item store: one SQLite file, no server.
+
+Layout (schema version 1):
+
+* ``collections(id PRIMARY KEY, content)``: the Collection JSON.
+* ``items(rowid, collection, id, dt, start_dt, end_dt, geom, content, UNIQUE(collection, id))``:
+  the Item JSON (``content``, the source of truth), its geometry as WKB (``geom``, made valid for
+  the exact spatial tests) and its times as UTC text ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (sortable):
+  ``dt`` is ``datetime`` (``start_datetime`` when ``datetime`` is null; the sort key),
+  ``start_dt``/``end_dt`` are ``start_datetime``/``end_datetime`` (``datetime`` when absent; the
+  search range). ``items.collection`` references ``collections.id`` ON DELETE CASCADE.
+* ``items_rtree``: an R*Tree (``id = items.rowid, minx, maxx, miny, maxy``) over the bounds of
+  each item's *geometry* (not of its ``bbox`` field, so the prefilter can never lose an item whose
+  ``bbox`` was written too small); it is only a prefilter, exact tests run with shapely.
+* ``codes(item_rowid, model, version, code, descriptor)``: one row per ``cbir:codes`` entry,
+  rewritten on every item write (packed bits, float32 little-endian descriptor), ON DELETE CASCADE.
+* ``meta(key, value)``: ``schema_version`` and ``generation`` (bumped by every write transaction).
+
+Concurrency: one connection per thread (``threading.local``), opened on first use, so the
+threads of an async web app's pool read in parallel (WAL: readers never block the writer nor each
+other). Writes run in ``BEGIN IMMEDIATE`` transactions (one per write call, ``upsert_items`` of N
+items included) and are also serialised in-process by a lock, so they never fail with "database
+is locked" between threads of one process; other processes wait up to ``busy_timeout`` seconds.
+A connection is only used by the thread that opened it; :meth:`SQLiteStore.close` closes all.
+
+Search: SQL narrows the candidates (collections, ids, datetime, R*Tree on the bbox/intersects
+bounds, and the simple top-level AND terms of the CQL2 filter, conservatively) in the requested
+order; then shapely tests the item geometries exactly and ``cql2.Expr.matches`` evaluates the
+filter on each remaining item (validated filters are cached: cql2's validation costs ~20 ms).
+An item for which the filter cannot be evaluated (a property it lacks, a type mismatch) does
+not match, as a NULL in SQL.
+Paging tokens are ``base64url({"o": offset, "q": query hash})``: offsets, so a write between two
+pages may shift items by a place; a token used with another query is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import hashlib
+import json
+import math
+import re
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import cql2
+import numpy as np
+import shapely
+import shapely.geometry
+from shapely.errors import GEOSException
+
+from stac_rscbir.extension.cbir import CODES_PROP, HashCode
+from stac_rscbir.extension.codec import CBIRFieldError
+from stac_rscbir.store.base import (
+    ConflictError,
+    InvalidQueryError,
+    ItemKey,
+    NotFoundError,
+    SearchPage,
+    SearchQuery,
+    StoredCode,
+    StoreError,
+)
+
+__all__ = ["InvalidItemError", "SQLiteStore", "StoreDatabaseError"]
+
+SCHEMA_VERSION = 1
+_CODES_CHUNK = 5000
+_R = TypeVar("_R")
+
+
+class InvalidItemError(ValueError):
+    """An item (or collection) that cannot be stored; ``field`` names the offending field."""
+
+    def __init__(self, item_id: object, field: str, problem: str) -> None:
+        self.item_id = item_id
+        self.field = field
+        self.problem = problem
+        where = f"item {item_id!r}: " if item_id is not None else ""
+        super().__init__(f"{where}{field}: {problem}")
+
+
+class StoreDatabaseError(StoreError):
+    """SQLite itself failed (disk full, corrupt file, locked for longer than the timeout)."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS collections (id TEXT PRIMARY KEY, content TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    rowid INTEGER PRIMARY KEY,
+    collection TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    id TEXT NOT NULL,
+    dt TEXT,
+    start_dt TEXT,
+    end_dt TEXT,
+    geom BLOB NOT NULL,
+    content TEXT NOT NULL,
+    UNIQUE (collection, id)
+);
+CREATE INDEX IF NOT EXISTS items_sort ON items (dt DESC, collection, id);
+CREATE INDEX IF NOT EXISTS items_start ON items (start_dt, end_dt);
+CREATE INDEX IF NOT EXISTS items_end ON items (end_dt, start_dt);
+CREATE INDEX IF NOT EXISTS items_id ON items (id);
+CREATE VIRTUAL TABLE IF NOT EXISTS items_rtree USING rtree(id, minx, maxx, miny, maxy);
+CREATE TABLE IF NOT EXISTS codes (
+    item_rowid INTEGER NOT NULL REFERENCES items(rowid) ON DELETE CASCADE,
+    model TEXT NOT NULL,
+    version TEXT NOT NULL,
+    code BLOB NOT NULL,
+    descriptor BLOB,
+    PRIMARY KEY (item_rowid, model, version)
+);
+CREATE INDEX IF NOT EXISTS codes_model ON codes (model, version, item_rowid);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0);
+"""
+
+# ---------------------------------------------------------------------------------------------
+# parsing helpers
+
+_RFC3339 = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:?\d{2})?$"
+)
+_PROPERTY_NAME = re.compile(r"^[^\"\\\x00-\x1f]+$")
+_TOP_LEVEL_SORT = {"id": "id", "collection": "collection", "datetime": "dt"}
+_NOT_SORTABLE = {
+    "geometry",
+    "bbox",
+    "assets",
+    "links",
+    "type",
+    "stac_version",
+    "stac_extensions",
+    "properties",
+}
+
+
+def parse_rfc3339(text: object, field: str) -> datetime:
+    """An aware UTC datetime from RFC 3339 text (a missing offset is read as UTC).
+
+    Raises ValueError naming ``field`` for anything else (dates without a time included).
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"{field}: expected an RFC 3339 date-time string, got {text!r}")
+    m = _RFC3339.match(text.strip())
+    if m is None:
+        raise ValueError(f"{field}: {text!r} is not an RFC 3339 date-time")
+    frac = (m.group(7) or "")[:7]  # '.' + at most 6 digits
+    tz = m.group(8) or "Z"
+    tz = "+00:00" if tz in ("Z", "z") else (tz if ":" in tz else tz[:3] + ":" + tz[3:])
+    iso = "{}-{}-{}T{}:{}:{}{}{}".format(*m.groups()[:6], frac, tz)
+    try:
+        return datetime.fromisoformat(iso).astimezone(UTC)
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(f"{field}: {text!r} is not an RFC 3339 date-time ({exc})") from exc
+
+
+def _dt_text(value: datetime) -> str:
+    """Sortable UTC text: fixed width, so text order is time order."""
+    return (
+        f"{value.year:04d}-{value.month:02d}-{value.day:02d}T"
+        f"{value.hour:02d}:{value.minute:02d}:{value.second:02d}.{value.microsecond:06d}Z"
+    )
+
+
+def parse_datetime_query(text: str) -> tuple[str | None, str | None]:
+    """(start, end) as sortable UTC text for an instant (start == end) or an interval.
+
+    ``..`` or an empty string is an open end; raises InvalidQueryError with the reason.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidQueryError(f"datetime: expected an RFC 3339 instant or interval, got {text!r}")
+    parts = text.strip().split("/")
+    try:
+        if len(parts) == 1:
+            if parts[0] == "..":
+                raise ValueError("datetime: '..' is only allowed as an end of an interval")
+            t = _dt_text(parse_rfc3339(parts[0], "datetime"))
+            return t, t
+        if len(parts) != 2:
+            raise ValueError(f"datetime: {text!r} is not an instant or a 'start/end' interval")
+        ends = [None if p.strip() in ("", "..") else parse_rfc3339(p, "datetime") for p in parts]
+    except ValueError as exc:
+        raise InvalidQueryError(str(exc)) from exc
+    start, end = ends
+    if start is not None and end is not None and start > end:
+        raise InvalidQueryError(f"datetime: interval {text!r} starts after it ends")
+    return (
+        None if start is None else _dt_text(start),
+        None if end is None else _dt_text(end),
+    )
+
+
+def parse_bbox(bbox: Sequence[float]) -> tuple[float, float, float, float]:
+    """(minx, miny, maxx, maxy) from a 4- or 6-number bbox (the 2D part of the latter)."""
+    if isinstance(bbox, str | bytes) or not isinstance(bbox, Sequence):
+        raise InvalidQueryError(f"bbox: expected 4 or 6 numbers, got {bbox!r}")
+    values = list(bbox)
+    if len(values) not in (4, 6):
+        raise InvalidQueryError(f"bbox: expected 4 or 6 numbers, got {len(values)}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            raise InvalidQueryError(f"bbox: {v!r} is not a finite number")
+    if len(values) == 6:
+        minx, miny, _, maxx, maxy, _ = values
+        if values[2] > values[5]:
+            raise InvalidQueryError(f"bbox: minimum elevation {values[2]} > maximum {values[5]}")
+    else:
+        minx, miny, maxx, maxy = values
+    if minx > maxx:
+        raise InvalidQueryError(
+            f"bbox: west {minx} > east {maxx} (antimeridian-crossing boxes are not supported: "
+            "search both sides separately)"
+        )
+    if miny > maxy:
+        raise InvalidQueryError(f"bbox: south {miny} > north {maxy}")
+    return float(minx), float(miny), float(maxx), float(maxy)
+
+
+_Geom = tuple[shapely.Geometry, bytes, tuple[float, float, float, float]]  # geometry, WKB, bounds
+
+
+def _geometries(values: Sequence[object]) -> list[_Geom | str]:
+    """Valid, non-empty shapely geometries from GeoJSON objects, parsed in one GEOS call.
+
+    Each entry is (geometry made valid if it was not, its WKB, its bounds) or the problem with
+    that value.
+    """
+    out: list[_Geom | str] = ["expected a GeoJSON geometry object"] * len(values)
+    texts: list[str] = []
+    where: list[int] = []
+    for i, value in enumerate(values):
+        if isinstance(value, dict) and isinstance(value.get("type"), str):
+            try:
+                texts.append(json.dumps(value, allow_nan=False))
+                where.append(i)
+            except (TypeError, ValueError):
+                out[i] = "coordinates must be finite numbers"
+    if not texts:
+        return out
+    arr = shapely.from_geojson(texts, on_invalid="ignore")
+    if arr.size and arr.ndim == 0:
+        arr = arr.reshape(1)
+    for j in np.flatnonzero(shapely.is_missing(arr)):  # tell why, one by one
+        try:
+            shapely.from_geojson(texts[j], on_invalid="raise")
+            out[where[j]] = "not a valid GeoJSON geometry"
+        except (GEOSException, ValueError) as exc:
+            out[where[j]] = f"not a valid GeoJSON geometry ({exc})"
+    ok = ~shapely.is_missing(arr)
+    empty = ok & shapely.is_empty(arr)
+    bounds = shapely.bounds(arr)
+    finite = np.isfinite(bounds).all(axis=1)
+    invalid = ok & ~empty & finite & ~shapely.is_valid(arr)
+    if invalid.any():
+        arr[invalid] = shapely.make_valid(arr[invalid])
+        bounds = shapely.bounds(arr)
+    wkb = shapely.to_wkb(arr)
+    for j, i in enumerate(where):
+        if not ok[j]:
+            continue
+        if empty[j]:
+            out[i] = "the geometry is empty"
+        elif not finite[j]:
+            out[i] = "coordinates must be finite numbers"
+        else:
+            out[i] = (arr[j], wkb[j], tuple(float(b) for b in bounds[j]))  # type: ignore[assignment]
+    return out
+
+
+def _geometry(value: object, field: str) -> shapely.Geometry:
+    """A valid, non-empty shapely geometry from GeoJSON (raises ValueError naming ``field``)."""
+    geom = _geometries([value])[0]
+    if isinstance(geom, str):
+        raise ValueError(f"{field}: {geom}")
+    return geom[0]
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_filter(key: str, is_json: bool) -> cql2.Expr:
+    expr = cql2.Expr(json.loads(key) if is_json else key)
+    expr.validate()  # JSON-schema validation: ~20 ms, hence the cache
+    return expr
+
+
+def parse_filter(value: dict[str, Any] | str) -> cql2.Expr:
+    """A validated CQL2 expression from text or JSON (raises InvalidQueryError with the cause)."""
+    try:
+        if isinstance(value, str):
+            return _cached_filter(value, False)
+        return _cached_filter(json.dumps(value, sort_keys=True), True)
+    except Exception as exc:  # cql2 raises ParseError, ValidationError or plain Exception
+        raise InvalidQueryError(f"filter: invalid CQL2: {exc}".strip()) from exc
+
+
+_PUSHDOWN_SKIP = {"datetime", "start_datetime", "end_datetime", "geometry", "bbox", "type"}
+
+
+def _filter_prefilter(expr: cql2.Expr) -> list[tuple[str, list[Any]]]:
+    """SQL conditions implied by the filter, to narrow the rows ``cql2`` then evaluates.
+
+    Conservative by construction: only the top-level AND of ``property = 'text'``,
+    ``property IN ('text', ...)`` and ``property <op> number`` comparisons is translated; a row
+    whose property has another JSON type, or whose top level has a field of that name, is kept
+    for the exact evaluation (a row without the property anywhere cannot match in cql2). The
+    result is always the exact ``cql2.Expr.matches`` answer; this only saves evaluating it.
+    """
+    try:
+        node = expr.to_json()
+    except Exception:
+        return []
+    conjuncts = node["args"] if isinstance(node, dict) and node.get("op") == "and" else [node]
+    out: list[tuple[str, list[Any]]] = []
+    for c in conjuncts:
+        if not isinstance(c, dict) or not isinstance(c.get("args"), list) or len(c["args"]) != 2:
+            continue
+        op, (lhs, rhs) = c.get("op"), c["args"]
+        if not (isinstance(lhs, dict) and set(lhs) == {"property"}):
+            continue
+        name = lhs["property"]
+        if not isinstance(name, str):
+            continue
+        name = name.removeprefix("properties.")
+        if name in _PUSHDOWN_SKIP or "." in name or not _PROPERTY_NAME.match(name):
+            continue
+        values = rhs if op == "in" and isinstance(rhs, list) and rhs else [rhs]
+        strings = all(isinstance(v, str) for v in values)
+        numbers = all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            for v in values
+        )
+        if not (
+            (op in ("=", "in") and strings) or (op in ("=", "<", "<=", ">", ">=", "in") and numbers)
+        ):
+            continue
+        test = "IN (SELECT value FROM json_each(?))" if op == "in" else f"{op} ?"
+        value = json.dumps(values) if op == "in" else values[0]
+        if name in ("id", "collection"):
+            if strings:
+                out.append((f"items.{name} {test}", [value]))
+            continue
+        # cql2 also finds a name at the item's top level: such rows are always kept
+        path, top = f'$.properties."{name}"', f'$."{name}"'
+        types = "('text')" if strings else "('integer', 'real')"
+        out.append(
+            (
+                f"(json_type(items.content, ?) IS NOT NULL "
+                f"OR json_type(items.content, ?) NOT IN {types} "
+                f"OR json_extract(items.content, ?) {test})",
+                [top, path, path, value],
+            )
+        )
+    return out
+
+
+def _sort_terms(sortby: Sequence[dict[str, str]] | None) -> list[tuple[str, list[Any], str]]:
+    """[(SQL expression, params, ASC|DESC)] for ``sortby``, then collection and id."""
+    terms: list[tuple[str, list[Any], str]] = []
+    seen: set[str] = set()
+    for i, spec in enumerate(sortby or [{"field": "datetime", "direction": "desc"}]):
+        if not isinstance(spec, dict) or not isinstance(spec.get("field"), str):
+            raise InvalidQueryError(f"sortby[{i}]: expected {{'field': ..., 'direction': ...}}")
+        name = spec["field"].strip()
+        direction = str(spec.get("direction", "asc")).lower()
+        if direction not in ("asc", "desc"):
+            raise InvalidQueryError(f"sortby[{i}].direction: {direction!r} is not 'asc' or 'desc'")
+        prop = name[len("properties.") :] if name.startswith("properties.") else None
+        if prop == "datetime" or name in _TOP_LEVEL_SORT:
+            column = _TOP_LEVEL_SORT.get(name, "dt")
+            expr, params = column, []
+        elif prop is not None and prop and _PROPERTY_NAME.match(prop):
+            column, expr, params = name, "json_extract(content, ?)", [f'$.properties."{prop}"']
+        elif prop is None and name and name not in _NOT_SORTABLE and _PROPERTY_NAME.match(name):
+            # a bare property name (as pgstac accepts it): the same as properties.<name>
+            column, expr = f"properties.{name}", "json_extract(content, ?)"
+            params = [f'$.properties."{name}"']
+        else:
+            raise InvalidQueryError(
+                f"sortby[{i}].field: unknown sortby field {name!r} (use id, collection, "
+                "datetime or properties.<name>)"
+            )
+        if column in seen:
+            continue
+        seen.add(column)
+        terms.append((expr, params, direction.upper()))
+    for column in ("collection", "id"):
+        if column not in seen:
+            terms.append((column, [], "ASC"))
+    return terms
+
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def _query_hash(query: SearchQuery) -> str:
+    """A hash of everything that decides which items come in which order (not limit/token)."""
+    parts = {
+        "collections": list(query.collections) if query.collections else None,
+        "ids": list(query.ids) if query.ids else None,
+        "bbox": list(query.bbox) if query.bbox else None,
+        "intersects": query.intersects,
+        "datetime": query.datetime,
+        "filter": query.filter,
+        "sortby": list(query.sortby) if query.sortby else None,
+    }
+    text = json.dumps(_canonical(parts), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _make_token(offset: int, qhash: str) -> str:
+    raw = json.dumps({"o": offset, "q": qhash}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _read_token(token: str, qhash: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data = json.loads(raw)
+        offset, token_hash = data["o"], data["q"]
+    except (binascii.Error, ValueError, TypeError, KeyError) as exc:
+        raise InvalidQueryError(f"token: {token!r} is not a paging token of this store") from exc
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise InvalidQueryError(f"token: {token!r} is not a paging token of this store")
+    if token_hash != qhash:
+        raise InvalidQueryError(
+            "token: the token belongs to another query (repeat the first page's parameters)"
+        )
+    return offset
+
+
+# ---------------------------------------------------------------------------------------------
+# prepared items
+
+
+class _Prepared:
+    """An item checked and reduced to the columns it is stored in."""
+
+    __slots__ = ("codes", "collection", "content", "dt", "end", "geom", "id", "rtree", "start")
+
+    def __init__(self, item: dict[str, Any], geom: _Geom | str | None = None) -> None:
+        if not isinstance(item, dict):
+            raise InvalidItemError(None, "item", "expected a STAC Item object")
+        item_id = item.get("id")
+        if not isinstance(item_id, str) or not item_id:
+            raise InvalidItemError(None, "id", "is required (a non-empty string)")
+        coll = item.get("collection")
+        if not isinstance(coll, str) or not coll:
+            raise InvalidItemError(item_id, "collection", "is required (a non-empty string)")
+        if item.get("type", "Feature") != "Feature":
+            raise InvalidItemError(item_id, "type", f"must be 'Feature', got {item['type']!r}")
+        if item.get("geometry") is None:
+            raise InvalidItemError(item_id, "geometry", "is required")
+        if geom is None:
+            geom = _geometries([item["geometry"]])[0]
+        if isinstance(geom, str):
+            raise InvalidItemError(item_id, "geometry", geom)
+        props = item.get("properties")
+        if not isinstance(props, dict):
+            raise InvalidItemError(item_id, "properties", "is required (an object)")
+        self.id, self.collection = item_id, coll
+        self._times(props)
+        self.codes = self._codes(props)
+        content = dict(item)
+        content["type"] = "Feature"
+        content["collection"] = coll
+        _, wkb, bounds = geom
+        if "bbox" in content and content["bbox"] is not None:
+            self._check_bbox(content["bbox"])
+        else:
+            content["bbox"] = [float(b) for b in bounds]
+        self.geom = wkb
+        self.rtree = (bounds[0], bounds[2], bounds[1], bounds[3])
+        try:
+            self.content = json.dumps(content, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidItemError(item_id, "item", f"is not JSON-serialisable ({exc})") from exc
+
+    def _times(self, props: dict[str, Any]) -> None:
+        def parse(name: str) -> datetime | None:
+            value = props.get(name)
+            if value is None:
+                return None
+            try:
+                return parse_rfc3339(value, f"properties.{name}")
+            except ValueError as exc:
+                raise InvalidItemError(
+                    self.id, f"properties.{name}", str(exc).split(": ", 1)[-1]
+                ) from exc
+
+        dt, start, end = parse("datetime"), parse("start_datetime"), parse("end_datetime")
+        if dt is None and (start is None or end is None):
+            raise InvalidItemError(
+                self.id,
+                "properties.datetime",
+                "is required (or null with both start_datetime and end_datetime)",
+            )
+        start = start or dt
+        end = end or dt
+        assert start is not None and end is not None
+        if start > end:
+            raise InvalidItemError(
+                self.id, "properties.start_datetime", "is after properties.end_datetime"
+            )
+        self.dt = _dt_text(dt if dt is not None else start)
+        self.start, self.end = _dt_text(start), _dt_text(end)
+
+    def _codes(self, props: dict[str, Any]) -> list[tuple[str, str, bytes, bytes | None]]:
+        raw = props.get(CODES_PROP)
+        if raw is None:
+            return []
+        field = f"properties.{CODES_PROP}"
+        if not isinstance(raw, list):
+            raise InvalidItemError(self.id, field, "must be a list of code objects")
+        rows: list[tuple[str, str, bytes, bytes | None]] = []
+        seen: set[tuple[str, str]] = set()
+        for i, entry in enumerate(raw):
+            try:
+                code = HashCode.from_dict(entry, f"{field}[{i}]")
+                packed = code.packed().tobytes()
+                desc = code.descriptor
+                desc_bytes = None if desc is None else desc.array().astype("<f4").tobytes()
+            except CBIRFieldError as exc:
+                raise InvalidItemError(self.id, exc.field, exc.problem) from exc
+            key = (code.model, code.model_version)
+            if key in seen:
+                raise InvalidItemError(
+                    self.id, f"{field}[{i}].model", f"model {key[0]!r} version {key[1]!r} twice"
+                )
+            seen.add(key)
+            rows.append((code.model, code.model_version, packed, desc_bytes))
+        return rows
+
+    def _check_bbox(self, bbox: object) -> None:
+        try:
+            parse_bbox(bbox)  # type: ignore[arg-type]
+        except InvalidQueryError as exc:
+            raise InvalidItemError(self.id, "bbox", str(exc).split(": ", 1)[-1]) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# the store
+
+
+class _Plan:
+    """A search turned into SQL (WHERE + ORDER BY) plus the exact tests that run after it."""
+
+    def __init__(self, query: SearchQuery, sort: bool) -> None:
+        where: list[str] = []
+        params: list[Any] = []
+        if query.collections:
+            where.append("items.collection IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps(list(query.collections)))
+        if query.ids:
+            where.append("items.id IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps(list(query.ids)))
+        if query.datetime is not None:
+            start, end = parse_datetime_query(query.datetime)
+            if end is not None:
+                where.append("items.start_dt <= ?")
+                params.append(end)
+            if start is not None:
+                where.append("items.end_dt >= ?")
+                params.append(start)
+        self.shapes: list[shapely.Geometry] = []
+        if query.bbox is not None:
+            minx, miny, maxx, maxy = parse_bbox(query.bbox)
+            self.shapes.append(shapely.box(minx, miny, maxx, maxy))
+        if query.intersects is not None:
+            try:
+                self.shapes.append(_geometry(query.intersects, "intersects"))
+            except ValueError as exc:
+                raise InvalidQueryError(str(exc)) from exc
+        for shape in self.shapes:
+            minx, miny, maxx, maxy = shape.bounds
+            where.append(
+                "items.rowid IN (SELECT id FROM items_rtree "
+                "WHERE minx <= ? AND maxx >= ? AND miny <= ? AND maxy >= ?)"
+            )
+            params.extend([maxx, minx, maxy, miny])
+            shapely.prepare(shape)
+        self.expr = parse_filter(query.filter) if query.filter is not None else None
+        if self.expr is not None:
+            for sql, sql_params in _filter_prefilter(self.expr):
+                where.append(sql)
+                params.extend(sql_params)
+        self.where = " AND ".join(where) or "1"
+        self.params = params
+        self.order = ""
+        self.order_params: list[Any] = []
+        if sort:
+            terms = _sort_terms(query.sortby)
+            # NULLS LAST for JSON fields (items without the property); the columns are never null
+            self.order = "ORDER BY " + ", ".join(
+                f"{e} {d}" + (" NULLS LAST" if p else "") for e, p, d in terms
+            )
+            self.order_params = [p for _, ps, _ in terms for p in ps]
+
+    @property
+    def exact(self) -> bool:
+        """Whether rows need testing in Python after the SQL."""
+        return bool(self.shapes) or self.expr is not None
+
+    def keep(self, geoms: list[bytes], contents: list[str] | None) -> np.ndarray:
+        """A boolean mask over candidate rows: the exact geometry tests, then the filter."""
+        mask = np.ones(len(geoms), dtype=bool)
+        if not geoms:
+            return mask
+        if self.shapes:
+            arr = shapely.from_wkb(geoms)
+            for shape in self.shapes:
+                try:
+                    mask &= shapely.intersects(shape, arr)
+                except GEOSException as exc:
+                    raise InvalidQueryError(f"geometry test failed: {exc}") from exc
+        if self.expr is not None:
+            assert contents is not None
+            matches = self.expr.matches
+            for i in np.flatnonzero(mask):
+                try:
+                    mask[i] = bool(matches(json.loads(contents[i])))
+                except Exception:  # an item the filter cannot be evaluated on does not match
+                    mask[i] = False
+        return mask
+
+
+class SQLiteStore:
+    """:class:`~stac_rscbir.store.base.ItemStore` over one SQLite file (created if missing).
+
+    ``busy_timeout`` is how long (seconds) a write waits for another process's write to end.
+    Usable from many threads (one connection each); see the module docstring.
+    """
+
+    def __init__(self, path: str | Path, *, busy_timeout: float = 30.0) -> None:
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        self._local = threading.local()
+        self._write_lock = threading.RLock()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._closed = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._guard(self._init_schema)
+
+    # -- connections ----------------------------------------------------------------------
+
+    def _init_schema(self) -> None:
+        conn = self._conn()
+        with self._write_lock:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+                if row is None:
+                    conn.execute(
+                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                        (SCHEMA_VERSION,),
+                    )
+                elif row[0] != SCHEMA_VERSION:
+                    raise StoreDatabaseError(
+                        f"{self.path}: schema version {row[0]}, this code reads {SCHEMA_VERSION}"
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise StoreDatabaseError(f"{self.path}: the store is closed")
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,  # autocommit; write transactions are explicit
+            check_same_thread=False,  # only the owning thread uses it; close() may come from any
+        )
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        self._local.conn = conn
+        with self._conns_lock:
+            self._conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        """Close every thread's connection; the store cannot be used afterwards."""
+        self._closed = True
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            with suppress(sqlite3.Error):
+                conn.execute("PRAGMA optimize")  # refresh the planner's statistics if needed
+            with suppress(sqlite3.Error):
+                conn.close()
+
+    def __enter__(self) -> SQLiteStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _guard(self, func: Callable[..., _R], *args: Any) -> _R:
+        try:
+            return func(*args)
+        except sqlite3.Error as exc:
+            raise StoreDatabaseError(f"{self.path}: {exc}") from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction that also bumps the generation; rolled back on any error."""
+        conn = self._conn()
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                raise StoreDatabaseError(f"{self.path}: {exc}") from exc
+            try:
+                yield conn
+                conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreDatabaseError(f"{self.path}: {exc}") from exc
+                raise
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreDatabaseError(f"{self.path}: {exc}") from exc
+
+    # -- collections ----------------------------------------------------------------------
+
+    @staticmethod
+    def _collection_json(collection: dict[str, Any]) -> tuple[str, str]:
+        if not isinstance(collection, dict):
+            raise InvalidItemError(None, "collection", "expected a STAC Collection object")
+        cid = collection.get("id")
+        if not isinstance(cid, str) or not cid:
+            raise InvalidItemError(None, "id", "a collection needs an id (a non-empty string)")
+        try:
+            return cid, json.dumps(collection, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidItemError(None, "collection", f"is not JSON-serialisable ({exc})") from exc
+
+    def create_collection(self, collection: dict[str, Any]) -> None:
+        cid, content = self._collection_json(collection)
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM collections WHERE id = ?", (cid,)).fetchone():
+                raise ConflictError(f"collection {cid!r} already exists")
+            conn.execute("INSERT INTO collections (id, content) VALUES (?, ?)", (cid, content))
+
+    def update_collection(self, collection: dict[str, Any]) -> None:
+        cid, content = self._collection_json(collection)
+        with self._write() as conn:
+            cur = conn.execute("UPDATE collections SET content = ? WHERE id = ?", (content, cid))
+            if cur.rowcount == 0:
+                raise NotFoundError(f"collection {cid!r} not found")
+
+    def delete_collection(self, collection_id: str) -> None:
+        """Delete the collection and all its items (and their codes)."""
+        with self._write() as conn:
+            if not conn.execute(
+                "SELECT 1 FROM collections WHERE id = ?", (collection_id,)
+            ).fetchone():
+                raise NotFoundError(f"collection {collection_id!r} not found")
+            conn.execute(
+                "DELETE FROM items_rtree WHERE id IN "
+                "(SELECT rowid FROM items WHERE collection = ?)",
+                (collection_id,),
+            )
+            conn.execute("DELETE FROM collections WHERE id = ?", (collection_id,))
+
+    def get_collection(self, collection_id: str) -> dict[str, Any]:
+        rows = self._read("SELECT content FROM collections WHERE id = ?", (collection_id,))
+        if not rows:
+            raise NotFoundError(f"collection {collection_id!r} not found")
+        return json.loads(rows[0][0])
+
+    def all_collections(self) -> list[dict[str, Any]]:
+        """All collections, by id."""
+        return [json.loads(r[0]) for r in self._read("SELECT content FROM collections ORDER BY id")]
+
+    # -- items --------------------------------------------------------------------------
+
+    @staticmethod
+    def _require_collections(conn: sqlite3.Connection, items: Sequence[_Prepared]) -> None:
+        for cid in dict.fromkeys(p.collection for p in items):
+            if not conn.execute("SELECT 1 FROM collections WHERE id = ?", (cid,)).fetchone():
+                raise NotFoundError(f"collection {cid!r} not found")
+
+    @staticmethod
+    def _store(conn: sqlite3.Connection, items: Sequence[_Prepared]) -> None:
+        """Insert or replace the rows of ``items`` (the rowid of an existing item is kept)."""
+        items = list({(p.collection, p.id): p for p in items}.values())  # the last one wins
+        conn.executemany(
+            "INSERT INTO items (collection, id, dt, start_dt, end_dt, geom, content) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (collection, id) DO UPDATE SET "
+            "dt = excluded.dt, start_dt = excluded.start_dt, end_dt = excluded.end_dt, "
+            "geom = excluded.geom, content = excluded.content",
+            [(p.collection, p.id, p.dt, p.start, p.end, p.geom, p.content) for p in items],
+        )
+        rowids = [
+            r[0]
+            for r in conn.execute(
+                "SELECT items.rowid FROM json_each(?) AS k JOIN items "
+                "ON items.collection = json_extract(k.value, '$[0]') "
+                "AND items.id = json_extract(k.value, '$[1]') ORDER BY k.key",
+                (json.dumps([[p.collection, p.id] for p in items]),),
+            )
+        ]
+        conn.executemany(
+            "INSERT OR REPLACE INTO items_rtree (id, minx, maxx, miny, maxy) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(r, *p.rtree) for r, p in zip(rowids, items, strict=True)],
+        )
+        conn.executemany("DELETE FROM codes WHERE item_rowid = ?", [(r,) for r in rowids])
+        conn.executemany(
+            "INSERT INTO codes (item_rowid, model, version, code, descriptor) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(r, *c) for r, p in zip(rowids, items, strict=True) for c in p.codes],
+        )
+
+    @staticmethod
+    def _exists(conn: sqlite3.Connection, collection_id: str, item_id: str) -> bool:
+        row = conn.execute(
+            "SELECT 1 FROM items WHERE collection = ? AND id = ?", (collection_id, item_id)
+        ).fetchone()
+        return row is not None
+
+    def create_item(self, item: dict[str, Any]) -> None:
+        """Add a new item (ConflictError if it exists, NotFoundError without its collection)."""
+        p = _Prepared(item)
+        with self._write() as conn:
+            self._require_collections(conn, [p])
+            if self._exists(conn, p.collection, p.id):
+                raise ConflictError(f"item {p.id!r} already exists in collection {p.collection!r}")
+            self._store(conn, [p])
+
+    def update_item(self, item: dict[str, Any]) -> None:
+        """Replace an existing item (NotFoundError if it does not exist)."""
+        p = _Prepared(item)
+        with self._write() as conn:
+            self._require_collections(conn, [p])
+            if not self._exists(conn, p.collection, p.id):
+                raise NotFoundError(f"item {p.id!r} not found in collection {p.collection!r}")
+            self._store(conn, [p])
+
+    def upsert_items(self, items: Sequence[dict[str, Any]]) -> None:
+        """Create or replace all ``items`` in one transaction (all or nothing).
+
+        Raises ValueError (InvalidItemError, naming the item and field) before writing anything
+        if any item is invalid, NotFoundError if a collection is missing. When an item appears
+        twice, the last one wins.
+        """
+        prepared: list[_Prepared] = []
+        geoms = _geometries([it.get("geometry") if isinstance(it, dict) else None for it in items])
+        for i, (item, geom) in enumerate(zip(items, geoms, strict=True)):
+            try:
+                prepared.append(_Prepared(item, geom))
+            except InvalidItemError as exc:
+                if exc.item_id is None:
+                    raise InvalidItemError(f"items[{i}]", exc.field, exc.problem) from exc
+                raise
+        if not prepared:
+            return
+        with self._write() as conn:
+            self._require_collections(conn, prepared)
+            self._store(conn, prepared)
+
+    def delete_item(self, collection_id: str, item_id: str) -> None:
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT rowid FROM items WHERE collection = ? AND id = ?", (collection_id, item_id)
+            ).fetchone()
+            if row is None:
+                raise NotFoundError(f"item {item_id!r} not found in collection {collection_id!r}")
+            conn.execute("DELETE FROM items_rtree WHERE id = ?", (row[0],))
+            conn.execute("DELETE FROM items WHERE rowid = ?", (row[0],))
+
+    def get_item(self, collection_id: str, item_id: str) -> dict[str, Any]:
+        rows = self._read(
+            "SELECT content FROM items WHERE collection = ? AND id = ?", (collection_id, item_id)
+        )
+        if not rows:
+            if not self._read("SELECT 1 FROM collections WHERE id = ?", (collection_id,)):
+                raise NotFoundError(f"collection {collection_id!r} not found")
+            raise NotFoundError(f"item {item_id!r} not found in collection {collection_id!r}")
+        return json.loads(rows[0][0])
+
+    def get_items(self, keys: Sequence[ItemKey]) -> list[dict[str, Any]]:
+        """The items of ``keys``, in that order; keys without an item are skipped."""
+        if not keys:
+            return []
+        rows = self._read(
+            "SELECT items.content FROM json_each(?) AS k JOIN items "
+            "ON items.collection = json_extract(k.value, '$[0]') "
+            "AND items.id = json_extract(k.value, '$[1]') ORDER BY k.key",
+            (json.dumps([list(k) for k in keys]),),
+        )
+        return [json.loads(r[0]) for r in rows]
+
+    # -- search -------------------------------------------------------------------------
+
+    def _candidates(
+        self, plan: _Plan, columns: str, keys: Sequence[ItemKey] | None = None
+    ) -> list[tuple[Any, ...]]:
+        if keys is None:
+            sql = f"SELECT {columns} FROM items WHERE {plan.where} {plan.order}"
+            return self._read(sql, [*plan.params, *plan.order_params])
+        sql = (
+            f"SELECT {columns} FROM json_each(?) AS k JOIN items "
+            "ON items.collection = json_extract(k.value, '$[0]') "
+            "AND items.id = json_extract(k.value, '$[1]') "
+            f"WHERE {plan.where} ORDER BY k.key"
+        )
+        return self._read(sql, [json.dumps([list(k) for k in keys]), *plan.params])
+
+    def search(self, query: SearchQuery) -> SearchPage:
+        """One page of the STAC API item search (see the module docstring for the semantics)."""
+        limit = query.limit
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise InvalidQueryError(f"limit: expected a non-negative integer, got {limit!r}")
+        plan = _Plan(query, sort=True)
+        qhash = _query_hash(query)
+        offset = _read_token(query.token, qhash) if query.token else 0
+        if not plan.exact:
+            matched = self._read(f"SELECT count(*) FROM items WHERE {plan.where}", plan.params)[0][
+                0
+            ]
+            rows = self._read(
+                # literal LIMIT/OFFSET (checked ints): the planner then picks the filter's index
+                f"SELECT content FROM items WHERE {plan.where} {plan.order} "
+                f"LIMIT {int(limit)} OFFSET {int(offset)}",
+                [*plan.params, *plan.order_params],
+            )
+            contents = [r[0] for r in rows]
+        else:
+            cols = "items.rowid, items.geom" + (", items.content" if plan.expr else "")
+            rows = self._candidates(plan, cols)
+            mask = plan.keep([r[1] for r in rows], [r[2] for r in rows] if plan.expr else None)
+            hits = [rows[i] for i in np.flatnonzero(mask)]
+            matched = len(hits)
+            page = hits[offset : offset + limit]
+            if plan.expr:
+                contents = [r[2] for r in page]
+            else:
+                by_rowid = dict(
+                    self._read(
+                        "SELECT rowid, content FROM items WHERE rowid IN "
+                        "(SELECT value FROM json_each(?))",
+                        (json.dumps([r[0] for r in page]),),
+                    )
+                )
+                contents = [by_rowid[r[0]] for r in page if r[0] in by_rowid]
+        items = [json.loads(c) for c in contents]
+        end = offset + len(items)
+        next_token = _make_token(end, qhash) if limit > 0 and end < matched else None
+        return SearchPage(items=items, next_token=next_token, matched=matched)
+
+    def filter_keys(
+        self, query: SearchQuery, keys: Sequence[ItemKey] | None = None
+    ) -> list[ItemKey]:
+        """The keys of the items matching the query's filters (limit, token, sortby ignored).
+
+        With ``keys``: the matching subset, in the order given (repeats kept). Without: every
+        matching item, in insertion (rowid) order.
+        """
+        plan = _Plan(query, sort=False)
+        if keys is not None and not keys:
+            return []
+        if keys is None:
+            plan.order = "ORDER BY items.rowid"
+        cols = "items.collection, items.id" + (", items.geom" if plan.shapes else "")
+        cols += ", items.content" if plan.expr else ""
+        rows = self._candidates(plan, cols, keys)
+        if not plan.exact:
+            return [(r[0], r[1]) for r in rows]
+        gi = 2 if plan.shapes else None
+        ci = (3 if plan.shapes else 2) if plan.expr else None
+        geoms = [r[gi] for r in rows] if gi is not None else [b""] * len(rows)
+        mask = plan.keep(geoms, [r[ci] for r in rows] if ci is not None else None)
+        return [(rows[i][0], rows[i][1]) for i in np.flatnonzero(mask)]
+
+    # -- codes ---------------------------------------------------------------------------
+
+    def iter_codes(self, model: str, version: str | None = None) -> Iterator[StoredCode]:
+        """The codes of ``model`` (of ``version``, or of every version when None: an item
+        carrying two versions of the model then yields two entries), in item rowid order.
+
+        Rows are read in chunks, so a long iteration does not hold a read snapshot throughout.
+        """
+        sql = (
+            "SELECT codes.item_rowid, codes.version, items.collection, items.id, codes.code, "
+            "codes.descriptor FROM codes JOIN items ON items.rowid = codes.item_rowid "
+            "WHERE codes.model = ? AND (? IS NULL OR codes.version = ?) "
+            "AND (codes.item_rowid > ? OR (codes.item_rowid = ? AND codes.version > ?)) "
+            f"ORDER BY codes.item_rowid, codes.version LIMIT {_CODES_CHUNK}"
+        )
+        last_rowid, last_version = -1, ""
+        while True:
+            rows = self._read(sql, (model, version, version, last_rowid, last_rowid, last_version))
+            for rowid, ver, coll, iid, code, desc in rows:
+                yield StoredCode(
+                    key=(coll, iid),
+                    code=bytes(code),
+                    descriptor=None if desc is None else bytes(desc),
+                )
+                last_rowid, last_version = rowid, ver
+            if len(rows) < _CODES_CHUNK:
+                return
+
+    def generation(self) -> int:
+        """Bumped by every write transaction: an index built at g is stale if g < this."""
+        return int(self._read("SELECT value FROM meta WHERE key = 'generation'")[0][0])
+
+    def count(self) -> int:
+        """The number of items in the store."""
+        return int(self._read("SELECT count(*) FROM items")[0][0])
