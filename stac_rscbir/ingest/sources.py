@@ -62,3 +62,19 @@ def open_source(spec: str, search: Mapping[str, Any] | None = None) -> Iterator[
     if search:
         raise SourceError("search parameters apply to a STAC API source, not to a file")
     return items_from_file(Path(spec))
+
+
+def items_from_store(
+    store: Any, collections: list[str] | None = None, page_size: int = 500
+) -> Iterator[pystac.Item]:
+    """Items of the search service's store (any ItemStore, e.g. the embedded SQLite one)."""
+    from stac_rscbir.store.base import SearchQuery
+
+    token = None
+    while True:
+        page = store.search(SearchQuery(collections=collections, limit=page_size, token=token))
+        for d in page.items:
+            yield pystac.Item.from_dict(d)
+        token = page.next_token
+        if not token:
+            return

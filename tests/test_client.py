@@ -1,0 +1,137 @@
+"""pystac-client drives a real server over HTTP (uvicorn on a free loopback port)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import uvicorn
+from pystac_client import Client
+
+from stac_rscbir.api.app import create_api
+from stac_rscbir.client import distances, search_similar
+from stac_rscbir.store.sqlite import SQLiteStore
+
+from .test_api import MODEL, N, _bits, _collection, _item, _ranking
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("server")
+    store = SQLiteStore(tmp / "stac.db")
+    store.create_collection(_collection())
+    store.upsert_items([_item(i) for i in range(N)])
+    app = create_api(store, tmp / "index").app
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_pystac_client_similarity_search_pages_over_http(server: str) -> None:
+    client = Client.open(server)
+    search = search_similar(client, item=("scenes", "item-005"), model=MODEL, k=12, limit=5)
+    got = [(int(d), item.id) for item, d in distances(search.items())]
+    assert got == _ranking(_bits(5))[:12]  # three pages of 5, 5, 2, followed by pystac-client
+
+
+def test_pystac_client_similarity_with_filters(server: str) -> None:
+    client = Client.open(server)
+    search = search_similar(
+        client,
+        item=("scenes", "item-020"),
+        model=MODEL,
+        k=30,
+        datetime="2021-01-01/2021-02-10",
+        filter={"op": "=", "args": [{"property": "platform"}, "sentinel-2a"]},
+        filter_lang="cql2-json",
+    )
+    got = [(int(d), item.id) for item, d in distances(search.items())]
+    keep = {i for i in range(N) if i <= 40 and i % 2 == 1}
+    assert got == _ranking(_bits(20), keep)[:30]
+    # the plain search still works through the same server
+    plain = list(client.search(collections=["scenes"], max_items=7).items())
+    assert len(plain) == 7
+
+
+def test_ingest_from_and_into_the_api(server: str, tmp_path: Path) -> None:
+    """The ingestion worker reads a STAC API search and writes back through Transactions."""
+    import httpx
+
+    from stac_rscbir.ingest.sinks import ApiSink
+    from stac_rscbir.ingest.sources import items_from_api
+    from stac_rscbir.ingest.worker import Ingestor
+
+    from .stac_builders import raster_item
+    from .test_ingest import CHIP, OPTIONS, _scene
+    from .test_ingest import MODEL as RGB_MODEL
+
+    assert len(list(items_from_api(server, {"collections": ["scenes"]}))) == N
+    coll = {**_collection("posted"), "id": "posted"}
+    assert httpx.post(f"{server}/collections", json=coll).status_code in (200, 201)
+    scenes = [
+        raster_item(
+            f"api-{i}",
+            _scene(tmp_path, f"api{i}", 2 * CHIP, CHIP, seed=30 + i),
+            collection="posted",
+        )
+        for i in range(3)
+    ]
+    for scene in scenes:  # file:// hrefs: a path would resolve against the API's URL
+        scene.assets["image"].href = Path(scene.assets["image"].href).as_uri()
+        r = httpx.post(f"{server}/collections/posted/items", json=scene.to_dict())
+        assert r.status_code in (200, 201), r.text
+    ckpt = _rgb_checkpoint(tmp_path)
+    source = list(items_from_api(server, {"collections": ["posted"]}))
+    report = Ingestor.from_checkpoint(ckpt, OPTIONS).run(source, ApiSink(server))
+    assert (report.items_encoded, report.chips_encoded, report.errors) == (3, 6, [])
+    for scene in scenes:
+        stored = httpx.get(f"{server}/collections/posted/items/{scene.id}").json()
+        assert [c["model"] for c in stored["properties"]["cbir:codes"]] == [RGB_MODEL]
+    chips = httpx.get(f"{server}/collections/posted-chips/items", params={"limit": 50}).json()
+    assert len(chips["features"]) == 6
+    again = Ingestor.from_checkpoint(ckpt, OPTIONS).run(
+        items_from_api(server, {"collections": ["posted"]}), ApiSink(server)
+    )
+    assert (again.items_skipped, again.items_encoded) == (3, 0)
+
+
+def _rgb_checkpoint(tmp_path: Path) -> Path:
+    import torch
+
+    from stac_rscbir.models.checkpoint import ModelConfig
+    from stac_rscbir.models.encoder import HashEncoder
+
+    from .test_ingest import CHIP
+    from .test_ingest import MODEL as RGB_MODEL
+
+    config = ModelConfig(
+        method="dhnn",
+        bits=32,
+        bands=["red", "green", "blue"],
+        backbone="smallcnn",
+        mean=[1000.0, 1100.0, 1200.0],
+        std=[300.0] * 3,
+        model_id=RGB_MODEL,
+        input_size=CHIP,
+        head={"n_classes": 1},
+    )
+    torch.manual_seed(0)
+    return HashEncoder.build(config, pretrained=False).save(tmp_path / "rgb-model")
