@@ -23,6 +23,7 @@ from stac_fastapi.extensions import (
 from stac_fastapi.extensions.filter.client import BaseFiltersClient
 from stac_fastapi.types.config import ApiSettings
 
+from stac_rscbir import __version__
 from stac_rscbir.api.core import StoreCoreClient, StoreTransactionsClient
 from stac_rscbir.api.similarity import SimilarityExtension, SimilarityService
 from stac_rscbir.store.base import ItemStore
@@ -41,7 +42,13 @@ def create_api(
     checkpoint), items added through the Transactions endpoints are encoded in the background
     (``app.state.encode_queue``) and the hash index follows.
     """
-    settings = ApiSettings(enable_response_models=False)
+    settings = ApiSettings(
+        enable_response_models=False,
+        stac_fastapi_title=title,
+        stac_fastapi_description="STAC API with query-by-example over deep hash codes",
+        stac_fastapi_landing_id="stac-rscbir",
+        stac_fastapi_version=__version__,
+    )
     service = SimilarityService(store, index_dir, models)
     hooks: list = [service.on_item]
     encode_queue = None
