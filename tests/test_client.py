@@ -17,6 +17,7 @@ from stac_rscbir.client import distances, search_similar
 from stac_rscbir.store.sqlite import SQLiteStore
 
 from .test_api import MODEL, N, _bits, _collection, _item, _ranking
+from .test_ingest import checkpoint  # noqa: F401 - a fixture
 
 
 def _free_port() -> int:
@@ -71,7 +72,11 @@ def test_pystac_client_similarity_with_filters(server: str) -> None:
     assert len(plain) == 7
 
 
-def test_ingest_from_and_into_the_api(server: str, tmp_path: Path) -> None:
+def test_ingest_from_and_into_the_api(
+    server: str,
+    checkpoint: Path,  # noqa: F811
+    tmp_path: Path,
+) -> None:
     """The ingestion worker reads a STAC API search and writes back through Transactions."""
     import httpx
 
@@ -98,7 +103,7 @@ def test_ingest_from_and_into_the_api(server: str, tmp_path: Path) -> None:
         scene.assets["image"].href = Path(scene.assets["image"].href).as_uri()
         r = httpx.post(f"{server}/collections/posted/items", json=scene.to_dict())
         assert r.status_code in (200, 201), r.text
-    ckpt = _rgb_checkpoint(tmp_path)
+    ckpt = checkpoint
     source = list(items_from_api(server, {"collections": ["posted"]}))
     report = Ingestor.from_checkpoint(ckpt, OPTIONS).run(source, ApiSink(server))
     assert (report.items_encoded, report.chips_encoded, report.errors) == (3, 6, [])
@@ -111,27 +116,3 @@ def test_ingest_from_and_into_the_api(server: str, tmp_path: Path) -> None:
         items_from_api(server, {"collections": ["posted"]}), ApiSink(server)
     )
     assert (again.items_skipped, again.items_encoded) == (3, 0)
-
-
-def _rgb_checkpoint(tmp_path: Path) -> Path:
-    import torch
-
-    from stac_rscbir.models.checkpoint import ModelConfig
-    from stac_rscbir.models.encoder import HashEncoder
-
-    from .test_ingest import CHIP
-    from .test_ingest import MODEL as RGB_MODEL
-
-    config = ModelConfig(
-        method="dhnn",
-        bits=32,
-        bands=["red", "green", "blue"],
-        backbone="smallcnn",
-        mean=[1000.0, 1100.0, 1200.0],
-        std=[300.0] * 3,
-        model_id=RGB_MODEL,
-        input_size=CHIP,
-        head={"n_classes": 1},
-    )
-    torch.manual_seed(0)
-    return HashEncoder.build(config, pretrained=False).save(tmp_path / "rgb-model")
