@@ -178,8 +178,11 @@ def fit_model(
         px = read_item(item, PROFILES["rgb"])
         kept, _ = make_chips(px.valid, px.transform, px.crs, CHIP)
         chips += [np.nan_to_num(chip_pixels(px.data, c)) for c in kept]
+    # the 8 flips/rotations of each chip: ground scenes have no preferred orientation, and
+    # small archives still give PCA more samples than code bits
+    views = [np.rot90(v, r, axes=(1, 2)) for c in chips for v in (c, c[:, ::-1]) for r in range(4)]
     rng = np.random.default_rng(0)
-    sample = np.stack([chips[i] for i in rng.permutation(len(chips))[:max_chips]])
+    sample = np.stack([views[i] for i in rng.permutation(len(views))[:max_chips]])
     config = ModelConfig(
         method="itq",
         bits=BITS,
@@ -269,6 +272,7 @@ def run_demo(
         path.unlink(missing_ok=True)
     store = SQLiteStore(db)
     models: dict[str, Path] = {}
+    model_of: dict[str, str] = {}
     for cid in COLLECTIONS:
         scenes = [i for i in items if i.collection_id == cid]
         if not scenes:
@@ -277,6 +281,7 @@ def run_demo(
         store.upsert_items([i.to_dict(include_self_link=False) for i in scenes])
         ckpt = fit_model(scenes, cid, workdir / "models", backbone, max_fit_chips)
         models[ckpt.name] = ckpt
+        model_of[cid] = ckpt.name
         console.print(
             f"[bold]2. model[/] {ckpt.name}: ImageNet {backbone} (frozen) + ITQ {BITS}-bit head "
             f"fitted unsupervised on chips of {cid} (no labels exist for these scenes)"
@@ -306,7 +311,7 @@ def run_demo(
     results: dict[str, Any] = {}
     sheet = []
     cache: dict[str, Any] = {}
-    queries = _queries(store, models)
+    queries = _queries(store, model_of)
     for title, query_item, model, kwargs in queries:
         search = search_similar(client, item=query_item, model=model, k=7, **kwargs)
         hits = [(i.id, int(d), i.to_dict()) for i, d in distances(search.items())]
@@ -344,37 +349,27 @@ def _label(chip_id: str) -> str:
     return f"{scene}\n{window}"
 
 
-def _queries(store: Any, models: dict[str, Path]) -> list[tuple[str, tuple[str, str], str, dict]]:
-    """Three query-by-example searches: plain, with a bbox, with a datetime range."""
-    out = []
-    by_collection = {m.split("-efficientnet")[0].split("-smallcnn")[0]: m for m in models}
-    if "landsat-8" in by_collection:
-        model = by_collection["landsat-8"]
+def _queries(store: Any, models: dict[str, str]) -> list[tuple[str, tuple[str, str], str, dict]]:
+    """Three query-by-example searches among chips (``models``: collection -> model id):
+    plain, with a bbox around the query, and with a datetime range."""
+    out: list[tuple[str, tuple[str, str], str, dict]] = []
+    if "landsat-8" in models:
         chips = store.search(_query(["landsat-8-chips"], 400)).items
         query = chips[len(chips) // 3]
-        out.append(("all chips", (query["collection"], query["id"]), model, {}))
+        key = (query["collection"], query["id"])
+        within = ["landsat-8-chips"]
+        out.append(("all chips", key, models["landsat-8"], {"collections": within}))
         x0, y0, x1, y1 = query["bbox"]
-        pad = 0.03
-        out.append(
-            (
-                "within 3 km",
-                (query["collection"], query["id"]),
-                model,
-                {"bbox": [x0 - pad, y0 - pad, x1 + pad, y1 + pad]},
-            )
-        )
-    if "rgbn-5m" in by_collection:
-        model = by_collection["rgbn-5m"]
-        chips = store.search(_query(["rgbn-5m-chips"], 400)).items
-        query = chips[0]
-        out.append(
-            (
-                "2016-04 .. 2017-12",
-                (query["collection"], query["id"]),
-                model,
-                {"datetime": "2016-04-01T00:00:00Z/2017-12-31T23:59:59Z"},
-            )
-        )
+        bbox = [x0 - 0.03, y0 - 0.03, x1 + 0.03, y1 + 0.03]
+        out.append(("within 3 km", key, models["landsat-8"], {"collections": within, "bbox": bbox}))
+    if "rgbn-5m" in models:
+        query = store.search(_query(["rgbn-5m-chips"], 1)).items[0]
+        when = {
+            "collections": ["rgbn-5m-chips"],
+            "datetime": "2016-04-01T00:00:00Z/2017-12-31T23:59:59Z",
+        }
+        key = (query["collection"], query["id"])
+        out.append(("2016-04 .. 2017-12", key, models["rgbn-5m"], when))
     return out
 
 

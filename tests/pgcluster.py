@@ -47,6 +47,18 @@ def _pypgstac() -> str | None:
     return str(here) if here.is_file() else shutil.which("pypgstac")
 
 
+def migrate(dsn: str) -> None:
+    """``pypgstac migrate`` the database of ``dsn`` (raises with its output when it fails)."""
+    result = subprocess.run(
+        [_pypgstac() or "pypgstac", "migrate", "--dsn", dsn],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"pypgstac migrate failed ({result.returncode}): {result.stderr}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -124,13 +136,7 @@ class PgCluster:
                 DATABASE,
             ),
         )
-        migrate = subprocess.run(
-            [_pypgstac() or "pypgstac", "migrate", "--dsn", self.dsn],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        self._check("pypgstac migrate", migrate)
+        migrate(self.dsn)
         return self
 
     def stop(self) -> None:

@@ -1,9 +1,10 @@
-"""The STAC API with the similarity extension, over the embedded SQLite store."""
+"""The STAC API with the similarity extension, over both stores: the embedded SQLite store
+and pgstac (a fresh database per test); every test runs on each."""
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,14 @@ import torch
 from fastapi.testclient import TestClient
 from rasterio.io import MemoryFile
 from shapely.geometry import box, mapping, shape
-from stac_rscbir.store.sqlite import SQLiteStore
 
 from stac_rscbir.api.app import create_api
 from stac_rscbir.api.similarity import CONFORMANCE
 from stac_rscbir.extension.cbir import Descriptor, HashCode
 from stac_rscbir.models.checkpoint import ModelConfig
 from stac_rscbir.models.encoder import HashEncoder
+from stac_rscbir.store.base import ItemStore
+from stac_rscbir.store.sqlite import SQLiteStore
 
 MODEL = "test-64"
 N = 80
@@ -79,21 +81,57 @@ def _collection(cid: str = "scenes") -> dict[str, Any]:
     }
 
 
+class StoreFactory:
+    """New store objects over one test's database (a new object is a server restart), and the
+    folder of the API's hash indexes; closes them all at the end of the test."""
+
+    def __init__(self, open_store: Callable[[], ItemStore], index_dir: Path) -> None:
+        self._open = open_store
+        self.index_dir = index_dir
+        self._stores: list[ItemStore] = []
+
+    def __call__(self) -> ItemStore:
+        store = self._open()
+        self._stores.append(store)
+        return store
+
+    def close(self) -> None:
+        for store in self._stores:
+            store.close()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(params=["sqlite", "pgstac"])
+def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    """An empty store of each kind: a SQLite file, or a fresh pgstac database."""
+    if request.param == "sqlite":
+        factory = StoreFactory(lambda: SQLiteStore(tmp_path / "stac.db"), tmp_path / "index")
+    else:
+        from stac_rscbir.store.pgstac import PgstacStore
+
+        dsn = request.getfixturevalue("pgstac_db")
+        factory = StoreFactory(lambda: PgstacStore(dsn), tmp_path / "index")
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
 @pytest.fixture
-def db(tmp_path: Path) -> Path:
-    store = SQLiteStore(tmp_path / "stac.db")
+def db(store_factory: StoreFactory) -> StoreFactory:
+    """The store factory, its store holding the ``scenes`` collection and N items."""
+    store = store_factory()
     store.create_collection(_collection())
     store.upsert_items([_item(i) for i in range(N)])
-    return tmp_path / "stac.db"
+    return store_factory
 
 
-def _client(db: Path, models: dict[str, Path] | None = None) -> TestClient:
-    api = create_api(SQLiteStore(db), db.with_suffix(".index"), models or {})
+def _client(db: StoreFactory, models: dict[str, Path] | None = None) -> TestClient:
+    api = create_api(db(), db.index_dir, models or {})
     return TestClient(api.app)
 
 
 @pytest.fixture
-def client(db: Path) -> Iterator[TestClient]:
+def client(db: StoreFactory) -> Iterator[TestClient]:
     with _client(db) as c:
         yield c
 
@@ -306,7 +344,7 @@ def test_transactions_update_the_index(client: TestClient) -> None:
     assert "item-500" not in {f["id"] for f in page["features"]}
 
 
-def test_restart_and_lost_index_lose_nothing(db: Path) -> None:
+def test_restart_and_lost_index_lose_nothing(db: StoreFactory) -> None:
     body = {
         "similarity": {"model": MODEL, "item": {"collection": "scenes", "id": "item-033"}, "k": 12},
         "limit": 12,
@@ -318,7 +356,7 @@ def test_restart_and_lost_index_lose_nothing(db: Path) -> None:
         assert _search(c, body) == first
     import shutil
 
-    shutil.rmtree(db.with_suffix(".index"))
+    shutil.rmtree(db.index_dir)
     with _client(db) as c:  # index gone: rebuilt from the store
         assert _search(c, body) == first
     assert "item-600" in {f["id"] for f in first["features"]}
@@ -344,7 +382,7 @@ def test_bad_similarity_requests_are_400_or_404(client: TestClient) -> None:
     assert r.status_code == 400
 
 
-def test_query_by_uploaded_image(tmp_path: Path) -> None:
+def test_query_by_uploaded_image(store_factory: StoreFactory, tmp_path: Path) -> None:
     config = ModelConfig(
         method="dhnn",
         bits=64,
@@ -362,7 +400,7 @@ def test_query_by_uploaded_image(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     images = rng.integers(0, 255, size=(12, 3, 32, 32), dtype=np.uint8)
     bits, relaxed = encoder.encode_numpy(images.astype(np.float32))
-    store = SQLiteStore(tmp_path / "img.db")
+    store = store_factory()
     store.create_collection(_collection("img"))
     items = []
     for i in range(12):
@@ -378,7 +416,7 @@ def test_query_by_uploaded_image(tmp_path: Path) -> None:
         with mem.open(driver="PNG", width=32, height=32, count=3, dtype="uint8") as dst:
             dst.write(images[4])
         png = base64.b64encode(mem.read()).decode()
-    api = create_api(store, tmp_path / "img.index", {"rgb-img-64": ckpt})
+    api = create_api(store, store_factory.index_dir, {"rgb-img-64": ckpt})
     with TestClient(api.app) as c:
         page = _search(c, {"similarity": {"model": "rgb-img-64", "image": png, "k": 3}})
         assert page["features"][0]["id"] == "item-004"

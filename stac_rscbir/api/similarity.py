@@ -8,7 +8,6 @@ exact. The index is derived data: opened or rebuilt from the store, kept in step
 transaction, rebuilt when the store moved on behind its back (another process wrote to it).
 """
 
-
 import base64
 import hashlib
 import io

@@ -1,0 +1,517 @@
+"""The production item store: pgstac (PostgreSQL + PostGIS), through pgstac's SQL API.
+
+Items and collections are written with pgstac's functions (``create_item``, ``update_item``,
+``upsert_items``, ``delete_item``, ``create_collection``...), so the database stays exactly what
+stac-fastapi-pgstac and ``pypgstac load`` expect; items are checked first with the same rules as
+the SQLite store (invalid ``cbir:codes`` are refused with the field named, nothing written).
+
+Search: ``pgstac.search(jsonb)`` with the STAC body built from :class:`SearchQuery` (a CQL2-text
+filter is converted to CQL2 JSON), ``conf.context = on`` for an exact ``numberMatched`` and
+pgstac's own ``next:`` paging tokens. The store's connections set ``pgstac.readonly``, which only
+turns off pgstac's caches of searches (``pgstac.searches``, ``search_wheres``): every distinct
+search would otherwise add a row there. :meth:`PgstacStore.filter_keys` asks pgstac for the
+WHERE clause of the body (``stac_search_to_where``, a pure function) and selects the keys
+itself, so the similarity layer's candidate queries neither page nor cache anything.
+
+Codes: ``pgstac.items.content`` is *dehydrated* (what equals the collection's base item is
+stripped), but the base item holds only ``type``, ``stac_version``, ``assets`` and
+``collection``: ``content->'properties'->'cbir:codes'`` is the item's own, read without
+hydrating.
+
+Generation: a one-row table ``rscbir.generation`` bumped once per transaction that writes items
+or collections, by ``rscbir.bump_generation()`` (a transaction-local setting remembers that the
+transaction already bumped it). Every store write calls it, and AFTER ... FOR EACH ROW triggers
+on ``pgstac.items`` and ``pgstac.collections`` call it too, so writes behind the API's back
+(``pypgstac load``, SQL) count. The items trigger is a *row* trigger because PostgreSQL clones
+row triggers of a partitioned table onto every present and future partition, and ``pypgstac
+load`` writes into the partitions directly (a statement trigger on the parent would not fire). A
+collection's items leave with its partitions (DROP TABLE fires no row trigger): the
+``collections`` trigger counts that. The counter is transactional, so a reader never sees a
+generation whose writes it cannot see yet. Not counted: TRUNCATE of a partition by hand.
+
+Needs the ``pgstac`` extra (psycopg 3, psycopg-pool, pypgstac-migrated database).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+from psycopg import errors, sql
+from psycopg_pool import ConnectionPool
+
+from stac_rscbir.extension.cbir import CODES_PROP, HashCode
+from stac_rscbir.extension.codec import CBIRFieldError
+from stac_rscbir.store.base import (
+    ConflictError,
+    InvalidQueryError,
+    ItemKey,
+    NotFoundError,
+    SearchPage,
+    SearchQuery,
+    StoredCode,
+    StoreError,
+)
+from stac_rscbir.store.sqlite import (
+    InvalidItemError,
+    _geometries,
+    _Prepared,
+    parse_bbox,
+    parse_datetime_query,
+    parse_filter,
+)
+
+__all__ = ["PgstacStore", "PgstacStoreError", "install_generation"]
+
+log = logging.getLogger(__name__)
+
+_CODES_BATCH = 5000
+
+_GENERATION_DDL = """
+CREATE SCHEMA IF NOT EXISTS rscbir;
+GRANT USAGE ON SCHEMA rscbir TO PUBLIC;
+CREATE TABLE IF NOT EXISTS rscbir.generation (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    value bigint NOT NULL
+);
+GRANT SELECT ON rscbir.generation TO PUBLIC;
+INSERT INTO rscbir.generation (value) VALUES (0) ON CONFLICT DO NOTHING;
+CREATE OR REPLACE FUNCTION rscbir.bump_generation() RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF current_setting('rscbir.generation_xact', true) IS DISTINCT FROM txid_current()::text THEN
+        UPDATE rscbir.generation SET value = value + 1;
+        PERFORM set_config('rscbir.generation_xact', txid_current()::text, true);
+    END IF;
+END $$;
+CREATE OR REPLACE FUNCTION rscbir.generation_trigger() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM rscbir.bump_generation();
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS rscbir_generation ON pgstac.items;
+CREATE TRIGGER rscbir_generation AFTER INSERT OR UPDATE OR DELETE ON pgstac.items
+    FOR EACH ROW EXECUTE FUNCTION rscbir.generation_trigger();
+DROP TRIGGER IF EXISTS rscbir_generation ON pgstac.collections;
+CREATE TRIGGER rscbir_generation AFTER INSERT OR UPDATE OR DELETE ON pgstac.collections
+    FOR EACH ROW EXECUTE FUNCTION rscbir.generation_trigger();
+"""
+
+_GENERATION_INSTALLED = """
+SELECT to_regprocedure('rscbir.bump_generation()') IS NOT NULL
+   AND to_regclass('rscbir.generation') IS NOT NULL
+   AND (SELECT count(*) FROM pg_trigger
+        WHERE tgname = 'rscbir_generation'
+          AND tgrelid IN ('pgstac.items'::regclass, 'pgstac.collections'::regclass)) = 2
+"""
+
+_CODES_SQL = """
+SELECT i.collection, i.id, c.value
+FROM pgstac.items i
+CROSS JOIN LATERAL jsonb_array_elements(
+    CASE jsonb_typeof(i.content->'properties'->'cbir:codes')
+    WHEN 'array' THEN i.content->'properties'->'cbir:codes' ELSE '[]'::jsonb END
+) AS c(value)
+WHERE c.value->>'model' = %(model)s
+  AND (%(version)s::text IS NULL OR c.value->>'model_version' = %(version)s)
+ORDER BY i.collection, i.id, c.value->>'model_version'
+"""
+
+
+class PgstacStoreError(StoreError):
+    """PostgreSQL failed, or the database is not a migrated pgstac database."""
+
+
+def _redact(dsn: str) -> str:
+    """``dsn`` without its password (for messages)."""
+    dsn = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", dsn)
+    return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
+
+
+def install_generation(conn: psycopg.Connection[Any]) -> None:
+    """Create the ``rscbir`` generation counter and its triggers, unless they exist.
+
+    Idempotent and safe to run from several processes at once (an advisory lock serialises it);
+    rerun it after a pgstac migration that recreates ``pgstac.items``.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('rscbir.install_generation'))")
+        row = conn.execute(_GENERATION_INSTALLED).fetchone()
+        if row is None or not row[0]:
+            conn.execute(_GENERATION_DDL)
+
+
+def _query_error(exc: psycopg.Error) -> StoreError:
+    """The store error for a failed search: the request's fault (400) or the database's."""
+    state = exc.sqlstate or ""
+    if state.startswith(("22", "42")) or state == "P0001":
+        diag = exc.diag.message_primary or str(exc)
+        return InvalidQueryError(f"pgstac refused the search: {diag}")
+    return PgstacStoreError(f"pgstac search failed: {exc}")
+
+
+def _json_array(texts: Sequence[str]) -> str:
+    return "[" + ",".join(texts) + "]"
+
+
+def _keys_params(keys: Sequence[ItemKey]) -> tuple[list[str], list[str]]:
+    return [k[0] for k in keys], [k[1] for k in keys]
+
+
+class PgstacStore:
+    """:class:`~stac_rscbir.store.base.ItemStore` over a pgstac database (see the module doc).
+
+    ``dsn`` names a database migrated by ``pypgstac migrate``; the generation counter is
+    installed on first use. ``pool_size`` connections at most are opened (psycopg-pool), shared
+    by the threads of the web app; :meth:`close` closes them.
+    """
+
+    def __init__(self, dsn: str, *, pool_size: int = 4, timeout: float = 30.0) -> None:
+        self.dsn = dsn
+        try:
+            with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+                conn.execute("SELECT pgstac.get_version()")
+                install_generation(conn)
+        except psycopg.OperationalError as exc:
+            raise PgstacStoreError(f"cannot connect to pgstac at {_redact(dsn)}: {exc}") from exc
+        except psycopg.Error as exc:
+            raise PgstacStoreError(
+                f"{_redact(dsn)} is not a pgstac database (run `pypgstac migrate`): {exc}"
+            ) from exc
+        self._pool = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=pool_size,
+            timeout=timeout,
+            kwargs={"autocommit": True},
+            configure=self._configure,
+            name="rscbir-pgstac",
+            open=True,
+        )
+
+    @staticmethod
+    def _configure(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("SET search_path TO pgstac, public")  # pgstac's functions expect it
+        conn.execute("SET pgstac.readonly TO 'true'")  # no search caches (see the module doc)
+
+    def close(self) -> None:
+        """Close the connections; the store cannot be used afterwards."""
+        self._pool.close()
+
+    def __enter__(self) -> PgstacStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- connections ----------------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[psycopg.Connection[Any]]:
+        try:
+            with self._pool.connection() as conn:
+                yield conn
+        except psycopg.Error as exc:
+            raise PgstacStoreError(f"pgstac at {_redact(self.dsn)}: {exc}") from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[psycopg.Connection[Any]]:
+        """One transaction that also bumps the generation; rolled back on any error."""
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield conn
+                conn.execute("SELECT rscbir.bump_generation()")
+        except StoreError:
+            raise
+        except errors.UniqueViolation as exc:
+            raise ConflictError(f"already exists: {exc.diag.message_detail or exc}") from exc
+        except psycopg.Error as exc:
+            raise PgstacStoreError(f"pgstac at {_redact(self.dsn)}: {exc}") from exc
+
+    @staticmethod
+    def _require_collections(conn: psycopg.Connection[Any], ids: Sequence[str]) -> None:
+        wanted = list(dict.fromkeys(ids))
+        rows = conn.execute("SELECT id FROM pgstac.collections WHERE id = ANY(%s)", (wanted,))
+        present = {r[0] for r in rows}
+        for cid in wanted:
+            if cid not in present:
+                raise NotFoundError(f"collection {cid!r} not found")
+
+    @staticmethod
+    def _exists(conn: psycopg.Connection[Any], collection_id: str, item_id: str) -> bool:
+        row = conn.execute(
+            "SELECT 1 FROM pgstac.items WHERE collection = %s AND id = %s",
+            (collection_id, item_id),
+        ).fetchone()
+        return row is not None
+
+    # -- collections ----------------------------------------------------------------------
+
+    @staticmethod
+    def _collection_json(collection: dict[str, Any]) -> tuple[str, str]:
+        if not isinstance(collection, dict):
+            raise InvalidItemError(None, "collection", "expected a STAC Collection object")
+        cid = collection.get("id")
+        if not isinstance(cid, str) or not cid:
+            raise InvalidItemError(None, "id", "a collection needs an id (a non-empty string)")
+        try:
+            return cid, json.dumps(collection, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidItemError(None, "collection", f"is not JSON-serialisable ({exc})") from exc
+
+    def create_collection(self, collection: dict[str, Any]) -> None:
+        cid, content = self._collection_json(collection)
+        with self._write() as conn:
+            if conn.execute("SELECT 1 FROM pgstac.collections WHERE id = %s", (cid,)).fetchone():
+                raise ConflictError(f"collection {cid!r} already exists")
+            conn.execute("SELECT pgstac.create_collection(%s::jsonb)", (content,))
+
+    def update_collection(self, collection: dict[str, Any]) -> None:
+        cid, content = self._collection_json(collection)
+        with self._write() as conn:
+            self._require_collections(conn, [cid])
+            conn.execute("SELECT pgstac.update_collection(%s::jsonb)", (content,))
+
+    def delete_collection(self, collection_id: str) -> None:
+        """Delete the collection and all its items."""
+        with self._write() as conn:
+            self._require_collections(conn, [collection_id])
+            conn.execute("SELECT pgstac.delete_collection(%s)", (collection_id,))
+
+    def get_collection(self, collection_id: str) -> dict[str, Any]:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT content FROM pgstac.collections WHERE id = %s", (collection_id,)
+            ).fetchone()
+        if row is None:
+            raise NotFoundError(f"collection {collection_id!r} not found")
+        return row[0]
+
+    def all_collections(self) -> list[dict[str, Any]]:
+        """All collections, by id."""
+        with self._read() as conn:
+            rows = conn.execute("SELECT content FROM pgstac.collections ORDER BY id").fetchall()
+        return [r[0] for r in rows]
+
+    # -- items --------------------------------------------------------------------------
+
+    def create_item(self, item: dict[str, Any]) -> None:
+        """Add a new item (ConflictError if it exists, NotFoundError without its collection)."""
+        p = _Prepared(item)
+        with self._write() as conn:
+            self._require_collections(conn, [p.collection])
+            if self._exists(conn, p.collection, p.id):
+                raise ConflictError(f"item {p.id!r} already exists in collection {p.collection!r}")
+            conn.execute("SELECT pgstac.create_item(%s::jsonb)", (p.content,))
+
+    def update_item(self, item: dict[str, Any]) -> None:
+        """Replace an existing item (NotFoundError if it does not exist)."""
+        p = _Prepared(item)
+        with self._write() as conn:
+            self._require_collections(conn, [p.collection])
+            if not self._exists(conn, p.collection, p.id):
+                raise NotFoundError(f"item {p.id!r} not found in collection {p.collection!r}")
+            conn.execute("SELECT pgstac.update_item(%s::jsonb)", (p.content,))
+
+    def upsert_items(self, items: Sequence[dict[str, Any]]) -> None:
+        """Create or replace all ``items`` in one transaction (all or nothing).
+
+        Raises ValueError (InvalidItemError, naming the item and field) before writing anything
+        if any item is invalid, NotFoundError if a collection is missing. When an item appears
+        twice, the last one wins.
+        """
+        prepared: dict[ItemKey, _Prepared] = {}
+        geoms = _geometries([it.get("geometry") if isinstance(it, dict) else None for it in items])
+        for i, (item, geom) in enumerate(zip(items, geoms, strict=True)):
+            try:
+                p = _Prepared(item, geom)
+            except InvalidItemError as exc:
+                if exc.item_id is None:
+                    raise InvalidItemError(f"items[{i}]", exc.field, exc.problem) from exc
+                raise
+            prepared.pop((p.collection, p.id), None)
+            prepared[(p.collection, p.id)] = p
+        if not prepared:
+            return
+        with self._write() as conn:
+            self._require_collections(conn, [c for c, _ in prepared])
+            conn.execute(
+                "SELECT pgstac.upsert_items(%s::jsonb)",
+                (_json_array([p.content for p in prepared.values()]),),
+            )
+
+    def delete_item(self, collection_id: str, item_id: str) -> None:
+        with self._write() as conn:
+            deleted = conn.execute(
+                "DELETE FROM pgstac.items WHERE collection = %s AND id = %s",
+                (collection_id, item_id),
+            ).rowcount
+            if not deleted:
+                raise NotFoundError(f"item {item_id!r} not found in collection {collection_id!r}")
+
+    def get_item(self, collection_id: str, item_id: str) -> dict[str, Any]:
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT pgstac.content_hydrate(i) FROM pgstac.items i "
+                "WHERE i.collection = %s AND i.id = %s",
+                (collection_id, item_id),
+            ).fetchone()
+            if row is None:
+                self._require_collections(conn, [collection_id])
+                raise NotFoundError(f"item {item_id!r} not found in collection {collection_id!r}")
+        return row[0]
+
+    def get_items(self, keys: Sequence[ItemKey]) -> list[dict[str, Any]]:
+        """The items of ``keys``, in that order; keys without an item are skipped."""
+        if not keys:
+            return []
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT pgstac.content_hydrate(i) "
+                "FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY AS k(collection, id, n) "
+                "JOIN pgstac.items i ON i.collection = k.collection AND i.id = k.id "
+                "ORDER BY k.n",
+                _keys_params(keys),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    # -- search -------------------------------------------------------------------------
+
+    @staticmethod
+    def _body(query: SearchQuery) -> dict[str, Any]:
+        """The pgstac search body of the query's filters (no sortby, limit or token)."""
+        body: dict[str, Any] = {}
+        if query.collections:
+            body["collections"] = list(query.collections)
+        if query.ids:
+            body["ids"] = list(query.ids)
+        if query.datetime is not None:
+            parse_datetime_query(query.datetime)  # the same 400s as the SQLite store
+            body["datetime"] = query.datetime
+        filters: list[dict[str, Any]] = []
+        if query.filter is not None:
+            filters.append(parse_filter(query.filter).to_json())
+        if query.bbox is not None:
+            minx, miny, maxx, maxy = parse_bbox(query.bbox)
+            if query.intersects is None:
+                body["bbox"] = [minx, miny, maxx, maxy]
+            else:  # pgstac reads one geometry: the box joins the filter
+                ring = [[minx, miny], [maxx, miny], [maxx, maxy], [minx, maxy], [minx, miny]]
+                polygon = {"type": "Polygon", "coordinates": [ring]}
+                filters.append({"op": "s_intersects", "args": [{"property": "geometry"}, polygon]})
+        if query.intersects is not None:
+            if not isinstance(query.intersects, dict) or "type" not in query.intersects:
+                raise InvalidQueryError("intersects: expected a GeoJSON geometry object")
+            body["intersects"] = query.intersects
+        if filters:
+            body["filter"] = filters[0] if len(filters) == 1 else {"op": "and", "args": filters}
+            body["filter-lang"] = "cql2-json"
+        return body
+
+    def search(self, query: SearchQuery) -> SearchPage:
+        """One page of the STAC API item search, by ``pgstac.search``."""
+        limit = query.limit
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise InvalidQueryError(f"limit: expected a non-negative integer, got {limit!r}")
+        body = self._body(query)
+        body["limit"] = limit
+        if query.sortby:
+            body["sortby"] = list(query.sortby)
+        if query.token:
+            body["token"] = query.token
+        body["conf"] = {"context": "on", "context_stats_ttl": "0 seconds"}
+        with self._read() as conn:
+            try:
+                row = conn.execute("SELECT pgstac.search(%s::jsonb)", (json.dumps(body),))
+                result = row.fetchone()[0]  # type: ignore[index]
+            except psycopg.Error as exc:
+                raise _query_error(exc) from exc
+        next_token = None
+        for link in result.get("links", []):
+            if link.get("rel") == "next":
+                next_token = link["href"].split("token=", 1)[1]
+        return SearchPage(
+            items=result.get("features") or [],
+            next_token=next_token,
+            matched=result.get("numberMatched"),
+        )
+
+    def filter_keys(
+        self, query: SearchQuery, keys: Sequence[ItemKey] | None = None
+    ) -> list[ItemKey]:
+        """The keys of the items matching the query's filters (limit, token, sortby ignored).
+
+        With ``keys``: the matching subset, in the order given (repeats kept). Without: every
+        matching item, by (collection, id). pgstac's WHERE clause of the filters, run here:
+        no ``pgstac.searches`` row, no paging.
+        """
+        if keys is not None and not keys:
+            return []
+        body = json.dumps(self._body(query))
+        with self._read() as conn:
+            try:
+                where = conn.execute("SELECT pgstac.stac_search_to_where(%s::jsonb)", (body,))
+                clause = sql.SQL(where.fetchone()[0].replace("%", "%%"))  # type: ignore[index]
+                if keys is None:
+                    stmt = sql.SQL(
+                        "SELECT collection, id FROM pgstac.items WHERE {} ORDER BY collection, id"
+                    ).format(clause)
+                    rows = conn.execute(stmt).fetchall()
+                else:
+                    # the clause names items' columns unqualified: keep other names apart
+                    stmt = sql.SQL(
+                        "SELECT k.key_c, k.key_i "
+                        "FROM unnest(%s::text[], %s::text[]) WITH ORDINALITY "
+                        "AS k(key_c, key_i, key_n) "
+                        "WHERE EXISTS (SELECT 1 FROM pgstac.items "
+                        "WHERE collection = k.key_c AND id = k.key_i AND {}) ORDER BY k.key_n"
+                    ).format(clause)
+                    rows = conn.execute(stmt, _keys_params(keys)).fetchall()
+            except psycopg.Error as exc:
+                raise _query_error(exc) from exc
+        return [(r[0], r[1]) for r in rows]
+
+    # -- codes ---------------------------------------------------------------------------
+
+    def iter_codes(self, model: str, version: str | None = None) -> Iterator[StoredCode]:
+        """The codes of ``model`` (of ``version``, or of every version when None: an item
+        carrying two versions of the model then yields two entries), by (collection, id).
+
+        Streamed by a server-side cursor, in one snapshot. A stored entry that does not decode
+        (written behind the store's back) is skipped with a warning.
+        """
+        with self._read() as conn, conn.transaction():
+            cur = conn.cursor(name="rscbir_codes")
+            cur.itersize = _CODES_BATCH
+            cur.execute(_CODES_SQL, {"model": model, "version": version})
+            for collection, item_id, entry in cur:
+                try:
+                    code = HashCode.from_dict(entry, f"properties.{CODES_PROP}")
+                except CBIRFieldError as exc:
+                    log.warning("item %s/%s: stored code skipped: %s", collection, item_id, exc)
+                    continue
+                desc = code.descriptor
+                yield StoredCode(
+                    key=(collection, item_id),
+                    code=code.packed().tobytes(),
+                    descriptor=None if desc is None else desc.array().astype("<f4").tobytes(),
+                )
+            cur.close()
+
+    def generation(self) -> int:
+        """Bumped by every transaction that writes items or collections (see the module doc)."""
+        with self._read() as conn:
+            row = conn.execute("SELECT value FROM rscbir.generation").fetchone()
+        return int(row[0]) if row else 0
+
+    def count(self) -> int:
+        """The number of items in the store."""
+        with self._read() as conn:
+            row = conn.execute("SELECT count(*) FROM pgstac.items").fetchone()
+        return int(row[0]) if row else 0
