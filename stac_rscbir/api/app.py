@@ -4,8 +4,11 @@ similarity extension, over the embedded SQLite store (default)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import model_validator
 from stac_fastapi.api.app import StacApi
 from stac_fastapi.api.models import (
     ItemCollectionUri,
@@ -22,11 +25,31 @@ from stac_fastapi.extensions import (
 )
 from stac_fastapi.extensions.filter.client import BaseFiltersClient
 from stac_fastapi.types.config import ApiSettings
+from stac_fastapi.types.search import BaseSearchPostRequest
 
 from stac_rscbir import __version__
 from stac_rscbir.api.core import StoreCoreClient, StoreTransactionsClient
 from stac_rscbir.api.similarity import SimilarityExtension, SimilarityService
 from stac_rscbir.store.base import ItemStore
+
+
+class SearchPostBody(BaseSearchPostRequest):
+    """The POST /search body; stac-pydantic's own validators assume a JSON object."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError("the search body must be a JSON object")
+        return value
+
+
+def _out_of_range(request: Request, exc: Exception) -> JSONResponse:
+    """400 for values the parsers cannot represent (e.g. year 1 at UTC+14), not a 500."""
+    return JSONResponse(
+        {"code": "OutOfRange", "description": f"a value in the request is out of range: {exc}"},
+        status_code=400,
+    )
 
 
 def create_api(
@@ -80,7 +103,9 @@ def create_api(
         client=client,
         extensions=[*search_extensions, transactions],
         search_get_request_model=create_get_request_model(search_extensions),
-        search_post_request_model=create_post_request_model(search_extensions),
+        search_post_request_model=create_post_request_model(
+            search_extensions, base_model=SearchPostBody
+        ),
         items_get_request_model=create_request_model(
             "ItemCollectionUri",
             base_model=ItemCollectionUri,
@@ -89,6 +114,7 @@ def create_api(
         ),
     )
     similarity.client = client
+    api.app.add_exception_handler(OverflowError, _out_of_range)
     api.app.state.encode_queue = encode_queue
     return api
 

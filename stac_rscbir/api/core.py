@@ -59,6 +59,14 @@ def _dump(value: Any) -> Any:
     return value
 
 
+def _body(value: Any, what: str) -> dict[str, Any]:
+    """A request body as a dict; 400 naming what it should be when missing or not an object."""
+    data = _dump(value)
+    if not isinstance(data, dict):
+        raise HTTPException(400, f"the request body must be {what} (a JSON object)")
+    return data
+
+
 def query_from_request(search: Any) -> SearchQuery:
     """A :class:`SearchQuery` from a POST search model (pydantic) or a dict of GET params."""
     get = search.get if isinstance(search, dict) else lambda k, d=None: getattr(search, k, d)
@@ -68,6 +76,14 @@ def query_from_request(search: Any) -> SearchQuery:
             filt = json.loads(filt)
         except json.JSONDecodeError as exc:
             raise InvalidQueryError(f"filter is not valid CQL2 JSON: {exc}") from exc
+    intersects = get("intersects")
+    if isinstance(intersects, str):  # GET: the geometry as GeoJSON text
+        try:
+            intersects = json.loads(intersects)
+        except json.JSONDecodeError as exc:
+            raise InvalidQueryError(f"intersects is not valid GeoJSON: {exc}") from exc
+    if intersects is not None and get("bbox"):
+        raise InvalidQueryError("bbox and intersects cannot be used together: give one of them")
     sortby = get("sortby")
     if sortby and isinstance(sortby[0], str):  # GET: "+field,-field"
         sortby = [
@@ -78,7 +94,7 @@ def query_from_request(search: Any) -> SearchQuery:
         collections=get("collections"),
         ids=get("ids"),
         bbox=list(get("bbox")) if get("bbox") else None,
-        intersects=_dump(get("intersects")),
+        intersects=_dump(intersects),
         datetime=get("datetime"),
         filter=_dump(filt),
         sortby=_dump(sortby),
@@ -149,7 +165,16 @@ class StoreCoreClient(BaseCoreClient):
 
     def _collection(self, collection: dict[str, Any], base: str) -> dict[str, Any]:
         collection = dict(collection)
-        inferred = CollectionLinks(collection["id"], base).create_links()
+        cid = collection["id"]
+        inferred = CollectionLinks(cid, base).create_links()
+        titles = {
+            "self": f"Collection {cid}",
+            "parent": "Landing page",
+            "root": "Landing page",
+            "items": f"Items of collection {cid}",
+        }
+        for link in inferred:  # best practice (stac-check): every collection link has a title
+            link.setdefault("title", titles.get(link["rel"], link["rel"]))
         collection["links"] = inferred + resolve_links(collection.get("links", []), base)
         return collection
 
@@ -263,7 +288,7 @@ class StoreTransactionsClient(BaseTransactionsClient):
             hook(collection_id, item, item_id)
 
     def _items(self, collection_id: str, item: Any) -> list[dict[str, Any]]:
-        data = _dump(item)
+        data = _body(item, "a STAC Item or an ItemCollection")
         items = data["features"] if data.get("type") == "FeatureCollection" else [data]
         for i in items:
             if i.get("collection", collection_id) != collection_id:
@@ -305,13 +330,13 @@ class StoreTransactionsClient(BaseTransactionsClient):
 
     @store_errors
     def create_collection(self, collection: Any, **kwargs: Any) -> dict:
-        data = _dump(collection)
+        data = _body(collection, "a STAC Collection")
         self.store.create_collection(data)
         return data
 
     @store_errors
     def update_collection(self, collection_id: str, collection: Any, **kwargs: Any) -> dict:
-        data = _dump(collection)
+        data = _body(collection, "a STAC Collection")
         if data.get("id") != collection_id:
             raise HTTPException(400, f"collection id {data.get('id')!r} differs from the path's")
         self.store.update_collection(data)
