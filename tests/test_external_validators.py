@@ -81,9 +81,10 @@ def _described_collection() -> dict[str, Any]:
 
 
 @contextmanager
-def _serve(tmp: Path) -> Iterator[str]:
-    """A uvicorn server on a free loopback port over a SQLite store with 30 coded items."""
-    store = SQLiteStore(tmp / "stac.db")
+def _serve(tmp: Path, store: Any = None) -> Iterator[str]:
+    """A uvicorn server on a free loopback port over a store (SQLite by default) with 30
+    coded items."""
+    store = store or SQLiteStore(tmp / "stac.db")
     store.create_collection(_described_collection())
     store.upsert_items([_varied_item(i) for i in range(N_ITEMS)])
     app = create_api(store, tmp / "index").app
@@ -102,10 +103,29 @@ def _serve(tmp: Path) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with _serve(tmp_path_factory.mktemp("validator")) as url:
-        yield url
+@pytest.fixture(scope="module", params=["sqlite", "pgstac"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The validated server, over each store."""
+    tmp = tmp_path_factory.mktemp("validator")
+    if request.param == "sqlite":
+        with _serve(tmp) as url:
+            yield url
+        return
+    from stac_rscbir.store.pgstac import PgstacStore
+
+    from .conftest import fresh_pgstac_db
+
+    pgstac_dsn = request.getfixturevalue("pgstac_dsn")
+    request.getfixturevalue("pgstac_template")
+    with fresh_pgstac_db(pgstac_dsn) as dsn:
+        store = PgstacStore(dsn)
+        try:
+            with _serve(tmp, store) as url:
+                yield url
+        finally:
+            store.close()
 
 
 # --------------------------------------------------------------------------- offline plumbing
