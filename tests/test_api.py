@@ -208,6 +208,21 @@ def test_similarity_composes_with_filters(client: TestClient) -> None:
     assert all(int(f["id"][-3:]) in keep for f in page["features"])
 
 
+def test_similarity_with_intersects_and_collections(client: TestClient) -> None:
+    # a triangle over the lower-left of the grid: exact geometry, not its bounding box
+    triangle = {"type": "Polygon", "coordinates": [[[10, 45], [10.75, 45], [10, 45.75], [10, 45]]]}
+    body = {
+        "similarity": {"model": MODEL, "item": {"collection": "scenes", "id": "item-030"}, "k": 80},
+        "intersects": triangle,
+        "collections": ["scenes"],
+        "limit": 80,
+    }
+    keep = {i for i in range(N) if shape(_item(i)["geometry"]).intersects(shape(triangle))}
+    assert 0 < len(keep) < N / 2
+    assert _ids_dists(_search(client, body)) == _ranking(_bits(30), keep)
+    assert _search(client, {**body, "collections": ["other"]})["features"] == []
+
+
 def test_paging_is_stable_over_the_ranked_list(client: TestClient) -> None:
     body: dict[str, Any] = {
         "similarity": {"model": MODEL, "item": {"collection": "scenes", "id": "item-002"}, "k": 23},
