@@ -15,6 +15,7 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,18 +165,23 @@ def _item(scene: Scene, rasters: Path) -> pystac.Item:
 
 
 def fit_model(
-    items: list[pystac.Item], collection: str, folder: Path, backbone: str, max_chips: int
+    items: list[pystac.Item],
+    collection: str,
+    folder: Path,
+    backbone: str,
+    max_chips: int,
+    bands: Sequence[str] = ("red", "green", "blue"),
 ) -> Path:
     """EfficientNet-Lite0 + an ITQ head fitted on (up to ``max_chips``) chips of the scenes."""
     from stac_rscbir.data.chips import chip_pixels, make_chips
-    from stac_rscbir.data.profiles import PROFILES
+    from stac_rscbir.data.profiles import profile_for_bands
     from stac_rscbir.data.reader import read_item
     from stac_rscbir.models.checkpoint import ModelConfig
     from stac_rscbir.models.recipes import fit_itq_encoder
 
     chips = []
     for item in items:
-        px = read_item(item, PROFILES["rgb"])
+        px = read_item(item, profile_for_bands(bands))
         kept, _ = make_chips(px.valid, px.transform, px.crs, CHIP)
         chips += [np.nan_to_num(chip_pixels(px.data, c)) for c in kept]
     # the 8 flips/rotations of each chip: ground scenes have no preferred orientation, and
@@ -186,7 +192,7 @@ def fit_model(
     config = ModelConfig(
         method="itq",
         bits=BITS,
-        bands=["red", "green", "blue"],
+        bands=list(bands),
         backbone=backbone,
         mean=[float(v) for v in sample.mean(axis=(0, 2, 3))],
         std=[float(v) for v in sample.std(axis=(0, 2, 3))],
