@@ -361,3 +361,99 @@ def demo(
     except (FileNotFoundError, ValueError) as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(1) from err
+
+
+@app.command()
+def listen(
+    dsn: Annotated[
+        str,
+        typer.Option(
+            envvar="PGSTAC_DSN",
+            help="pgstac database (postgresql://...), migrated by `pypgstac migrate`.",
+        ),
+    ],
+    model: Annotated[
+        Path,
+        typer.Option(envvar="RSCBIR_MODEL", help="Checkpoint folder (config.json + safetensors)."),
+    ],
+    channel: Annotated[
+        str, typer.Option(envvar="RSCBIR_CHANNEL", help="NOTIFY channel of the trigger.")
+    ] = "cbir_items",
+    collections: Annotated[
+        str | None,
+        typer.Option(envvar="RSCBIR_COLLECTIONS", help="Only these collections, comma-separated."),
+    ] = None,
+    idle_timeout: Annotated[
+        float | None,
+        typer.Option(
+            envvar="RSCBIR_IDLE_TIMEOUT",
+            help="Stop after this many seconds without a notification (default: run until "
+            "SIGINT/SIGTERM).",
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(envvar="RSCBIR_DEVICE", help="cuda or cpu (default: auto).")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option(envvar="RSCBIR_BATCH_SIZE", help="Chips per model batch.")
+    ] = 64,
+    report: Annotated[Path | None, typer.Option(help="Write the run report JSON here.")] = None,
+) -> None:
+    """Encode items as they land in pgstac (`pypgstac load`, SQL, any writer).
+
+    Installs a NOTIFY trigger on pgstac.items (idempotent) and encodes what lacks a code.
+
+    Then encodes each item announced, until --idle-timeout or SIGINT/SIGTERM; prints a summary.
+    """
+    import signal
+    import threading
+
+    from stac_rscbir.ingest.pgstac import PgstacError, install_notify_trigger, listen_and_encode
+    from stac_rscbir.ingest.worker import IngestOptions, Ingestor
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: Any) -> None:
+        if stop.is_set():  # a second signal: stop now, mid-batch (runs are resumable)
+            raise KeyboardInterrupt
+        console.print(f"[yellow]signal {signum}: stopping after the current batch[/]")
+        stop.set()
+
+    wanted = [c for c in (collections or "").split(",") if c.strip()] or None
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ingestor = Ingestor.from_checkpoint(
+            model, IngestOptions(batch_size=batch_size, device=device, progress=False)
+        )
+        install_notify_trigger(dsn, channel)
+        console.print(
+            f"listening on {channel!r} for {', '.join(wanted) if wanted else 'all collections'}"
+            f" with {ingestor.model_id} {ingestor.version} on {ingestor.device}"
+        )
+        run = listen_and_encode(
+            dsn,
+            ingestor,
+            channel=channel,
+            idle_timeout=idle_timeout,
+            stop=stop,
+            collections=wanted,
+        )
+    except (PgstacError, FileNotFoundError, ValueError) as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(1) from err
+    except KeyboardInterrupt as err:  # a second signal: what was committed stays committed
+        console.print("[yellow]interrupted; rerun to encode what is left[/]")
+        raise typer.Exit(130) from err
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if report:
+        run.write(report)
+    summary = run.to_dict()
+    console.print(
+        f"{run.items_encoded} encoded, {run.items_skipped} already encoded, "
+        f"{len(run.errors)} refused {summary['errors_by_kind']}; {run.chips_encoded} chips "
+        f"({run.chips_dropped} dropped as nodata/cloud) in {run.wall_seconds:.1f} s on {run.device}"
+    )
+    for e in run.errors[:20]:
+        console.print(f"  [yellow]{e.kind}[/] {e.collection}/{e.item_id}: {e.message}")
