@@ -829,3 +829,16 @@ def test_duplicates_in_one_upsert_last_wins(store: SQLiteStore) -> None:
     (code,) = store.iter_codes("hashnet")
     expected = HashCode.from_dict(second["properties"][CODES_PROP][0]).packed().tobytes()
     assert code.code == expected
+
+
+def test_a_recreated_store_never_repeats_an_old_generation(tmp_path: Path) -> None:
+    """An index saved for a deleted store must not look current to a new one at the same path."""
+    path = tmp_path / "again.db"
+    first = SQLiteStore(path)
+    old = first.generation()
+    first.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    second = SQLiteStore(path)
+    assert second.generation() > old
+    second.close()

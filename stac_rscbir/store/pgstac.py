@@ -80,7 +80,10 @@ CREATE TABLE IF NOT EXISTS rscbir.generation (
     value bigint NOT NULL
 );
 GRANT SELECT ON rscbir.generation TO PUBLIC;
-INSERT INTO rscbir.generation (value) VALUES (0) ON CONFLICT DO NOTHING;
+-- starts at the creation time in microseconds, not 0: an index saved for an earlier database
+-- of the same name can never look current to a new one
+INSERT INTO rscbir.generation (value)
+    VALUES ((extract(epoch FROM clock_timestamp()) * 1000000)::bigint) ON CONFLICT DO NOTHING;
 CREATE OR REPLACE FUNCTION rscbir.bump_generation() RETURNS void
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN

@@ -119,7 +119,10 @@ CREATE TABLE IF NOT EXISTS codes (
     PRIMARY KEY (item_rowid, model, version)
 );
 CREATE INDEX IF NOT EXISTS codes_model ON codes (model, version, item_rowid);
-INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', 0);
+-- a new store starts at its creation time in microseconds, not 0: an index saved for an
+-- earlier store at the same path can never look current to a new one
+INSERT OR IGNORE INTO meta (key, value)
+    VALUES ('generation', CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER));
 """
 
 # ---------------------------------------------------------------------------------------------
