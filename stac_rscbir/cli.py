@@ -303,8 +303,31 @@ def serve(
     ] = None,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8080,
+    write_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="RSCBIR_WRITE_TOKEN",
+            help="Transactions need this token (`Authorization: Bearer <token>` or `X-API-Key`); "
+            "reads stay open.",
+            show_default=False,
+        ),
+    ] = None,
+    read_only: Annotated[
+        bool, typer.Option("--read-only", help="No Transactions endpoints at all.")
+    ] = False,
+    allow_anonymous_writes: Annotated[
+        bool,
+        typer.Option(
+            "--allow-anonymous-writes",
+            help="Transactions open to anyone who can reach the server (trusted networks only).",
+        ),
+    ] = False,
 ) -> None:
-    """Serve the STAC API with similarity search over the SQLite store (--db) or pgstac (--dsn)."""
+    """Serve the STAC API with similarity search over the SQLite store (--db) or pgstac (--dsn).
+
+    Writes (Transactions) need --write-token (or RSCBIR_WRITE_TOKEN); without it, or
+    --allow-anonymous-writes, the server is read-only.
+    """
     import uvicorn
 
     from stac_rscbir.api.app import create_api
@@ -317,6 +340,27 @@ def serve(
     if db is None and index_dir is None:
         console.print("[red]--index-dir is required with --dsn[/]")
         raise typer.Exit(2)
+    write_token = write_token or None  # an empty RSCBIR_WRITE_TOKEN is no token
+    if allow_anonymous_writes and (write_token or read_only):
+        console.print(
+            "[red]--allow-anonymous-writes contradicts --read-only and --write-token "
+            "(RSCBIR_WRITE_TOKEN): give one of them[/]"
+        )
+        raise typer.Exit(2)
+    transactions = not read_only and (write_token is not None or allow_anonymous_writes)
+    if read_only:
+        console.print("read-only: --read-only given, no Transactions endpoints")
+    elif write_token is not None:
+        console.print("Transactions need the write token (--write-token / RSCBIR_WRITE_TOKEN)")
+    elif allow_anonymous_writes:
+        console.print(
+            "[yellow]warning: Transactions are open to anyone (--allow-anonymous-writes)[/]"
+        )
+    else:
+        console.print(
+            "read-only: no --write-token (or RSCBIR_WRITE_TOKEN) nor --allow-anonymous-writes "
+            "given, so no Transactions endpoints"
+        )
     models = {}
     for path in model or []:
         try:
@@ -338,7 +382,14 @@ def serve(
             console.print(f"[red]{err}[/]")
             raise typer.Exit(1) from err
         index = Path(str(index_dir))
-    api = create_api(store, index, models, encode_with=encode_with)
+    api = create_api(
+        store,
+        index,
+        models,
+        encode_with=encode_with,
+        write_token=write_token if transactions else None,
+        transactions=transactions,
+    )
     uvicorn.run(api.app, host=host, port=port)
 
 

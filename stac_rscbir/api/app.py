@@ -1,13 +1,22 @@
 """The app factory: stac-fastapi core + filter, sort, fields, pagination, transactions and the
-similarity extension, over the embedded SQLite store (default)."""
+similarity extension, over the embedded SQLite store (default).
+
+Writes: ``create_api`` keeps the Transactions endpoints open unless given ``write_token`` (then
+each one needs ``Authorization: Bearer <token>`` or ``X-API-Key: <token>``, else 401) or
+``transactions=False`` (no Transactions endpoints at all). The ``stac-rscbir serve`` command is
+stricter: without ``--write-token`` or ``--allow-anonymous-writes`` it serves read-only.
+"""
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import model_validator
 from stac_fastapi.api.app import StacApi
 from stac_fastapi.api.models import (
@@ -29,7 +38,13 @@ from stac_fastapi.types.search import BaseSearchPostRequest
 
 from stac_rscbir import __version__
 from stac_rscbir.api.core import StoreCoreClient, StoreTransactionsClient
-from stac_rscbir.api.similarity import SimilarityExtension, SimilarityService
+from stac_rscbir.api.similarity import (
+    MAX_IMAGE_BYTES,
+    MAX_IMAGE_PIXELS,
+    MAX_K,
+    SimilarityExtension,
+    SimilarityService,
+)
 from stac_rscbir.store.base import ItemStore
 
 
@@ -52,18 +67,126 @@ def _out_of_range(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+MAX_BODY_BYTES = 64 * 1024 * 1024  # default cap on a request body (create_api(max_body_bytes=))
+
+
+def write_guard(token: str) -> Callable[..., Awaitable[None]]:
+    """A dependency that lets a request through only with ``token``, as a bearer token or an
+    ``X-API-Key`` header (compared in constant time); 401 otherwise."""
+    if not token:
+        raise ValueError("the write token must not be empty")
+    expected = token.encode()
+    bearer = HTTPBearer(
+        auto_error=False,
+        scheme_name="WriteToken",
+        description="Transactions need the server's write token: `Authorization: Bearer <token>`.",
+    )
+    api_key = APIKeyHeader(
+        name="X-API-Key",
+        auto_error=False,
+        scheme_name="WriteApiKey",
+        description="Or the write token in the `X-API-Key` header.",
+    )
+
+    async def require_write_token(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
+        key: str | None = Depends(api_key),
+    ) -> None:
+        given = credentials.credentials if credentials is not None else key
+        if given is None or not hmac.compare_digest(given.encode(), expected):
+            raise HTTPException(
+                401,
+                "this server needs its write token for Transactions: send "
+                "`Authorization: Bearer <token>` or `X-API-Key: <token>`"
+                if given is None
+                else "the write token is wrong",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    return require_write_token
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 for a request body over ``max_bytes``, declared (Content-Length) or
+    streamed (chunked: reading stops at the cap and the app's answer is replaced by the 413)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _response(self) -> JSONResponse:
+        return JSONResponse(
+            {
+                "code": "PayloadTooLarge",
+                "description": f"the request body is over this server's limit, "
+                f"{self.max_bytes} bytes",
+            },
+            status_code=413,
+        )
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._response()(scope, receive, send)
+            return
+        seen = 0
+        over = False
+
+        async def counted_receive() -> Any:
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    over = True
+                    raise ValueError("request body too large")
+            return message
+
+        async def guarded_send(message: Any) -> None:
+            if not over:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                response = self._response()
+                await send(
+                    {"type": "http.response.start", "status": 413, "headers": response.raw_headers}
+                )
+                await send({"type": "http.response.body", "body": response.body})
+
+        await self.app(scope, counted_receive, guarded_send)
+
+
 def create_api(
     store: ItemStore,
     index_dir: Path,
     models: dict[str, Path] | None = None,
     title: str = "stac-rscbir",
     encode_with: Path | None = None,
+    *,
+    write_token: str | None = None,
+    transactions: bool = True,
+    max_k: int = MAX_K,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> StacApi:
     """A STAC API over ``store`` whose /search also ranks by similarity (hash codes).
 
     ``models`` maps model ids to checkpoints (for image queries); with ``encode_with`` (a
     checkpoint), items added through the Transactions endpoints are encoded in the background
     (``app.state.encode_queue``) and the hash index follows.
+
+    Writes: with ``write_token``, every Transactions endpoint needs ``Authorization: Bearer
+    <token>`` or ``X-API-Key: <token>`` (401 otherwise; reads stay open); with
+    ``transactions=False`` there are no Transactions endpoints (nor their conformance class).
+    The defaults keep them open to anyone, as a library embedded in a trusted process wants;
+    ``stac-rscbir serve`` instead starts read-only unless given a token or told otherwise.
+
+    Limits (400/413 beyond them): ``max_k`` on ``similarity.k``, ``max_image_bytes`` and
+    ``max_image_pixels`` (width x height x bands, from the header, before reading pixels) on an
+    uploaded query image, ``max_body_bytes`` on any request body.
     """
     settings = ApiSettings(
         enable_response_models=False,
@@ -72,10 +195,17 @@ def create_api(
         stac_fastapi_landing_id="stac-rscbir",
         stac_fastapi_version=__version__,
     )
-    service = SimilarityService(store, index_dir, models)
+    service = SimilarityService(
+        store,
+        index_dir,
+        models,
+        max_k=max_k,
+        max_image_bytes=max_image_bytes,
+        max_image_pixels=max_image_pixels,
+    )
     hooks: list = [service.on_item]
     encode_queue = None
-    if encode_with is not None:
+    if encode_with is not None and transactions:
         from stac_rscbir.ingest.hooks import EncodeQueue
         from stac_rscbir.ingest.worker import IngestOptions, Ingestor
 
@@ -91,17 +221,23 @@ def create_api(
         TokenPaginationExtension(),
         similarity,
     ]
-    transactions = TransactionExtension(
-        client=StoreTransactionsClient(store=store, on_item=hooks),
-        settings=settings,
-    )
+    write_extensions = []
+    if transactions:
+        guard = [Depends(write_guard(write_token))] if write_token is not None else None
+        write_extensions.append(
+            TransactionExtension(
+                client=StoreTransactionsClient(store=store, on_item=hooks),
+                settings=settings,
+                route_dependencies=guard,
+            )
+        )
     client = StoreCoreClient(store=store, similarity=service)
     api = StacApi(
         settings=settings,
         title=title,
         description="STAC API with query-by-example over deep hash codes (cbir extension)",
         client=client,
-        extensions=[*search_extensions, transactions],
+        extensions=[*search_extensions, *write_extensions],
         search_get_request_model=create_get_request_model(search_extensions),
         search_post_request_model=create_post_request_model(
             search_extensions, base_model=SearchPostBody
@@ -115,7 +251,9 @@ def create_api(
     )
     similarity.client = client
     api.app.add_exception_handler(OverflowError, _out_of_range)
+    api.app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     api.app.state.encode_queue = encode_queue
+    api.app.state.write_protected = transactions and write_token is not None
     return api
 
 

@@ -67,6 +67,44 @@ def _body(value: Any, what: str) -> dict[str, Any]:
     return data
 
 
+def _check_rings(geometry: Any) -> None:
+    """Polygon rings closed and of 4+ positions (shapely closes an open ring without a word)."""
+    if not isinstance(geometry, dict):
+        return
+    kind, coords = geometry.get("type"), geometry.get("coordinates")
+    if kind == "GeometryCollection":
+        for part in geometry.get("geometries") or []:
+            _check_rings(part)
+        return
+    polygons = {"Polygon": [coords], "MultiPolygon": coords}.get(kind) or []
+    for polygon in polygons if isinstance(polygons, list) else []:
+        for ring in polygon if isinstance(polygon, list) else []:
+            if isinstance(ring, list) and (len(ring) < 4 or ring[0] != ring[-1]):
+                raise InvalidQueryError(
+                    "intersects is not a valid geometry: a polygon ring must have at least 4 "
+                    f"positions and the same start and end, got {json.dumps(ring)[:200]}"
+                )
+
+
+def _check_geometry(geometry: Any) -> None:
+    """400 naming the problem when ``intersects`` is not a valid (OGC simple features) geometry:
+    a self-intersecting ring, an unclosed or too short ring, a NaN coordinate..."""
+    from shapely.geometry import shape
+    from shapely.validation import explain_validity
+
+    if not isinstance(geometry, dict):
+        raise InvalidQueryError("intersects must be a GeoJSON geometry object")
+    _check_rings(geometry)
+    try:
+        geom = shape(geometry)
+    except Exception as exc:  # shapely's errors on malformed GeoJSON vary by geometry type
+        raise InvalidQueryError(f"intersects is not a valid GeoJSON geometry: {exc}") from exc
+    if geom.is_empty:
+        raise InvalidQueryError("intersects is an empty geometry")
+    if not geom.is_valid:
+        raise InvalidQueryError(f"intersects is not a valid geometry: {explain_validity(geom)}")
+
+
 def query_from_request(search: Any) -> SearchQuery:
     """A :class:`SearchQuery` from a POST search model (pydantic) or a dict of GET params."""
     get = search.get if isinstance(search, dict) else lambda k, d=None: getattr(search, k, d)
@@ -82,6 +120,9 @@ def query_from_request(search: Any) -> SearchQuery:
             intersects = json.loads(intersects)
         except json.JSONDecodeError as exc:
             raise InvalidQueryError(f"intersects is not valid GeoJSON: {exc}") from exc
+    intersects = _dump(intersects)
+    if intersects is not None:
+        _check_geometry(intersects)
     if intersects is not None and get("bbox"):
         raise InvalidQueryError("bbox and intersects cannot be used together: give one of them")
     sortby = get("sortby")
@@ -94,7 +135,7 @@ def query_from_request(search: Any) -> SearchQuery:
         collections=get("collections"),
         ids=get("ids"),
         bbox=list(get("bbox")) if get("bbox") else None,
-        intersects=_dump(intersects),
+        intersects=intersects,
         datetime=get("datetime"),
         filter=_dump(filt),
         sortby=_dump(sortby),

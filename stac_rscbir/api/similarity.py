@@ -12,6 +12,7 @@ import base64
 import hashlib
 import io
 import json
+import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +20,8 @@ from typing import Annotated, Any, Literal
 
 import attr
 import numpy as np
-from fastapi import APIRouter, FastAPI, Query, Request
-from pydantic import BaseModel, Field, model_validator
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from stac_fastapi.api.models import ItemUri
 from stac_fastapi.api.routes import create_async_endpoint
 from stac_fastapi.types.extension import ApiExtension
@@ -29,16 +30,22 @@ from stac_fastapi.types.search import APIRequest
 from stac_rscbir.api.core import store_errors
 from stac_rscbir.extension.cbir import HashCode
 from stac_rscbir.extension.codec import CBIRFieldError, decode_code, decode_descriptor
-from stac_rscbir.index.hashindex import HashIndex, open_or_rebuild
+from stac_rscbir.index.hashindex import META_FILE, HashIndex, open_or_rebuild
 from stac_rscbir.store.base import InvalidQueryError, ItemStore, SearchPage, SearchQuery
 
+log = logging.getLogger(__name__)
+
 CONFORMANCE = "https://stac-extensions.github.io/cbir/v1.0.0/similarity-search"
-MAX_K = 10_000
+MAX_K = 10_000  # default cap on ``similarity.k`` (create_api(max_k=...))
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # default cap on an uploaded image, decoded
+MAX_IMAGE_PIXELS = 50_000_000  # default cap on width * height * bands of an uploaded image
+IMAGE_DRIVERS = ["PNG", "GTiff"]  # the formats an uploaded image may have (no VRT & co.)
 
 
 class ItemRef(BaseModel):
     """An item of the store, as a query example."""
 
+    model_config = ConfigDict(extra="forbid")
     collection: str
     id: str
 
@@ -46,6 +53,7 @@ class ItemRef(BaseModel):
 class SimilarityQuery(BaseModel):
     """The ``similarity`` object of POST /search: one query kind, the model, the list length."""
 
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is a 400, not silently ignored
     model: str | None = Field(None, description="Model id (default: the only indexed model).")
     item: ItemRef | None = Field(None, description="Query by an item of the store.")
     code: str | None = Field(None, description="Query by a hash code (packed bits).")
@@ -57,7 +65,12 @@ class SimilarityQuery(BaseModel):
     image: str | None = Field(
         None, description="Query by an image (base64 PNG or GeoTIFF), encoded with `model`."
     )
-    k: int = Field(100, ge=1, le=MAX_K, description="Length of the ranked list to page through.")
+    k: int = Field(
+        100,
+        ge=1,
+        description=f"Length of the ranked list to page through (at most the server's max_k, "
+        f"{MAX_K} by default).",
+    )
     max_distance: int | None = Field(None, ge=0, description="Hamming radius.")
     rerank: bool = Field(False, description="Re-rank the Hamming candidates by descriptor.")
 
@@ -89,8 +102,8 @@ class SimilarityGetRequest(APIRequest):
         default=None
     )
     similarity_model: Annotated[str | None, Query(description="Model id.")] = attr.ib(default=None)
-    similarity_k: Annotated[int | None, Query(ge=1, le=MAX_K, description="List length.")] = (
-        attr.ib(default=None)
+    similarity_k: Annotated[int | None, Query(ge=1, description="List length.")] = attr.ib(
+        default=None
     )
     similarity_max_distance: Annotated[int | None, Query(ge=0, description="Hamming radius.")] = (
         attr.ib(default=None)
@@ -105,9 +118,7 @@ class SimilarItemsRequest(ItemUri):
     """GET /collections/{collection_id}/items/{item_id}/similar."""
 
     model: Annotated[str | None, Query(description="Model id.")] = attr.ib(default=None)
-    k: Annotated[int, Query(ge=1, le=MAX_K, description="Number of similar items.")] = attr.ib(
-        default=10
-    )
+    k: Annotated[int, Query(ge=1, description="Number of similar items.")] = attr.ib(default=10)
     max_distance: Annotated[int | None, Query(ge=0, description="Hamming radius.")] = attr.ib(
         default=None
     )
@@ -122,53 +133,205 @@ class SimilarityService:
         index_dir: Path,
         models: dict[str, Path] | None = None,
         encoder_loader: Callable[[Path], Any] | None = None,
+        *,
+        max_k: int = MAX_K,
+        max_image_bytes: int = MAX_IMAGE_BYTES,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ) -> None:
         self.store = store
+        self.max_k = max_k
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+        self._coded: tuple[int, set[str]] | None = None  # (generation, models with codes)
         self.index_dir = Path(index_dir)
         self.model_dirs = dict(models or {})
         self._indexes: dict[str, HashIndex] = {}
         self._encoders: dict[str, Any] = {}
         self._encoder_loader = encoder_loader
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # guards _indexes, _disk_stale, _saved and the locks
+        self._build_locks: dict[str, threading.Lock] = {}  # one (re)build per model at a time
+        self._save_locks: dict[str, threading.Lock] = {}
+        self._disk_stale: set[str] = set()  # models whose saved index must not be loaded
+        self._saved: dict[str, tuple[HashIndex, int]] = {}  # what was saved last, at which gen
 
     # ------------------------------------------------------------------ indexes
 
     def _dir(self, model: str) -> Path:
         return self.index_dir / hashlib.sha1(model.encode()).hexdigest()[:16]
 
-    def index(self, model: str) -> HashIndex:
-        """The model's index, rebuilt from the store when missing or stale."""
+    def _model_lock(self, locks: dict[str, threading.Lock], model: str) -> threading.Lock:
         with self._lock:
+            return locks.setdefault(model, threading.Lock())
+
+    def index(self, model: str) -> HashIndex:
+        """The model's index, rebuilt from the store when missing or stale.
+
+        Lock-free when the loaded index is current; a rebuild runs outside the service lock
+        (one per model at a time, other threads wanting the same model wait for it), so
+        searches of current indexes and transactions never wait for a rebuild.
+        """
+        idx = self._indexes.get(model)
+        wanted = self.store.generation()
+        if idx is not None and idx.generation >= wanted:
+            return idx
+        with self._model_lock(self._build_locks, model):
             idx = self._indexes.get(model)
-            if idx is None or idx.generation < self.store.generation():
-                idx = open_or_rebuild(self._dir(model), self.store, model)
-                self._indexes[model] = idx
+            if idx is not None and idx.generation >= wanted:
+                return idx  # another thread rebuilt it, or a transaction caught it up
+            fresh = self._open(model)
+            with self._lock:
+                idx = self._indexes.get(model)
+                if idx is None or idx.generation < fresh.generation:
+                    self._indexes[model] = idx = fresh
+                stale_on_disk = model in self._disk_stale
+            if stale_on_disk:
+                self._save(model)
             return idx
 
-    def on_item(self, collection: str, item: dict[str, Any] | None, item_id: str) -> None:
-        """Transaction hook: keep every loaded index in step with a committed write."""
+    def _open(self, model: str) -> HashIndex:
+        """Load the saved index if current, else build it from the store (no service lock)."""
         with self._lock:
-            generation = self.store.generation()
-            for model, idx in list(self._indexes.items()):
-                if item_id == "*" or idx.generation + 1 != generation:
-                    self._indexes.pop(model)  # a collection went, or another writer: rebuild
-                    continue
-                key = (collection, item_id)
-                idx.remove(key)
-                code = _code_of(item, model) if item else None
-                if code is not None:
-                    desc = code.descriptor.array() if code.descriptor else None
-                    idx.add(key, code.packed().tobytes(), desc)
-                idx.generation = generation
-                idx.save(self._dir(model))
+            stale_on_disk = model in self._disk_stale
+        if not stale_on_disk:
+            return open_or_rebuild(self._dir(model), self.store, model)
+        generation = self.store.generation()  # before the codes, as in open_or_rebuild
+        return HashIndex(model).build(self.store.iter_codes(model), generation=generation)
+
+    def _drop(self, model: str) -> None:
+        """Forget the model's index (rebuilt at its next use) and its saved copy, which may
+        name the present generation without holding every write. Under ``self._lock``."""
+        self._indexes.pop(model, None)
+        self._saved.pop(model, None)
+        self._disk_stale.add(model)
+        try:
+            (self._dir(model) / META_FILE).unlink(missing_ok=True)
+        except OSError as err:  # read-only: _disk_stale keeps it from being loaded here
+            log.warning("could not invalidate the saved hash index of %s: %s", model, err)
+
+    def _save(self, model: str) -> None:
+        """Save the model's loaded index unless a save of this state is done; a failure is
+        logged (the index keeps serving from memory; the saved copy stays at an older
+        generation, so the next start rebuilds it from the store)."""
+        with self._model_lock(self._save_locks, model):
+            idx = self._indexes.get(model)
+            if idx is None:
+                return
+            generation = idx.generation
+            last = self._saved.get(model)
+            if last is not None and last[0] is idx and last[1] >= generation:
+                return
+            path = self._dir(model)
+            try:
+                idx.save(path)
+            except Exception as err:
+                log.warning(
+                    "could not save the hash index of model %s to %s (%s: %s): serving it from "
+                    "memory; the store is unaffected and the index will be rebuilt from it at "
+                    "the next start",
+                    model,
+                    path,
+                    type(err).__name__,
+                    err,
+                )
+                with self._lock:
+                    self._saved.pop(model, None)
+                return
+            with self._lock:
+                if self._indexes.get(model) is idx:
+                    self._saved[model] = (idx, generation)
+                    self._disk_stale.discard(model)
+                elif model in self._disk_stale:  # dropped while we wrote: invalidate again
+                    (path / META_FILE).unlink(missing_ok=True)
+
+    def on_item(self, collection: str, item: dict[str, Any] | None, item_id: str) -> None:
+        """Transaction hook: keep every loaded index in step with a committed write.
+
+        Never raises: the write is committed, the store is the source of truth. An index that
+        cannot follow (another writer came between, a collection went, an update failed) is
+        dropped and rebuilt at its next use; a failed save is logged and the index keeps
+        serving from memory.
+        """
+        changed = []
+        try:
+            with self._lock:
+                generation = self.store.generation()
+                for model, idx in list(self._indexes.items()):
+                    if item_id != "*" and idx.built_generation >= generation:
+                        continue  # built after this write committed: it holds it already
+                    if item_id == "*" or idx.generation + 1 != generation:
+                        self._drop(model)  # a collection went, or another writer: rebuild
+                        continue
+                    try:
+                        key = (collection, item_id)
+                        code = _code_of(item, model) if item else None
+                        if code is None:
+                            idx.remove(key, generation=generation)
+                        else:
+                            desc = code.descriptor.array() if code.descriptor else None
+                            idx.update(key, code.packed().tobytes(), desc, generation=generation)
+                    except Exception:
+                        log.exception(
+                            "hash index of %s: could not apply %s/%s; rebuilding it from the store",
+                            model,
+                            collection,
+                            item_id,
+                        )
+                        self._drop(model)
+                        continue
+                    changed.append(model)
+        except Exception:  # the store's generation() failed: rebuild everything later
+            log.exception("hash indexes: could not follow the write of %s/%s", collection, item_id)
+            with self._lock:
+                for model in list(self._indexes):
+                    self._drop(model)
+            return
+        for model in changed:
+            self._save(model)
 
     def _default_model(self) -> str:
         if len(self.model_dirs) == 1:
             return next(iter(self.model_dirs))
+        known = self.known_models()
         raise InvalidQueryError(
-            "similarity.model is required"
-            + (f": one of {sorted(self.model_dirs)}" if self.model_dirs else "")
+            "similarity.model is required" + (f": one of {known}" if known else "")
         )
+
+    def _models_with_codes(self) -> set[str]:
+        """The models some item of the store has a code of (cached per store generation)."""
+        generation = self.store.generation()
+        if self._coded is None or self._coded[0] != generation:
+            lister = getattr(self.store, "code_models", None)
+            models = set(lister()) if lister is not None else set()
+            self._coded = (generation, models)
+        return self._coded[1]
+
+    def known_models(self) -> list[str]:
+        """The models a query may name: those with codes in the store or a checkpoint here."""
+        loaded = {m for m, idx in list(self._indexes.items()) if idx.bits is not None}
+        return sorted(loaded | set(self.model_dirs) | self._models_with_codes())
+
+    def _check_model(self, model: str) -> None:
+        """400 naming the known models unless ``model`` has codes here or a checkpoint."""
+        idx = self._indexes.get(model)
+        if model in self.model_dirs or (idx is not None and idx.bits is not None):
+            return
+        if model not in self._models_with_codes():
+            known = self.known_models()
+            raise InvalidQueryError(
+                f"similarity.model: unknown model {model!r}: no item of this server has a code "
+                f"of it and it has no checkpoint here (known models: {known or 'none'})"
+            )
+
+    def _check_limits(self, sim: SimilarityQuery, bits: int | None) -> None:
+        if sim.k > self.max_k:
+            raise InvalidQueryError(
+                f"similarity.k: {sim.k} is more than this server's maximum, {self.max_k}"
+            )
+        if sim.max_distance is not None and bits is not None and sim.max_distance > bits:
+            raise InvalidQueryError(
+                f"similarity.max_distance: {sim.max_distance} is out of range: the codes of "
+                f"model {sim.model!r} have {bits} bits (0 to {bits})"
+            )
 
     # ------------------------------------------------------------------ queries
 
@@ -183,14 +346,15 @@ class SimilarityService:
             if not sep or not item_id:
                 raise InvalidQueryError("similarity_item must be `<collection>/<item id>`")
             ref = ItemRef(collection=collection, id=item_id)
+        given = {"k": params["similarity_k"]} if params.get("similarity_k") else {}
         try:
             return SimilarityQuery(
                 model=params.get("similarity_model"),
                 item=ref,
                 code=code,
-                k=params.get("similarity_k") or 100,
                 max_distance=params.get("similarity_max_distance"),
                 rerank=bool(params.get("similarity_rerank")),
+                **given,
             )
         except ValueError as exc:
             raise InvalidQueryError(str(exc)) from exc
@@ -209,6 +373,11 @@ class SimilarityService:
             desc = code.descriptor.array() if code.descriptor else None
             return code.packed().tobytes(), desc, (sim.item.collection, sim.item.id)
         bits = self.index(model).bits
+        if bits is None and (sim.code is not None or sim.descriptor is not None):
+            raise InvalidQueryError(
+                f"similarity.model: model {model!r} has no codes in this store yet, so the "
+                f"length of its codes is unknown (known models: {self.known_models()})"
+            )
         if sim.code is not None:
             try:
                 packed = decode_code(sim.code, bits, sim.encoding, field="similarity.code")
@@ -251,26 +420,45 @@ class SimilarityService:
 
     def _encode_image(self, model: str, data: str) -> tuple[np.ndarray, np.ndarray]:
         """Bits and relaxed code of an uploaded image (PNG or GeoTIFF, base64)."""
-        import rasterio
         import torch
         import torch.nn.functional as F
         from rasterio.io import MemoryFile
 
+        if len(data) > (self.max_image_bytes + 2) // 3 * 4:  # checked before decoding
+            raise HTTPException(
+                413,
+                f"similarity.image is too large: {len(data) * 3 // 4} bytes, this server takes "
+                f"at most {self.max_image_bytes}",
+            )
         encoder = self._encoder(model)
+        bands = len(encoder.config.bands)
         try:
             raw = base64.b64decode(data, validate=True)
-            with MemoryFile(io.BytesIO(raw)) as mem, mem.open() as src:
+        except ValueError as exc:
+            raise InvalidQueryError(f"similarity.image is not valid base64: {exc}") from exc
+        try:
+            with MemoryFile(io.BytesIO(raw)) as mem, mem.open(driver=IMAGE_DRIVERS) as src:
+                # the header only: a decompression bomb is refused before any pixel is read
+                size = src.width * src.height * src.count
+                if size > self.max_image_pixels:
+                    raise HTTPException(
+                        413,
+                        f"similarity.image is too large: {src.width} x {src.height} pixels x "
+                        f"{src.count} band(s) = {size} values, this server takes at most "
+                        f"{self.max_image_pixels}",
+                    )
+                if src.count != bands:
+                    raise InvalidQueryError(
+                        f"similarity.image has {src.count} band(s); model {model!r} takes "
+                        f"{bands} ({', '.join(encoder.config.bands)})"
+                    )
                 pixels = src.read().astype(np.float32)
-        except (ValueError, rasterio.errors.RasterioIOError) as exc:
+        except (HTTPException, InvalidQueryError):
+            raise
+        except Exception as exc:  # GDAL's errors on a file it cannot read are many: all are 400s
             raise InvalidQueryError(
-                f"similarity.image is not a base64 PNG or GeoTIFF: {exc}"
+                f"similarity.image is not a PNG or GeoTIFF image: {exc}"
             ) from exc
-        bands = len(encoder.config.bands)
-        if pixels.shape[0] != bands:
-            raise InvalidQueryError(
-                f"similarity.image has {pixels.shape[0]} band(s); model {model!r} takes {bands} "
-                f"({', '.join(encoder.config.bands)})"
-            )
         x = torch.from_numpy(pixels)[None]
         size = encoder.config.input_size
         if size and x.shape[-2:] != (size, size):
@@ -281,8 +469,13 @@ class SimilarityService:
     def search(self, query: SearchQuery, sim: SimilarityQuery) -> SearchPage:
         """One page of the ranked list of ``sim`` over the candidates of ``query``."""
         model = sim.model or self._default_model()
-        code, desc, _ = self._query_code(sim, model)
+        if "k" not in sim.model_fields_set and sim.k > self.max_k:  # the default, over the cap
+            sim = sim.model_copy(update={"k": self.max_k})
+        self._check_model(model)
+        self._check_limits(sim, None)
         idx = self.index(model)
+        self._check_limits(sim.model_copy(update={"model": model}), idx.bits)
+        code, desc, _ = self._query_code(sim, model)
         filtered = (
             any(
                 v is not None

@@ -9,6 +9,7 @@ Sinks are plain picklable objects so Dask workers can each hold one.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -295,17 +296,23 @@ class GeoParquetSink:
 
 
 class ApiSink:
-    """A STAC API with the Transactions extension: each item is upserted (PUT, else POST)."""
+    """A STAC API with the Transactions extension: each item is upserted (PUT, else POST).
 
-    def __init__(self, url: str, timeout: float = 30.0) -> None:
+    ``token`` (default: the ``RSCBIR_WRITE_TOKEN`` environment variable) is sent as a bearer
+    token, for a server whose writes need one (``stac-rscbir serve --write-token``).
+    """
+
+    def __init__(self, url: str, timeout: float = 30.0, token: str | None = None) -> None:
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.token = token if token is not None else os.environ.get("RSCBIR_WRITE_TOKEN") or None
         self._collections: set[str] = set()
 
     def _client(self) -> Any:
         import httpx
 
-        return httpx.Client(base_url=self.url, timeout=self.timeout)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return httpx.Client(base_url=self.url, timeout=self.timeout, headers=headers)
 
     def is_encoded(self, item: pystac.Item, model: str, version: str) -> bool:
         with self._client() as client:

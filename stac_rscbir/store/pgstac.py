@@ -127,6 +127,18 @@ ORDER BY i.collection, i.id, c.value->>'model_version'
 """
 
 
+_CODE_MODELS_SQL = """
+SELECT DISTINCT c.value->>'model'
+FROM pgstac.items i
+CROSS JOIN LATERAL jsonb_array_elements(
+    CASE jsonb_typeof(i.content->'properties'->'cbir:codes')
+    WHEN 'array' THEN i.content->'properties'->'cbir:codes' ELSE '[]'::jsonb END
+) AS c(value)
+WHERE jsonb_typeof(c.value) = 'object' AND c.value->>'model' IS NOT NULL
+ORDER BY 1
+"""
+
+
 class PgstacStoreError(StoreError):
     """PostgreSQL failed, or the database is not a migrated pgstac database."""
 
@@ -506,6 +518,12 @@ class PgstacStore:
                     descriptor=None if desc is None else desc.array().astype("<f4").tobytes(),
                 )
             cur.close()
+
+    def code_models(self) -> list[str]:
+        """The models some item has a code of (for the API's error messages; scans the items)."""
+        with self._read() as conn:
+            rows = conn.execute(_CODE_MODELS_SQL).fetchall()
+        return [row[0] for row in rows]
 
     def generation(self) -> int:
         """Bumped by every transaction that writes items or collections (see the module doc)."""

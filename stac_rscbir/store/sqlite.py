@@ -1032,6 +1032,10 @@ class SQLiteStore:
             if len(rows) < _CODES_CHUNK:
                 return
 
+    def code_models(self) -> list[str]:
+        """The models some item has a code of (for the API's error messages)."""
+        return [row[0] for row in self._read("SELECT DISTINCT model FROM codes ORDER BY model")]
+
     def generation(self) -> int:
         """Bumped by every write transaction: an index built at g is stale if g < this."""
         return int(self._read("SELECT value FROM meta WHERE key = 'generation'")[0][0])
