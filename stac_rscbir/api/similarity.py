@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -153,6 +154,10 @@ class SimilarityService:
         self._save_locks: dict[str, threading.Lock] = {}
         self._disk_stale: set[str] = set()  # models whose saved index must not be loaded
         self._saved: dict[str, tuple[HashIndex, int]] = {}  # what was saved last, at which gen
+        # a search that finds the store ahead of the index first waits this long for the
+        # transaction hook (which follows the commit by a moment) before rebuilding
+        self.catch_up_wait = 0.25
+        self._caught_up = threading.Condition(self._lock)
 
     # ------------------------------------------------------------------ indexes
 
@@ -174,6 +179,16 @@ class SimilarityService:
         wanted = self.store.generation()
         if idx is not None and idx.generation >= wanted:
             return idx
+        if idx is not None:  # most likely a write of this process whose hook is under way
+            deadline = time.monotonic() + self.catch_up_wait
+            with self._caught_up:
+                while (idx := self._indexes.get(model)) is not None:
+                    if idx.generation >= wanted:
+                        return idx
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._caught_up.wait(left)
         with self._model_lock(self._build_locks, model):
             idx = self._indexes.get(model)
             if idx is not None and idx.generation >= wanted:
@@ -279,6 +294,7 @@ class SimilarityService:
                         self._drop(model)
                         continue
                     changed.append(model)
+                self._caught_up.notify_all()
         except Exception:  # the store's generation() failed: rebuild everything later
             log.exception("hash indexes: could not follow the write of %s/%s", collection, item_id)
             with self._lock:

@@ -53,19 +53,31 @@ Filtered search (``candidates``: the keys that pass the store's bbox/datetime/CQ
 ``max_distance`` is an inclusive Hamming radius: with ``k`` it is applied to the top-k (the k-NN
 search stops as soon as the fetched distances pass the radius); with ``k=None`` all codes within the
 radius are returned via FAISS ``range_search`` (flat and IVF; HNSW filters a k-NN search).
+
+Threads
+    A :class:`HashIndex` may be searched by many threads while one thread updates it: searches
+    (and ``save``, ``rerank``, ``code``...) share a read lock, ``add``/``remove``/``update``/
+    ``build`` take it exclusively (writer-preferring, re-entrant). ``save`` only holds the read
+    lock while it copies the state (a memcpy-sized snapshot); the files are written outside it,
+    so neither readers nor writers wait for the disk. Two saves into one folder from one process
+    are serialised.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import faiss
 import numpy as np
@@ -85,6 +97,7 @@ CODES_FILE = "codes.npy"
 KEYS_FILE = "keys.json"
 DESCRIPTORS_FILE = "descriptors.npy"
 META_FILE = "meta.json"
+STALE_TEMP_SECONDS = 600  # temporary files of an interrupted save older than this are removed
 
 
 @dataclass(frozen=True)
@@ -177,8 +190,111 @@ def _as_descriptor(value: bytes | npt.ArrayLike) -> npt.NDArray[np.float32]:
     return arr
 
 
+class _RWLock:
+    """Many readers or one writer; writer-preferring; re-entrant in one thread (a writer may
+    also read). A reader cannot become a writer (RuntimeError instead of a deadlock)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer: int | None = None
+        self._writer_depth = 0
+        self._waiting_writers = 0
+        self._local = threading.local()
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        me = threading.get_ident()
+        depth = getattr(self._local, "reads", 0)
+        if depth or self._writer == me:  # re-entry: already inside this lock
+            self._local.reads = depth + 1
+            try:
+                yield
+            finally:
+                self._local.reads = depth
+            return
+        with self._cond:
+            while self._writer is not None or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        self._local.reads = 1
+        try:
+            yield
+        finally:
+            self._local.reads = 0
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._writer == me:
+            self._writer_depth += 1
+            try:
+                yield
+            finally:
+                self._writer_depth -= 1
+            return
+        if getattr(self._local, "reads", 0):
+            raise RuntimeError("a HashIndex reader cannot update it (read lock held)")
+        with self._cond:
+            self._waiting_writers += 1
+            try:
+                while self._writer is not None or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting_writers -= 1
+            self._writer, self._writer_depth = me, 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer_depth -= 1
+                if not self._writer_depth:
+                    self._writer = None
+                    self._cond.notify_all()
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _reads(method: _F) -> _F:
+    @functools.wraps(method)
+    def locked(self: HashIndex, *args: Any, **kwargs: Any) -> Any:
+        with self._rw.read():
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
+def _writes(method: _F) -> _F:
+    @functools.wraps(method)
+    def locked(self: HashIndex, *args: Any, **kwargs: Any) -> Any:
+        with self._rw.write():
+            return method(self, *args, **kwargs)
+
+    return locked  # type: ignore[return-value]
+
+
+_save_locks: dict[str, threading.Lock] = {}
+_save_locks_guard = threading.Lock()
+
+
+def _save_lock(path: Path) -> threading.Lock:
+    key = os.path.abspath(path)
+    with _save_locks_guard:
+        return _save_locks.setdefault(key, threading.Lock())
+
+
 class HashIndex:
-    """A Hamming index over the codes of one model, keyed by STAC item (collection, id)."""
+    """A Hamming index over the codes of one model, keyed by STAC item (collection, id).
+
+    ``generation`` is the store generation the content reflects; ``built_generation`` the one
+    of the last full build (or of the saved set it was loaded from): every write the store had
+    committed by then is in the index.
+    """
 
     def __init__(
         self,
@@ -213,9 +329,11 @@ class HashIndex:
         self.ef_search = ef_search
         self.costs = costs
         self.generation = -1
+        self.built_generation = -1
         self.last_exact = True
         self.last_strategy = "empty"
         self._index: Any = None
+        self._rw = _RWLock()
         self._reset(0)
 
     # ------------------------------------------------------------------ state
@@ -244,13 +362,16 @@ class HashIndex:
     def __contains__(self, key: object) -> bool:
         return key in self._ids
 
+    @_reads
     def keys(self) -> list[ItemKey]:
         return list(self._ids)
 
+    @_reads
     def code(self, key: ItemKey) -> bytes:
         """The stored packed code of ``key`` (KeyError when absent)."""
         return self._codes[self._ids[key]].tobytes()
 
+    @_reads
     def descriptor(self, key: ItemKey) -> npt.NDArray[np.float32] | None:
         i = self._ids[key]
         if self._desc is None or i >= len(self._desc) or np.isnan(self._desc[i, 0]):
@@ -316,6 +437,7 @@ class HashIndex:
 
     # ------------------------------------------------------------------ build + transactions
 
+    @_writes
     def build(self, codes: Iterable[StoredCode], generation: int) -> HashIndex:
         """Replace the content with ``codes`` (a later duplicate key wins), train and add."""
         rows: dict[ItemKey, tuple[bytes, bytes | None]] = {}
@@ -333,6 +455,7 @@ class HashIndex:
             list(rows), arr.reshape(len(rows), nbytes), generation, descs if any(descs) else None
         )
 
+    @_writes
     def build_arrays(
         self,
         keys: Sequence[ItemKey],
@@ -374,9 +497,10 @@ class HashIndex:
         self._index = self._new_faiss(kind, train, nlist)
         if n:
             self._index.add_with_ids(self._codes, np.arange(n, dtype=np.int64))
-        self.generation = generation
+        self.generation = self.built_generation = generation
         return self
 
+    @_writes
     def add(
         self,
         key: ItemKey,
@@ -411,6 +535,7 @@ class HashIndex:
         if generation is not None:
             self.generation = generation
 
+    @_writes
     def remove(self, key: ItemKey, *, generation: int | None = None) -> bool:
         """Remove ``key``; returns False when it was not indexed."""
         i = self._ids.pop(key, None)
@@ -428,6 +553,7 @@ class HashIndex:
             self.generation = generation
         return True
 
+    @_writes
     def update(
         self,
         key: ItemKey,
@@ -442,6 +568,7 @@ class HashIndex:
 
     # ------------------------------------------------------------------ search
 
+    @_reads
     def ids_of(self, candidates: Iterable[ItemKey]) -> npt.NDArray[np.int64]:
         """Internal ids of the indexed ``candidates`` (unknown keys dropped), for ``candidate_ids``.
 
@@ -482,6 +609,7 @@ class HashIndex:
         """k' of the first overfetch round: 3x the expected need, as Hamming ties are common."""
         return int(3 * k * n / max(m, 1)) + 2 * k + 32
 
+    @_reads
     def search(
         self,
         code: bytes | npt.ArrayLike,
@@ -708,6 +836,7 @@ class HashIndex:
 
     # ------------------------------------------------------------------ re-ranking
 
+    @_reads
     def rerank(
         self,
         query_descriptor: npt.ArrayLike,
@@ -738,46 +867,58 @@ class HashIndex:
     # ------------------------------------------------------------------ persistence
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write the index files atomically, ``meta.json`` last (removed first)."""
+        """Write the index files atomically, ``meta.json`` last (removed first).
+
+        A crash at any point leaves either no ``meta.json`` (rebuilt at the next open) or a
+        complete set whose sizes and sha256 match ``meta.json``. The state is copied under the
+        read lock, the files written outside it. Raises OSError when the folder cannot be
+        written (read-only, disk full): the old ``meta.json`` is then gone or still names
+        the old, complete set, never a mix.
+        """
         path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / META_FILE).unlink(missing_ok=True)  # a crash mid-save leaves no valid set
-        n = self._next_id
-        files = {
-            INDEX_FILE: lambda p: faiss.write_index_binary(self._index, str(p)),
-            CODES_FILE: lambda p: _save_npy(p, self._codes[:n]),
-            KEYS_FILE: lambda p: p.write_text(
-                json.dumps([list(k) if k else None for k in self._keys])
-            ),
+        with self._rw.read():
+            n = self._next_id
+            index_bytes = faiss.serialize_index_binary(self._index)
+            codes = self._codes[:n].copy()
+            keys = list(self._keys)
+            desc = None if self._desc is None else self._desc[:n].copy()
+            meta: dict[str, Any] = {
+                "format": FORMAT_VERSION,
+                "model": self.model,
+                "version": self.version,
+                "bits": self.bits,
+                "kind": self.kind,
+                "requested_kind": self.requested_kind,
+                "generation": self.generation,
+                "count": self.count,
+                "next_id": n,
+                "flat_max": self.flat_max,
+                "nlist": self.nlist,
+                "nlist_option": self.nlist_option,
+                "nprobe": self.nprobe,
+                "hnsw_m": self.hnsw_m,
+                "ef_search": self.ef_search,
+                "descriptor_dim": None if desc is None else int(desc.shape[1]),
+            }
+        files: dict[str, Callable[[Path], object]] = {
+            INDEX_FILE: lambda p: p.write_bytes(index_bytes.tobytes()),
+            CODES_FILE: lambda p: _save_npy(p, codes),
+            KEYS_FILE: lambda p: p.write_text(json.dumps([list(k) if k else None for k in keys])),
         }
-        if self._desc is not None:
-            files[DESCRIPTORS_FILE] = lambda p: _save_npy(p, self._desc[:n])
-        else:
-            (path / DESCRIPTORS_FILE).unlink(missing_ok=True)
-        checks = {}
-        for name, write in files.items():
-            atomic_write(path / name, write)
-            checks[name] = _file_check(path / name)
-        meta = {
-            "format": FORMAT_VERSION,
-            "model": self.model,
-            "version": self.version,
-            "bits": self.bits,
-            "kind": self.kind,
-            "requested_kind": self.requested_kind,
-            "generation": self.generation,
-            "count": self.count,
-            "next_id": n,
-            "flat_max": self.flat_max,
-            "nlist": self.nlist,
-            "nlist_option": self.nlist_option,
-            "nprobe": self.nprobe,
-            "hnsw_m": self.hnsw_m,
-            "ef_search": self.ef_search,
-            "descriptor_dim": None if self._desc is None else int(self._desc.shape[1]),
-            "files": checks,
-        }
-        atomic_write_text(path / META_FILE, json.dumps(meta, indent=1))
+        if desc is not None:
+            files[DESCRIPTORS_FILE] = lambda p: _save_npy(p, desc)
+        with _save_lock(path):
+            path.mkdir(parents=True, exist_ok=True)
+            (path / META_FILE).unlink(missing_ok=True)  # a crash mid-save leaves no valid set
+            _remove_stale_temps(path)
+            if desc is None:
+                (path / DESCRIPTORS_FILE).unlink(missing_ok=True)
+            checks = {}
+            for name, write in files.items():
+                atomic_write(path / name, write)
+                checks[name] = _file_check(path / name)
+            meta["files"] = checks
+            atomic_write_text(path / META_FILE, json.dumps(meta, indent=1))
 
     @staticmethod
     def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -820,7 +961,7 @@ class HashIndex:
         )
         self.kind = meta["kind"]
         self.nlist = meta["nlist"]
-        self.generation = int(meta["generation"])
+        self.generation = self.built_generation = int(meta["generation"])
         n = int(meta["next_id"])
         codes = np.load(path / CODES_FILE, allow_pickle=False)
         raw_keys = json.loads((path / KEYS_FILE).read_text(encoding="utf-8"))
@@ -847,6 +988,7 @@ class HashIndex:
         self._index = index
         return self
 
+    @_writes
     def set_nprobe(self, nprobe: int) -> None:
         """Lists probed per IVF query (recall/latency trade-off)."""
         self.nprobe = nprobe
@@ -865,6 +1007,20 @@ def _sorted_unique(ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     with open(path, "wb") as f:
         np.save(f, arr, allow_pickle=False)
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Temporary files of saves killed mid-write (``.<file>.<random>``), once old enough that
+    no running save can still own them."""
+    names = (INDEX_FILE, CODES_FILE, KEYS_FILE, DESCRIPTORS_FILE, META_FILE)
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for name in names:
+        for tmp in path.glob(f".{name}.*"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+            except OSError:
+                pass
 
 
 def _file_check(path: Path) -> dict[str, Any]:

@@ -237,11 +237,16 @@ class PgstacStore:
 
     @contextmanager
     def _write(self) -> Iterator[psycopg.Connection[Any]]:
-        """One transaction that also bumps the generation; rolled back on any error."""
+        """One transaction that also bumps the generation; rolled back on any error.
+
+        The bump comes first: it locks the generation row until the commit, so the store's
+        writers queue there instead of deadlocking inside pgstac's staging triggers (two
+        concurrent ``upsert_items`` into one collection otherwise do: each holds what the other
+        waits for, the row included)."""
         try:
             with self._pool.connection() as conn, conn.transaction():
-                yield conn
                 conn.execute("SELECT rscbir.bump_generation()")
+                yield conn
         except StoreError:
             raise
         except errors.UniqueViolation as exc:
