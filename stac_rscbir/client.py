@@ -47,11 +47,23 @@ def search_similar(
     k: int = 10,
     max_distance: int | None = None,
     rerank: bool = False,
+    relevant: Iterable[tuple[str, str] | pystac.Item] | None = None,
+    not_relevant: Iterable[tuple[str, str] | pystac.Item] | None = None,
     **search: Any,
 ) -> SimilaritySearch:
     """Items like the example (an item or ``(collection, id)``, a code, a descriptor, or image
-    bytes / a PNG or GeoTIFF file), ranked by Hamming distance, with any search filters."""
+    bytes / a PNG or GeoTIFF file), ranked by Hamming distance, with any search filters.
+
+    ``relevant`` / ``not_relevant``: relevance feedback, items (or ``(collection, id)``) the
+    user judged; the server refines the query descriptor with them (Rocchio) and ranks by the
+    refined query (the query needs a descriptor: an item with one, a descriptor or an image).
+    """
     similarity: dict[str, Any] = {"k": k, "rerank": rerank}
+    if relevant is not None or not_relevant is not None:
+        similarity["feedback"] = {
+            "relevant": [_ref(r) for r in relevant or ()],
+            "not_relevant": [_ref(r) for r in not_relevant or ()],
+        }
     if model:
         similarity["model"] = model
     if max_distance is not None:
@@ -76,6 +88,12 @@ def search_similar(
         client=client,
         **search,
     )
+
+
+def _ref(item: tuple[str, str] | pystac.Item) -> dict[str, str]:
+    if isinstance(item, pystac.Item):
+        return {"collection": item.collection_id or "", "id": item.id}
+    return {"collection": item[0], "id": item[1]}
 
 
 def distances(items: Iterable[pystac.Item]) -> Iterator[tuple[pystac.Item, float]]:

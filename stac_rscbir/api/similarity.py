@@ -31,6 +31,7 @@ from stac_fastapi.types.search import APIRequest
 from stac_rscbir.api.core import store_errors
 from stac_rscbir.extension.cbir import HashCode
 from stac_rscbir.extension.codec import CBIRFieldError, decode_code, decode_descriptor
+from stac_rscbir.index.feedback import ALPHA, BETA, GAMMA, rocchio
 from stac_rscbir.index.hashindex import META_FILE, HashIndex, open_or_rebuild
 from stac_rscbir.store.base import InvalidQueryError, ItemStore, SearchPage, SearchQuery
 
@@ -41,6 +42,8 @@ MAX_K = 10_000  # default cap on ``similarity.k`` (create_api(max_k=...))
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # default cap on an uploaded image, decoded
 MAX_IMAGE_PIXELS = 50_000_000  # default cap on width * height * bands of an uploaded image
 IMAGE_DRIVERS = ["PNG", "GTiff"]  # the formats an uploaded image may have (no VRT & co.)
+MAX_FEEDBACK = 1000  # most items in each of feedback.relevant / feedback.not_relevant
+FEEDBACK_POOL = 100  # feedback re-ranks the top max(4 k, FEEDBACK_POOL) Hamming candidates
 
 
 class ItemRef(BaseModel):
@@ -49,6 +52,26 @@ class ItemRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
     collection: str
     id: str
+
+
+class FeedbackQuery(BaseModel):
+    """Relevance feedback: items the user judged, and the Rocchio weights.
+
+    The query descriptor ``q`` (of the query item, the given descriptor or the image) becomes
+    ``q' = alpha q + beta mean(relevant) - gamma mean(not_relevant)``; the candidates are the
+    Hamming neighbours of the binarised ``q'``, re-ranked by Euclidean distance to ``q'``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    relevant: list[ItemRef] = Field(
+        default_factory=list, max_length=MAX_FEEDBACK, description="Items judged relevant."
+    )
+    not_relevant: list[ItemRef] = Field(
+        default_factory=list, max_length=MAX_FEEDBACK, description="Items judged not relevant."
+    )
+    alpha: float = Field(ALPHA, description="Weight of the query descriptor.")
+    beta: float = Field(BETA, description="Weight of the mean relevant descriptor.")
+    gamma: float = Field(GAMMA, description="Weight of the mean not relevant descriptor.")
 
 
 class SimilarityQuery(BaseModel):
@@ -74,6 +97,11 @@ class SimilarityQuery(BaseModel):
     )
     max_distance: int | None = Field(None, ge=0, description="Hamming radius.")
     rerank: bool = Field(False, description="Re-rank the Hamming candidates by descriptor.")
+    feedback: FeedbackQuery | None = Field(
+        None,
+        description="Relevance feedback (Rocchio): refine the query with items judged relevant "
+        "and not relevant; needs a query with a descriptor.",
+    )
 
     @model_validator(mode="after")
     def _one_query(self) -> "SimilarityQuery":
@@ -112,6 +140,16 @@ class SimilarityGetRequest(APIRequest):
     similarity_rerank: Annotated[bool | None, Query(description="Re-rank by descriptor.")] = (
         attr.ib(default=None)
     )
+    similarity_relevant: Annotated[
+        str | None,
+        Query(description="Feedback: items judged relevant, comma list of `<collection>/<id>`."),
+    ] = attr.ib(default=None)
+    similarity_not_relevant: Annotated[
+        str | None,
+        Query(
+            description="Feedback: items judged not relevant, comma list of `<collection>/<id>`."
+        ),
+    ] = attr.ib(default=None)
 
 
 @attr.s
@@ -362,7 +400,11 @@ class SimilarityService:
             if not sep or not item_id:
                 raise InvalidQueryError("similarity_item must be `<collection>/<item id>`")
             ref = ItemRef(collection=collection, id=item_id)
-        given = {"k": params["similarity_k"]} if params.get("similarity_k") else {}
+        given: dict[str, Any] = {"k": params["similarity_k"]} if params.get("similarity_k") else {}
+        relevant = _refs(params.get("similarity_relevant"), "similarity_relevant")
+        not_relevant = _refs(params.get("similarity_not_relevant"), "similarity_not_relevant")
+        if relevant or not_relevant:
+            given["feedback"] = FeedbackQuery(relevant=relevant, not_relevant=not_relevant)
         try:
             return SimilarityQuery(
                 model=params.get("similarity_model"),
@@ -426,10 +468,25 @@ class SimilarityService:
             self._encoders[model] = loader(self.model_dirs[model])
         return self._encoders[model]
 
-    def _binarize(self, model: str, desc: np.ndarray) -> bytes:
-        """A descriptor (the model's relaxed code) to its code, with the model's threshold."""
+    def _binarize(self, model: str, desc: np.ndarray, *, infer: bool = False) -> bytes:
+        """A descriptor (the model's relaxed code) to its code, with the model's threshold.
+
+        With ``infer`` and no checkpoint of the model here, the threshold (0 or 0.5) is the
+        one that turns the stored descriptors into the stored codes (at least 95 % of the
+        bits), see :meth:`HashIndex.descriptor_binarization`.
+        """
         import torch
 
+        if infer and model not in self.model_dirs:
+            found = self.index(model).descriptor_binarization()
+            if found is None or found[1] < 0.95:
+                raise InvalidQueryError(
+                    f"similarity.feedback: model {model!r} has no checkpoint on this server and "
+                    "its stored descriptors are not relaxed codes of its stored codes, so the "
+                    "refined query cannot be binarised"
+                )
+            bits = desc >= 0 if found[0] == 0.0 else desc > found[0]
+            return np.packbits(bits.astype(np.uint8)).tobytes()
         head = self._encoder(model).net.head
         bits = head.binarize(torch.from_numpy(np.asarray(desc, np.float32))[None])[0].numpy()
         return np.packbits(bits.astype(np.uint8)).tobytes()
@@ -491,7 +548,10 @@ class SimilarityService:
         self._check_limits(sim, None)
         idx = self.index(model)
         self._check_limits(sim.model_copy(update={"model": model}), idx.bits)
-        code, desc, _ = self._query_code(sim, model)
+        code, desc, query_key = self._query_code(sim, model)
+        feedback_info = None
+        if sim.feedback is not None:
+            code, desc, feedback_info = self._refine(model, idx, sim, desc, query_key)
         filtered = (
             any(
                 v is not None
@@ -506,10 +566,12 @@ class SimilarityService:
             or query.filter is not None
         )
         candidates = self.store.filter_keys(query) if filtered else None
-        result = idx.search(code, sim.k, max_distance=sim.max_distance, candidates=candidates)
+        pool = sim.k if feedback_info is None else max(4 * sim.k, FEEDBACK_POOL)
+        result = idx.search(code, pool, max_distance=sim.max_distance, candidates=candidates)
         hits = [(h.key, h.distance) for h in result]
-        if sim.rerank and desc is not None:
+        if (sim.rerank or feedback_info is not None) and desc is not None:
             hits = [(h.key, h.distance) for h in idx.rerank(desc, hits)]
+        hits = hits[: sim.k]
         offset = self._offset(query, sim)
         page_hits = hits[offset : offset + query.limit]
         items = self.store.get_items([key for key, _ in page_hits])
@@ -522,8 +584,68 @@ class SimilarityService:
                 out.append(item)
         end = offset + query.limit
         token = self._token(query, sim, end) if end < len(hits) else None
-        info = {"model": model, "exact": bool(result.exact), "k": sim.k, "ranked": len(hits)}
+        info: dict[str, Any] = {
+            "model": model,
+            "exact": bool(result.exact),
+            "k": sim.k,
+            "ranked": len(hits),
+        }
+        if feedback_info is not None:
+            info["feedback"] = feedback_info
         return SearchPage(out, token, len(hits), extra={"cbir:similarity": info})
+
+    def _refine(
+        self,
+        model: str,
+        idx: HashIndex,
+        sim: SimilarityQuery,
+        desc: np.ndarray | None,
+        query_key: tuple[str, str] | None,
+    ) -> tuple[bytes, np.ndarray, dict[str, Any]]:
+        """Rocchio: (code of q', q', what was used) from the query descriptor and feedback."""
+        fb = sim.feedback
+        assert fb is not None
+        if desc is None:
+            what = (
+                f"the query item {query_key[0]}/{query_key[1]} has no descriptor of model {model!r}"
+                if query_key is not None
+                else "a code query has no descriptor"
+            )
+            raise InvalidQueryError(
+                f"similarity.feedback needs a query descriptor (Rocchio refines it): {what}; "
+                "query by an item with a descriptor, a descriptor or an image"
+            )
+        groups = []
+        for name, refs in (("relevant", fb.relevant), ("not_relevant", fb.not_relevant)):
+            vectors = []
+            for i, ref in enumerate(refs):
+                where = f"similarity.feedback.{name}[{i}] {ref.collection}/{ref.id}"
+                key = (ref.collection, ref.id)
+                vec = idx.descriptor(key) if key in idx else None
+                if key not in idx:
+                    code = _code_of(self.store.get_item(ref.collection, ref.id), model)  # 404
+                    if code is None:
+                        raise InvalidQueryError(f"{where} has no code of model {model!r}")
+                    vec = code.descriptor.array() if code.descriptor else None
+                if vec is None:
+                    raise InvalidQueryError(f"{where} has no descriptor of model {model!r}")
+                if vec.size != desc.size:
+                    raise InvalidQueryError(
+                        f"{where} has a descriptor of {vec.size} values, the query {desc.size}"
+                    )
+                vectors.append(vec)
+            groups.append(np.asarray(vectors, np.float32).reshape(-1, desc.size))
+        refined = rocchio(desc, groups[0], groups[1], fb.alpha, fb.beta, fb.gamma)
+        if not np.isfinite(refined).all():
+            raise InvalidQueryError("similarity.feedback: the refined query is not finite")
+        info = {
+            "relevant": len(fb.relevant),
+            "not_relevant": len(fb.not_relevant),
+            "alpha": fb.alpha,
+            "beta": fb.beta,
+            "gamma": fb.gamma,
+        }
+        return self._binarize(model, refined, infer=True), refined, info
 
     @staticmethod
     def _fingerprint(query: SearchQuery, sim: SimilarityQuery) -> str:
@@ -549,6 +671,19 @@ class SimilarityService:
         if fp != self._fingerprint(query, sim):
             raise InvalidQueryError("token belongs to a different similarity search")
         return value
+
+
+def _refs(value: str | None, name: str) -> list[ItemRef]:
+    """Item references of a comma list of ``<collection>/<item id>`` (GET parameters)."""
+    refs = []
+    for part in (value or "").split(","):
+        if not part.strip():
+            continue
+        collection, sep, item_id = part.strip().partition("/")
+        if not sep or not collection or not item_id:
+            raise InvalidQueryError(f"{name} must be a comma list of `<collection>/<item id>`")
+        refs.append(ItemRef(collection=collection, id=item_id))
+    return refs
 
 
 def _code_of(item: dict[str, Any] | None, model: str) -> HashCode | None:

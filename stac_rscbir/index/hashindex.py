@@ -378,6 +378,28 @@ class HashIndex:
             return None
         return self._desc[i].copy()
 
+    @_reads
+    def descriptor_binarization(self, sample: int = 4096) -> tuple[float, float] | None:
+        """The threshold that turns the stored descriptors into the stored codes, inferred.
+
+        Tries the two binarisations of relaxed codes (``h >= 0``, the +-1 space, threshold
+        0.0; ``h > 0.5``, the 0/1 space, threshold 0.5) on up to ``sample`` live items with a
+        descriptor of the code's length; returns ``(threshold, fraction of bits matched)`` of
+        the better one, or None when no such item exists. For servers without the model's
+        checkpoint (relevance feedback binarises a refined descriptor with it).
+        """
+        if self._desc is None or self._desc.shape[1] != (self.bits or 0):
+            return None
+        n = self._next_id
+        rows = np.flatnonzero(self._alive[:n] & ~np.isnan(self._desc[:n, 0]))[:sample]
+        if not len(rows):
+            return None
+        bits = np.unpackbits(self._codes[rows], axis=1).astype(bool)
+        desc = self._desc[rows]
+        pm1 = float(np.mean((desc >= 0) == bits))
+        zero_one = float(np.mean((desc > 0.5) == bits))
+        return (0.0, pm1) if pm1 >= zero_one else (0.5, zero_one)
+
     @property
     def preferred_kind(self) -> str:
         """The kind a rebuild would choose now (differs from ``kind`` after much growth)."""
