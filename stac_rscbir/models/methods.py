@@ -225,7 +225,8 @@ class HashingNet(nn.Module):
     def encode(self, x: torch.Tensor, source: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(bits as {0,1} uint8, relaxed float codes) for inference."""
         h = self.forward(x, source)
-        return self.head.binarize(h), h.float()
+        head = self.head2 if source == 1 and self.head2 is not None else self.head
+        return head.binarize(h), h.float()
 
     def space(self) -> str:
         return self.head.space
