@@ -61,6 +61,7 @@ from stac_rscbir.store.sqlite import (
     InvalidItemError,
     _geometries,
     _Prepared,
+    collection_json,
     parse_bbox,
     parse_datetime_query,
     parse_filter,
@@ -273,27 +274,15 @@ class PgstacStore:
 
     # -- collections ----------------------------------------------------------------------
 
-    @staticmethod
-    def _collection_json(collection: dict[str, Any]) -> tuple[str, str]:
-        if not isinstance(collection, dict):
-            raise InvalidItemError(None, "collection", "expected a STAC Collection object")
-        cid = collection.get("id")
-        if not isinstance(cid, str) or not cid:
-            raise InvalidItemError(None, "id", "a collection needs an id (a non-empty string)")
-        try:
-            return cid, json.dumps(collection, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise InvalidItemError(None, "collection", f"is not JSON-serialisable ({exc})") from exc
-
     def create_collection(self, collection: dict[str, Any]) -> None:
-        cid, content = self._collection_json(collection)
+        cid, content = collection_json(collection)
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM pgstac.collections WHERE id = %s", (cid,)).fetchone():
                 raise ConflictError(f"collection {cid!r} already exists")
             conn.execute("SELECT pgstac.create_collection(%s::jsonb)", (content,))
 
     def update_collection(self, collection: dict[str, Any]) -> None:
-        cid, content = self._collection_json(collection)
+        cid, content = collection_json(collection)
         with self._write() as conn:
             self._require_collections(conn, [cid])
             conn.execute("SELECT pgstac.update_collection(%s::jsonb)", (content,))

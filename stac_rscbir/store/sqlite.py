@@ -293,6 +293,19 @@ def _cached_filter(key: str, is_json: bool) -> cql2.Expr:
     return expr
 
 
+def collection_json(collection: dict[str, Any]) -> tuple[str, str]:
+    """(id, compact JSON) of a collection to store; InvalidItemError naming what is wrong."""
+    if not isinstance(collection, dict):
+        raise InvalidItemError(None, "collection", "expected a STAC Collection object")
+    cid = collection.get("id")
+    if not isinstance(cid, str) or not cid:
+        raise InvalidItemError(None, "id", "a collection needs an id (a non-empty string)")
+    try:
+        return cid, json.dumps(collection, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidItemError(None, "collection", f"is not JSON-serialisable ({exc})") from exc
+
+
 def parse_filter(value: dict[str, Any] | str) -> cql2.Expr:
     """A validated CQL2 expression from text or JSON (raises InvalidQueryError with the cause)."""
     try:
@@ -753,27 +766,15 @@ class SQLiteStore:
 
     # -- collections ----------------------------------------------------------------------
 
-    @staticmethod
-    def _collection_json(collection: dict[str, Any]) -> tuple[str, str]:
-        if not isinstance(collection, dict):
-            raise InvalidItemError(None, "collection", "expected a STAC Collection object")
-        cid = collection.get("id")
-        if not isinstance(cid, str) or not cid:
-            raise InvalidItemError(None, "id", "a collection needs an id (a non-empty string)")
-        try:
-            return cid, json.dumps(collection, separators=(",", ":"), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise InvalidItemError(None, "collection", f"is not JSON-serialisable ({exc})") from exc
-
     def create_collection(self, collection: dict[str, Any]) -> None:
-        cid, content = self._collection_json(collection)
+        cid, content = collection_json(collection)
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM collections WHERE id = ?", (cid,)).fetchone():
                 raise ConflictError(f"collection {cid!r} already exists")
             conn.execute("INSERT INTO collections (id, content) VALUES (?, ?)", (cid, content))
 
     def update_collection(self, collection: dict[str, Any]) -> None:
-        cid, content = self._collection_json(collection)
+        cid, content = collection_json(collection)
         with self._write() as conn:
             cur = conn.execute("UPDATE collections SET content = ? WHERE id = ?", (content, cid))
             if cur.rowcount == 0:
