@@ -50,8 +50,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from service_bench import MODEL, free_port, items, load  # noqa: E402
+from service_bench import MODEL, items, load  # noqa: E402
 
+from stac_rscbir.api.server import free_port  # noqa: E402
 from stac_rscbir.extension.cbir import HashCode  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "load"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
+from stac_rscbir.api.server import free_port
 from stac_rscbir.extension.cbir import HashCode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,12 +116,6 @@ def load(args: argparse.Namespace, tmp: Path) -> tuple[str, str]:
         store.upsert_items(data[i : i + 10_000])
     print(f"loaded {len(data)} items in {time.perf_counter() - start:.1f} s", flush=True)
     return kind, target
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def timed(client: httpx.Client, body: dict[str, Any], n: int) -> tuple[list[float], int]:

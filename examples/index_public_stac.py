@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -125,25 +124,6 @@ def fetch_items(
     return items, collection
 
 
-def serve(store: Any, index_dir: Path, models: dict[str, Path], port: int) -> tuple[Any, Any]:
-    """Our STAC API with similarity search, on a uvicorn thread: (server, thread)."""
-    import uvicorn
-
-    from stac_rscbir.api.app import create_api
-
-    api = create_api(store, index_dir, models)
-    config = uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if not server.started:
-        raise RuntimeError(f"the STAC API did not start on port {port}")
-    return server, thread
-
-
 def chip_rgb(store: Any, chip: dict[str, Any]) -> np.ndarray:
     """Display RGB of a chip: only its area of the source scene is read (full tiles are big),
     stretched 2-98 %."""
@@ -190,6 +170,8 @@ def run(
     was done (for tests)."""
     from pystac_client import Client
 
+    from stac_rscbir.api.app import create_api
+    from stac_rscbir.api.server import BackgroundServer
     from stac_rscbir.client import distances, search_similar
     from stac_rscbir.data.chips import scene_chip_collection_id
     from stac_rscbir.demo import BITS, CHIP, _label, _query, contact_sheet, fit_model
@@ -246,8 +228,9 @@ def run(
     if not first:
         raise SystemExit("no chip was encoded: nothing to query")
 
-    server, thread = serve(store, workdir / "index", {ingestor.model_id: Path(model)}, port)
-    url = f"http://127.0.0.1:{port}"
+    api = create_api(store, workdir / "index", {ingestor.model_id: Path(model)})
+    server = BackgroundServer(api.app, port).start()
+    url = server.url
     console.print(f"[bold]5. serving[/] STAC API with similarity search at {url}")
 
     query_chip = first[0]
@@ -283,14 +266,10 @@ def run(
         "contact_sheet": png,
     }
     if stop:
-        server.should_exit = True
-        thread.join(timeout=10)
+        server.stop()
     else:
         console.print(f"server running at {url} (Ctrl-C to stop)")
-        try:
-            thread.join()
-        except KeyboardInterrupt:
-            server.should_exit = True
+        server.wait()
     return results
 
 

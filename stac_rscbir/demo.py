@@ -13,7 +13,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -257,10 +256,10 @@ def run_demo(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Build, encode, serve and query; returns what the queries found (for tests)."""
-    import uvicorn
     from pystac_client import Client
 
     from stac_rscbir.api.app import create_api
+    from stac_rscbir.api.server import BackgroundServer
     from stac_rscbir.client import distances, search_similar
     from stac_rscbir.ingest.sinks import StoreSink
     from stac_rscbir.ingest.worker import IngestOptions, Ingestor
@@ -302,15 +301,8 @@ def run_demo(
             f"in {report.wall_seconds:.1f} s"
         )
 
-    api = create_api(store, workdir / "index", models)
-    server = uvicorn.Server(
-        uvicorn.Config(api.app, host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started and thread.is_alive():
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
+    server = BackgroundServer(create_api(store, workdir / "index", models).app, port).start()
+    url = server.url
     console.print(f"[bold]4. serving[/] STAC API with similarity search at {url}")
 
     client = Client.open(url)
@@ -338,14 +330,10 @@ def run_demo(
     results["contact_sheet"] = png
     results["url"] = url
     if stop:
-        server.should_exit = True
-        thread.join(timeout=10)
+        server.stop()
     else:
         console.print(f"server running at {url} (Ctrl-C to stop)")
-        try:
-            thread.join()
-        except KeyboardInterrupt:
-            server.should_exit = True
+        server.wait()
     return results
 
 

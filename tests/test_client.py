@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from pystac_client import Client
 
 from stac_rscbir.api.app import create_api
+from stac_rscbir.api.server import BackgroundServer
 from stac_rscbir.client import distances, search_similar
 from stac_rscbir.store.sqlite import SQLiteStore
 
 from .test_api import MODEL, N, _bits, _collection, _item, _ranking
 from .test_ingest import checkpoint  # noqa: F401 - a fixture
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +23,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     store = SQLiteStore(tmp / "stac.db")
     store.create_collection(_collection())
     store.upsert_items([_item(i) for i in range(N)])
-    app = create_api(store, tmp / "index").app
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with BackgroundServer(create_api(store, tmp / "index").app) as srv:
+        yield srv.url
 
 
 def test_pystac_client_similarity_search_pages_over_http(server: str) -> None:

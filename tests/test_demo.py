@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from stac_rscbir.api.server import free_port
 from stac_rscbir.demo import run_demo
 
 from .conftest import require
-from .test_client import _free_port
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "rasters"
 LANDSAT = SHARED / "landsat8" / "LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
@@ -27,7 +27,7 @@ def test_demo_runs_end_to_end_on_real_scenes(tmp_path: Path) -> None:
         (rasters / f"rgbn_{date}.tif").symlink_to(RGBN)
     results = run_demo(
         tmp_path / "demo",
-        port=_free_port(),
+        port=free_port(),
         stop=True,
         rasters=rasters,
         max_fit_chips=96,

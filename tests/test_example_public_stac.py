@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -21,16 +19,15 @@ from types import ModuleType
 import numpy as np
 import pystac
 import pytest
-import uvicorn
 from pystac.extensions.eo import Band
 from pystac.extensions.raster import DataType, RasterBand
 from rich.console import Console
 
 from stac_rscbir.api.app import create_api
+from stac_rscbir.api.server import BackgroundServer, free_port
 from stac_rscbir.store.sqlite import SQLiteStore
 
 from .stac_builders import make_item, write_cog_at
-from .test_client import _free_port
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "index_public_stac.py"
 SIZE = 240  # px at 10 m: 2 x 2 chips of 120 px per scene
@@ -129,15 +126,7 @@ def earth_search(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     )
     store.create_collection(collection.to_dict(include_self_link=False))
     store.upsert_items([i.to_dict(include_self_link=False) for i in items])
-    app = create_api(store, tmp / "remote-index").app
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
+    srv = BackgroundServer(create_api(store, tmp / "remote-index").app).start()
     boxes = [i.bbox for i in items if i.id in INSIDE]
     assert all(b is not None for b in boxes)
     area = [
@@ -146,9 +135,8 @@ def earth_search(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
         max(b[2] for b in boxes) + 0.001,  # type: ignore[index]
         max(b[3] for b in boxes) + 0.001,  # type: ignore[index]
     ]
-    yield f"http://127.0.0.1:{port}", area
-    srv.should_exit = True
-    thread.join(timeout=10)
+    yield srv.url, area
+    srv.stop()
 
 
 def test_example_indexes_serves_and_queries_a_stac_api(
@@ -156,7 +144,7 @@ def test_example_indexes_serves_and_queries_a_stac_api(
 ) -> None:
     remote, area = earth_search
     example = _load_example()
-    port = _free_port()
+    port = free_port()
     bbox = ",".join(f"{v:.6f}" for v in area)
     results = example.main(
         [
@@ -217,7 +205,7 @@ def test_example_indexes_serves_and_queries_a_stac_api(
         [
             *("--stac-url", remote, "--bbox", bbox, "--filter", "eo:cloud_cover < 20"),
             *("--model", str(results["checkpoint"]), "--workdir", str(tmp_path / "again")),
-            *("--port", str(_free_port()), "-k", "20", "--max-items", "10", "--stop"),
+            *("--port", str(free_port()), "-k", "20", "--max-items", "10", "--stop"),
         ],
         console=Console(width=140, quiet=True),
     )

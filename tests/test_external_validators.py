@@ -14,18 +14,16 @@ import logging
 import os
 import re
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from shapely.geometry import Point, Polygon, box, mapping
 
 from stac_rscbir.api.app import create_api
+from stac_rscbir.api.server import BackgroundServer
 from stac_rscbir.store.sqlite import SQLiteStore
 
 from .conftest import require
@@ -66,12 +64,6 @@ def _varied_item(i: int) -> dict[str, Any]:
     return item
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _described_collection() -> dict[str, Any]:
     collection = _collection(COLLECTION)
     collection["title"] = "Test scenes"
@@ -87,20 +79,8 @@ def _serve(tmp: Path, store: Any = None) -> Iterator[str]:
     store = store or SQLiteStore(tmp / "stac.db")
     store.create_collection(_described_collection())
     store.upsert_items([_varied_item(i) for i in range(N_ITEMS)])
-    app = create_api(store, tmp / "index").app
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
+    with BackgroundServer(create_api(store, tmp / "index").app) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module", params=["sqlite", "pgstac"])

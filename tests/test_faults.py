@@ -29,13 +29,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from stac_rscbir.api.app import create_api
+from stac_rscbir.api.server import free_port
 from stac_rscbir.index import hashindex
 from stac_rscbir.index.hashindex import META_FILE, HashIndex, IndexLoadError, open_or_rebuild
 from stac_rscbir.store.base import StoredCode
 from stac_rscbir.store.sqlite import SQLiteStore
 
 from .test_api import MODEL, _collection, _item
-from .test_client import _free_port
 
 TOKEN = "fault-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -88,7 +88,7 @@ class Server:
     """``stac-rscbir serve`` in a subprocess (its log in a file)."""
 
     def __init__(self, args: list[str], log: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
