@@ -24,7 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from stac_rscbir.data.bigearthnet import (
@@ -36,6 +35,7 @@ from stac_rscbir.data.bigearthnet import (
     load_ben_v2,
 )
 from stac_rscbir.eval.metrics import evaluate_codes, multi_label_relevance
+from stac_rscbir.eval.plots import save_metric_bars
 from stac_rscbir.extension.codec import pack_bits
 from stac_rscbir.models.augment import Augment
 from stac_rscbir.models.backbones import build_backbone
@@ -156,32 +156,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     """Grouped bars of the [0, 1] metrics per sensor x method; black ticks mark random rankings."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    columns = [c for c in COLUMNS if not c[1].startswith("acg")]  # ACG is not bounded by 1
-    fig = Figure(figsize=(10, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    width = 0.8 / len(rows)
-    x = np.arange(len(columns))
-    for j, r in enumerate(rows):
-        offset = x + (j - (len(rows) - 1) / 2) * width
-        m = r["metrics"]
-        ax.bar(offset, [m[k] for _, k, _ in columns], width, label=f"{r['sensor']} {r['method']}")
-        ax.scatter(
-            offset, [m[b] for _, _, b in columns], marker="_", s=120, color="black", zorder=3
-        )
-    ax.set_xticks(x, [c for c, _, _ in columns])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("score (black: random ranking)")
-    ax.set_title(
+    save_metric_bars(
+        {f"{r['sensor']} {r['method']}": r["metrics"] for r in rows},
+        [c for c in COLUMNS if not c[1].startswith("acg")],  # ACG is not bounded by 1
+        path,
         f"BigEarthNet (tiny: {rows[0]['n_train']} train, {rows[0]['n_query']} queries), "
-        f"{rows[0]['bits']}-bit codes, SmallCNN fine-tuned"
+        f"{rows[0]['bits']}-bit codes, SmallCNN fine-tuned",
     )
-    ax.legend(ncols=len(rows), fontsize="small", loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main() -> None:

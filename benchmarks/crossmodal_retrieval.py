@@ -46,6 +46,7 @@ from stac_rscbir.data.bigearthnet import (
     load_ben_v2,
 )
 from stac_rscbir.eval.metrics import evaluate_codes, multi_label_relevance
+from stac_rscbir.eval.plots import save_metric_bars
 from stac_rscbir.extension.codec import pack_bits
 from stac_rscbir.models.backbones import build_backbone
 from stac_rscbir.models.methods import METHODS, HashingNet
@@ -169,31 +170,14 @@ def print_table(directions: dict[str, dict[str, float]]) -> None:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """Grouped bars of the metrics per direction; black ticks mark random rankings."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    directions = report["directions"]
-    fig = Figure(figsize=(9, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    width = 0.8 / len(directions)
-    x = np.arange(len(COLUMNS))
-    for j, (name, m) in enumerate(directions.items()):
-        offset = x + (j - (len(directions) - 1) / 2) * width
-        ax.bar(offset, [m[k] for _, k, _ in COLUMNS], width, label=name.upper())
-        ax.scatter(
-            offset, [m[b] for _, _, b in COLUMNS], marker="_", s=120, color="black", zorder=3
-        )
-    ax.set_xticks(x, [c for c, _, _ in COLUMNS])
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("score (black: random ranking)")
-    ax.set_title(
+    save_metric_bars(
+        {name.upper(): m for name, m in report["directions"].items()},
+        COLUMNS,
+        path,
         f"BigEarthNet S2/S1 cross-modal (tiny: {report['n_train']} train pairs, "
-        f"{report['n_query']} queries), {report['bits']}-bit {METHOD}"
+        f"{report['n_query']} queries), {report['bits']}-bit {METHOD}",
+        figsize=(9, 4),
     )
-    ax.legend(ncols=len(directions), fontsize="small", loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy.typing as npt
@@ -38,3 +38,36 @@ def save_pr_curve(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")
     return path
+
+
+def save_metric_bars(
+    groups: Mapping[str, Mapping[str, float]],
+    columns: Sequence[tuple[str, str, str]],
+    path: Path,
+    title: str,
+    figsize: tuple[float, float] = (10, 4),
+) -> None:
+    """Grouped bars of [0, 1] metrics, one group per run, with black ticks at each metric's
+    random-ranking value. ``columns`` are (label, metric key, random-baseline key)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / len(groups)
+    x = np.arange(len(columns))
+    for j, (name, m) in enumerate(groups.items()):
+        offset = x + (j - (len(groups) - 1) / 2) * width
+        ax.bar(offset, [m[k] for _, k, _ in columns], width, label=name)
+        ax.scatter(
+            offset, [m[b] for _, _, b in columns], marker="_", s=120, color="black", zorder=3
+        )
+    ax.set_xticks(x, [c for c, _, _ in columns])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score (black: random ranking)")
+    ax.set_title(title)
+    ax.legend(ncols=len(groups), fontsize="small", loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
