@@ -34,19 +34,16 @@ OUT = ROOT / "benchmarks" / "results" / "service"
 MODEL = "bench-64"
 T0 = datetime(2020, 1, 1, tzinfo=UTC)
 
-SERVER = """
-import sys, uvicorn
-from pathlib import Path
-from stac_rscbir.api.app import create_api
-kind, target, index, port = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
-if kind == "sqlite":
-    from stac_rscbir.store.sqlite import SQLiteStore
-    store = SQLiteStore(Path(target))
-else:
-    from stac_rscbir.store.pgstac import PgstacStore
-    store = PgstacStore(target)
-uvicorn.run(create_api(store, index).app, host="127.0.0.1", port=port, log_level="warning")
-"""
+
+def serve_command(
+    kind: str, target: str, index: Path, port: int, write_token: str | None = None
+) -> list[str]:
+    """``stac-rscbir serve`` over the benchmark's store: writes open, or behind ``write_token``."""
+    store = ["--db", target] if kind == "sqlite" else ["--dsn", target]
+    writes = ["--write-token", write_token] if write_token else ["--allow-anonymous-writes"]
+    exe = str(Path(sys.executable).with_name("stac-rscbir"))  # the console script of this venv
+    cli = [exe, "serve", *store, "--index-dir", str(index)]
+    return [*cli, "--host", "127.0.0.1", "--port", str(port), *writes]
 
 
 def items(n: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -151,9 +148,7 @@ def main() -> None:
         tmp = Path(tmpdir)
         kind, target = load(args, tmp)
         port = free_port()
-        server = subprocess.Popen(
-            [sys.executable, "-c", SERVER, kind, target, str(tmp / "index"), str(port)]
-        )
+        server = subprocess.Popen(serve_command(kind, target, tmp / "index", port))
         try:
             client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
             for _ in range(600):
