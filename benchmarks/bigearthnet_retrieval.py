@@ -30,9 +30,7 @@ from stac_rscbir.data.bigearthnet import (
     BandStats,
     BenPatches,
     Sensor,
-    concat,
-    load_ben_v1,
-    load_ben_v2,
+    load_ben,
 )
 from stac_rscbir.eval.metrics import evaluate_codes, multi_label_relevance
 from stac_rscbir.eval.plots import save_metric_bars
@@ -57,15 +55,6 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("P@10", "precision_at_10", "random_precision_at_10"),
     ("P@r<=2", "precision_within_radius_2", "relevant_fraction"),
 )
-
-
-def load(data: Path, sensor: Sensor, sources: list[str]) -> BenPatches:
-    """The labelled patches of the chosen folders for one sensor, 19-class labels."""
-    parts = {
-        "v1": lambda: load_ben_v1(data / "BENv1", sensor, label_set=19),
-        "v2": lambda: load_ben_v2(data / "BENv2", sensor),
-    }
-    return concat(*(parts[s]() for s in sources))
 
 
 def augmentation(
@@ -186,7 +175,7 @@ def main() -> None:
     start = time.perf_counter()
     rows = []
     for sensor in args.sensors:
-        patches = load(args.data, sensor, args.sources)
+        patches = load_ben(args.data, sensor, args.sources)
         train, test = patches.in_split("train", "val"), patches.in_split("test")
         for method in args.methods:
             rows.append(run(sensor, method, train, test, args))

@@ -41,9 +41,7 @@ from stac_rscbir.data.bigearthnet import (
     BandStats,
     BenPatches,
     Sensor,
-    concat,
-    load_ben_v1,
-    load_ben_v2,
+    load_ben,
 )
 from stac_rscbir.eval.metrics import evaluate_codes, multi_label_relevance
 from stac_rscbir.eval.plots import save_metric_bars
@@ -76,15 +74,7 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 def load_pairs(data: Path, sources: list[str]) -> tuple[BenPatches, BenPatches]:
     """The co-registered (S2, S1) patches of the chosen folders, row i of both the same patch."""
-    parts: dict[str, list[BenPatches]] = {"s2": [], "s1": []}
-    for sensor in ("s2", "s1"):
-        for s in sources:
-            parts[sensor].append(
-                load_ben_v1(data / "BENv1", sensor, label_set=19)
-                if s == "v1"
-                else load_ben_v2(data / "BENv2", sensor)
-            )
-    s2, s1 = concat(*parts["s2"]), concat(*parts["s1"])
+    s2, s1 = load_ben(data, "s2", sources), load_ben(data, "s1", sources)
     if s2.names != s1.names or s2.split != s1.split or not np.array_equal(s2.labels, s1.labels):
         raise ValueError("S2 and S1 patches are not paired row by row")
     return s2, s1

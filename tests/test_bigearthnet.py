@@ -27,6 +27,7 @@ from stac_rscbir.data.bigearthnet import (
     BenPatches,
     band_file,
     concat,
+    load_ben,
     load_ben_v1,
     load_ben_v2,
     multi_hot,
@@ -324,3 +325,16 @@ def test_multi_hot_and_band_stats_edge_cases() -> None:
     assert np.all(stats.normalise(images)[:, 0] == 0)
     with pytest.raises(ValueError, match="2 bands"):
         stats.normalise(np.zeros((1, 3, 4, 4)))
+
+
+@pytest.mark.shared
+def test_load_ben_joins_both_folders_in_the_same_order_per_sensor(v1_root: Path) -> None:
+    require(BEN_V2.exists(), f"BigEarthNet v2 patches not found at {BEN_V2}")
+    root = v1_root.parent
+    s2, s1 = load_ben(root, "s2"), load_ben(root, "s1")
+    v1, v2 = load_ben_v1(v1_root, "s2", label_set=19), load_ben_v2(BEN_V2, "s2")
+    assert s2.names == (*v1.names, *v2.names) == s1.names
+    np.testing.assert_array_equal(s2.labels, s1.labels)
+    assert load_ben(root, "s2", ["v2"]).names == v2.names
+    with pytest.raises(ValueError, match="sources"):
+        load_ben(root, "s2", ["v3"])

@@ -46,6 +46,7 @@ __all__ = [
     "Sensor",
     "band_file",
     "concat",
+    "load_ben",
     "load_ben_v1",
     "load_ben_v2",
     "multi_hot",
@@ -415,3 +416,18 @@ class BandStats:
         if not len(bands) == len(mean) == len(std):
             raise ValueError(f"bands, mean and std differ in length: {config}")
         return cls(tuple(map(str, bands)), tuple(map(float, mean)), tuple(map(float, std)))
+
+
+def load_ben(
+    root: Path, sensor: Sensor = "s2", sources: Sequence[str] = ("v1", "v2")
+) -> BenPatches:
+    """The labelled patches of ``root/BENv1`` and/or ``root/BENv2`` for one sensor, as one set
+    with 19-class labels (v1 first); the same patch order for "s2" and "s1"."""
+    loaders = {
+        "v1": lambda: load_ben_v1(Path(root) / "BENv1", sensor, label_set=19),
+        "v2": lambda: load_ben_v2(Path(root) / "BENv2", sensor),
+    }
+    unknown = [s for s in sources if s not in loaders]
+    if unknown or not sources:
+        raise ValueError(f"sources must be among {sorted(loaders)}, got {list(sources)}")
+    return concat(*(loaders[s]() for s in sources))
