@@ -14,6 +14,11 @@ head. Per query:
   re-ranked by Euclidean distance to ``q'``, followed by the rest in Hamming order. Judged
   items stay in the ranking, as in the API.
 
+Because judged items stay, part of a round's gain is relevant items the user has already seen.
+Each feedback round is therefore also scored on the **residual collection** (the ranking with
+every item judged so far removed), beside the round-0 Hamming ranking with the same items
+removed: the gain that is new to the user.
+
 Reports mAP@20 (variant A and truncated) and P@10 per round: JSON, PNG and a markdown table in
 benchmarks/results/feedback/.
 
@@ -68,6 +73,13 @@ def scores(order: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
+def residual(order: np.ndarray, judged: np.ndarray) -> np.ndarray:
+    """Each row of ``order`` without the items judged for that query, cut to a common length."""
+    rows = [row[~judged[i, row]] for i, row in enumerate(order)]
+    width = min(len(r) for r in rows)
+    return np.stack([r[:width] for r in rows])
+
+
 def hamming_with_self(query_packed: np.ndarray, db_packed: np.ndarray) -> np.ndarray:
     dist = hamming_distances(query_packed, db_packed).astype(np.float64)
     np.fill_diagonal(dist, np.inf)  # the query is database item i: excluded (ranked last)
@@ -98,13 +110,23 @@ def plot(rounds: list[dict], path: Path) -> None:
 
 def markdown(rounds: list[dict]) -> str:
     lines = [
-        "| round | mAP@20 (A) | mAP@20 (trunc.) | P@10 | judged per query |",
-        "|---|---:|---:|---:|---:|",
+        "| round | mAP@20 (A) | mAP@20 (trunc.) | P@10 | judged per query "
+        "| residual mAP@20 (A): this round / round 0 | residual P@10: this round / round 0 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rounds:
+        res = (
+            (
+                f"{r['residual']['map_at_20']:.3f} / {r['residual_round0']['map_at_20']:.3f}",
+                f"{r['residual']['precision_at_10']:.3f} / "
+                f"{r['residual_round0']['precision_at_10']:.3f}",
+            )
+            if "residual" in r
+            else ("-", "-")
+        )
         lines.append(
             f"| {r['round']} | {r['map_at_20']:.3f} | {r['map_at_20_truncated']:.3f} "
-            f"| {r['precision_at_10']:.3f} | {r['judged']} |"
+            f"| {r['precision_at_10']:.3f} | {r['judged']} | {res[0]} | {res[1]} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -144,6 +166,7 @@ def main() -> None:
 
     n = len(labels)
     order = ranking(hamming_with_self(packed, packed))
+    order0 = order
     rounds = [{"round": "0 (Hamming)", "judged": 0, **scores(order, labels)}]
     control = reranked(order, relaxed, relaxed)
     rounds.append({"round": "0 + rerank (no feedback)", "judged": 0, **scores(control, labels)})
@@ -171,6 +194,8 @@ def main() -> None:
                 "round": f"{r} (feedback)",
                 "judged": int(judged.sum(1).mean()),
                 **scores(order, labels),
+                "residual": scores(residual(order, judged), labels),
+                "residual_round0": scores(residual(order0, judged), labels),
             }
         )
         print(json.dumps(rounds[-1]), flush=True)

@@ -213,6 +213,54 @@ def train(
     )
 
 
+@app.command("train-crossmodal")
+def train_crossmodal_cmd(
+    ben: Annotated[Path, typer.Option(help="Folder holding BENv1/ and/or BENv2/ patch pairs.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint folder to write.")],
+    method: Annotated[str, typer.Option(help="A two-branch preset: duch or sidhcnn.")] = "duch",
+    bits: Annotated[int, typer.Option(help="Code length.")] = 32,
+    iterations: Annotated[int, typer.Option(help="Training iterations.")] = 300,
+    batch_size: Annotated[int, typer.Option(help="Pairs per batch.")] = 24,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    model_id: Annotated[str | None, typer.Option(help="Model id (default: out's name).")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: auto).")] = None,
+) -> None:
+    """Train a cross-modal Sentinel-2 <-> Sentinel-1 model on co-registered BigEarthNet pairs
+    (train + val splits); one checkpoint with both branches, for ingest and serve."""
+    from stac_rscbir.data.bigearthnet import load_ben
+    from stac_rscbir.models.recipes import train_crossmodal
+    from stac_rscbir.models.training import TrainConfig
+
+    if bits not in SUPPORTED_BITS:
+        console.print(f"[red]--bits must be one of {list(SUPPORTED_BITS)}[/]")
+        raise typer.Exit(2)
+    folders = [v for v in ("v1", "v2") if (ben / f"BEN{v}").is_dir()]
+    if not folders:
+        console.print(f"[red]no BENv1/ or BENv2/ folder under {ben}[/]")
+        raise typer.Exit(2)
+    config = TrainConfig(iterations=iterations, batch_size=batch_size, seed=seed, device=device)
+    try:
+        s2, s1 = (load_ben(ben, sensor, folders) for sensor in ("s2", "s1"))
+        rows = [i for i, s in enumerate(s2.split) if s in ("train", "val")]
+        encoder, result = train_crossmodal(
+            s2.select(rows),
+            s1.select(rows),
+            method=method,
+            bits=bits,
+            config=config,
+            model_id=model_id or out.name,
+        )
+    except (FileNotFoundError, ValueError) as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(1) from err
+    encoder.save(out)
+    console.print(
+        f"trained {method} ({bits} bits, S2 + S1 branches) on {len(rows)} pairs in "
+        f"{result.seconds:.1f} s on {result.device}; final loss "
+        f"{result.history[-1]['loss']:.4f} -> {out}"
+    )
+
+
 @app.command()
 def ingest(
     source: Annotated[

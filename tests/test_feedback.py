@@ -110,6 +110,19 @@ def test_feedback_moves_the_relevant_cluster_up(fb_client: TestClient) -> None:
     )
     assert r.status_code == 200, r.text
     assert [f["id"] for f in r.json()["features"]] == after
+    # ... and so does the item's /similar endpoint
+    r = fb_client.get(
+        "/collections/scenes/items/item-020/similar",
+        params={
+            "model": MODEL,
+            "k": 11,
+            "relevant": "scenes/item-000,scenes/item-001",
+            "not_relevant": "scenes/item-010,scenes/item-011",
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert [f["id"] for f in r.json()["features"]] == after
+    assert r.json()["cbir:similarity"]["feedback"]["relevant"] == 2
 
 
 def test_feedback_errors_name_the_item(fb_client: TestClient) -> None:
@@ -129,6 +142,8 @@ def test_feedback_errors_name_the_item(fb_client: TestClient) -> None:
         params={"similarity_item": "scenes/item-020", "similarity_relevant": "no-slash"},
     )
     assert r.status_code == 400, r.text
+    r = fb_client.get("/collections/scenes/items/item-020/similar", params={"relevant": "x"})
+    assert r.status_code == 400 and "relevant must be a comma list" in r.text, r.text
 
 
 def test_client_sends_feedback(server: str) -> None:  # noqa: F811

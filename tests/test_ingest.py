@@ -27,10 +27,10 @@ from stac_rscbir.extension.validation import cbir_errors, schema_errors
 from stac_rscbir.ingest.sinks import CatalogSink, GeoParquetSink
 from stac_rscbir.ingest.sources import items_from_file
 from stac_rscbir.ingest.worker import IngestOptions, Ingestor
-from stac_rscbir.models.checkpoint import ModelConfig
+from stac_rscbir.models.checkpoint import ModelConfig, SourceConfig
 from stac_rscbir.models.encoder import HashEncoder
 
-from .stac_builders import RGB, raster_item, static_catalog, write_cog
+from .stac_builders import RGB, make_item, raster_item, static_catalog, write_cog
 
 CHIP = 32
 MODEL = "test-rgb-smallcnn-32"
@@ -310,6 +310,80 @@ def test_cli_ingest_writes_back_and_reports(checkpoint: Path, tmp_path: Path) ->
         app, ["ingest", str(tmp_path / "nope.json"), "--model", str(checkpoint)]
     )
     assert bad.exit_code == 1 and "not found" in bad.output
+
+
+# --------------------------------------------------------------------------- cross-modal
+
+
+def _two_branch(folder: Path) -> Path:
+    """A cross-modal ``duch`` model: branch 0 reads RGB, branch 1 VV/VH (random weights)."""
+    config = ModelConfig(
+        method="duch",
+        bits=32,
+        bands=list(RGB),
+        backbone="smallcnn",
+        mean=[1000.0, 1100.0, 1200.0],
+        std=[300.0, 300.0, 300.0],
+        model_id="test-rgb-sar",
+        input_size=CHIP,
+        second_source=SourceConfig(["VV", "VH"], "smallcnn", [-12.0, -19.0], [3.0, 3.0]),
+    )
+    torch.manual_seed(0)
+    return HashEncoder.build(config, pretrained=False).save(folder / "two-branch")
+
+
+def _patch(folder: Path, name: str, bands: tuple[str, ...], seed: int) -> pystac.Item:
+    """A CHIP x CHIP patch item with one single-band asset per band (keys = band names)."""
+    rng = np.random.default_rng(seed)
+    low, high = (-25.0, -5.0) if bands[0] == "VV" else (500.0, 2000.0)
+    pixels = rng.uniform(low, high, (len(bands), CHIP, CHIP)).astype(np.float32)
+    assets = {}
+    for band, layer in zip(bands, pixels, strict=True):
+        path = write_cog(
+            folder / f"{name}_{band}.tif", layer[None], from_origin(5e5, 5.3e6, 10, 10)
+        )
+        assets[band] = {"href": path}
+    item = make_item(name, assets)
+    for asset in item.assets.values():
+        asset.media_type = pystac.MediaType.GEOTIFF
+    item.collection_id = "sar" if bands[0] == "VV" else "optical"
+    return item
+
+
+def test_a_two_branch_model_encodes_each_item_with_its_sensors_branch(tmp_path: Path) -> None:
+    ckpt = _two_branch(tmp_path)
+    optical = [_patch(tmp_path, f"opt-{i}", RGB, i) for i in range(5)]
+    sar = [_patch(tmp_path, f"sar-{i}", ("VV", "VH"), 10 + i) for i in range(3)]
+    neither = _patch(tmp_path, "nir-only", ("nir",), 99)
+    # optical items in a row, then SAR: with batch 2 the SAR branch gets partial batches
+    items = [*optical[:4], sar[0], neither, *sar[1:], optical[4]]
+    options = IngestOptions(batch_size=2, readers=1, progress=False, device="cpu")
+    sink = GeoParquetSink(tmp_path / "out")
+    report = Ingestor.from_checkpoint(ckpt, options).run(items, sink)
+    assert (report.items_encoded, report.items_seen) == (8, 9)
+    (error,) = report.errors
+    assert error.item_id == "nir-only" and error.kind == "missing-band"
+    assert "rgb lacks" in error.message and "VV, VH" in error.message
+    rows = {
+        r["id"]: r
+        for p in (tmp_path / "out").glob("*.parquet")
+        for r in pq.read_table(p).to_pylist()
+    }
+    encoder = HashEncoder.load(ckpt)
+    for item, source, bands in [
+        *((i, 0, list(RGB)) for i in optical),
+        *((i, 1, ["VV", "VH"]) for i in sar),
+    ]:
+        pixels = np.stack([rasterio.open(a.href).read(1) for a in item.assets.values()]).astype(
+            np.float32
+        )
+        bits, _ = encoder.encode_numpy(pixels[None], source=source)
+        (code,) = rows[item.id]["cbir:codes"]
+        assert code["bands"] == bands and code["model"] == "test-rgb-sar"
+        np.testing.assert_array_equal(_code_bits(code), bits[0])
+    # the two branches really differ: the same SAR pixels through branch 0's bands are refused
+    with pytest.raises(ValueError, match="branch 0"):
+        encoder.encode_numpy(np.zeros((1, 2, CHIP, CHIP), np.float32), source=0)
 
 
 # --------------------------------------------------------------------------- real data

@@ -21,6 +21,7 @@ from stac_rscbir.models.mining import similarity_matrix
 EXPECTED_TERMS: dict[str, set[str]] = {  # with the hash layers of Table 2 (see below)
     "dhnn": {"pairwise", "quantization"},
     "sidhcnn": {"pairwise", "cross_pairwise", "quantization", "bit_balance"},
+    "duch": {"cross_ntxent", "quantization", "bit_balance_code"},
     "milan": {"triplet", "push", "bit_balance_code"},
     "dhcnn": {"pairwise", "quantization", "cross_entropy"},
     "sshaae": {
@@ -142,7 +143,8 @@ def test_hashing_net_builds_the_hash_layer_and_parts_its_preset_names(name: str)
     assert (net.classifier is not None) == spec.classifier == ("cross_entropy" in spec.weights)
     assert (net.decoder is not None) == spec.decoder == ("reconstruction" in spec.weights)
     assert (net.discriminator is not None) == spec.adversarial == ("adversarial" in spec.weights)
-    assert (net.head2 is not None) == spec.two_sources == ("cross_pairwise" in spec.weights)
+    cross = {"cross_pairwise", "cross_ntxent"} & set(spec.weights)
+    assert (net.head2 is not None) == spec.two_sources == bool(cross)
     if net.classifier is not None:
         assert net.classifier(torch.randn(3, 16)).shape == (3, 5)
 
@@ -205,6 +207,32 @@ def test_two_source_preset_trains_a_second_backbone_for_other_bands() -> None:
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters())
     bits, _ = net.encode(s1, source=1)  # the SAR branch encodes 2-band input
     assert bits.shape == (len(LABELS), 16)
+
+
+def test_duch_loss_is_ntxent_plus_joint_quantization_and_balance_of_both_branches() -> None:
+    spec = METHODS["duch"]
+    net = HashingNet(spec, in_dim=24, bits=16, n_classes=3)
+    x, x2 = torch.randn(len(LABELS), 24), torch.randn(len(LABELS), 24)
+    total, _, logged = batch_loss(net, x, x2=x2)
+    h, h2 = net(x), net(x2, source=1)
+    assert net.space() == "pm1" and spec.joint_code and not spec.classifier
+    # the pair's own other view is the positive (labels play no part)
+    z = torch.nn.functional.normalize(torch.cat([h, h2]), dim=1)
+    sim = (z @ z.T / spec.temperature).fill_diagonal_(float("-inf"))
+    n = len(LABELS)
+    ntxent = torch.nn.functional.cross_entropy(sim, (torch.arange(2 * n) + n) % (2 * n))
+    assert logged["cross_ntxent"] == pytest.approx(float(ntxent), rel=1e-5)
+    # both branches are quantized toward ONE joint code, sign((h1 + h2) / 2)
+    joint = torch.where((h + h2) >= 0, 1.0, -1.0)
+    quant = ((joint - h) ** 2).sum(1).mean() + ((joint - h2) ** 2).sum(1).mean()
+    assert logged["quantization"] == pytest.approx(float(quant), rel=1e-5)
+    balance = (h.mean(1) ** 2).mean() + (h2.mean(1) ** 2).mean()
+    assert logged["bit_balance_code"] == pytest.approx(float(balance), rel=1e-5)
+    # labels do not change an unsupervised loss
+    _, _, relabelled = batch_loss(net, x, labels=torch.zeros_like(LABELS), x2=x2)
+    assert relabelled == pytest.approx(logged)
+    total.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.head2.parameters())
 
 
 def test_two_source_preset_shares_the_backbone_when_no_second_one_is_given() -> None:

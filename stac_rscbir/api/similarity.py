@@ -120,6 +120,17 @@ class SimilarityPostRequest(BaseModel):
     similarity: SimilarityQuery | None = Field(None, description="Query by example.")
 
 
+# GET feedback parameters, shared by /search and /similar
+RelevantParam = Annotated[
+    str | None,
+    Query(description="Feedback: items judged relevant, comma list of `<collection>/<id>`."),
+]
+NotRelevantParam = Annotated[
+    str | None,
+    Query(description="Feedback: items judged not relevant, comma list of `<collection>/<id>`."),
+]
+
+
 @attr.s
 class SimilarityGetRequest(APIRequest):
     """Merged into GET /search: the similarity object as flat query parameters."""
@@ -140,16 +151,8 @@ class SimilarityGetRequest(APIRequest):
     similarity_rerank: Annotated[bool | None, Query(description="Re-rank by descriptor.")] = (
         attr.ib(default=None)
     )
-    similarity_relevant: Annotated[
-        str | None,
-        Query(description="Feedback: items judged relevant, comma list of `<collection>/<id>`."),
-    ] = attr.ib(default=None)
-    similarity_not_relevant: Annotated[
-        str | None,
-        Query(
-            description="Feedback: items judged not relevant, comma list of `<collection>/<id>`."
-        ),
-    ] = attr.ib(default=None)
+    similarity_relevant: RelevantParam = attr.ib(default=None)
+    similarity_not_relevant: NotRelevantParam = attr.ib(default=None)
 
 
 @attr.s
@@ -161,6 +164,16 @@ class SimilarItemsRequest(ItemUri):
     max_distance: Annotated[int | None, Query(ge=0, description="Hamming radius.")] = attr.ib(
         default=None
     )
+    collections: Annotated[
+        str | None,
+        Query(
+            description="Only items of these collections (comma list): with a cross-modal "
+            "model, e.g. the Sentinel-1 items like this Sentinel-2 item."
+        ),
+    ] = attr.ib(default=None)
+    rerank: Annotated[bool, Query(description="Re-rank by descriptor.")] = attr.ib(default=False)
+    relevant: RelevantParam = attr.ib(default=None)
+    not_relevant: NotRelevantParam = attr.ib(default=None)
 
 
 class SimilarityService:
@@ -504,7 +517,6 @@ class SimilarityService:
                 f"at most {self.max_image_bytes}",
             )
         encoder = self._encoder(model)
-        bands = len(encoder.config.bands)
         try:
             raw = base64.b64decode(data, validate=True)
         except ValueError as exc:
@@ -520,11 +532,10 @@ class SimilarityService:
                         f"{src.count} band(s) = {size} values, this server takes at most "
                         f"{self.max_image_pixels}",
                     )
-                if src.count != bands:
-                    raise InvalidQueryError(
-                        f"similarity.image has {src.count} band(s); model {model!r} takes "
-                        f"{bands} ({', '.join(encoder.config.bands)})"
-                    )
+                try:  # a cross-modal model encodes the image with the branch of its sensor
+                    source = encoder.config.source_for_band_count(src.count)
+                except ValueError as exc:
+                    raise InvalidQueryError(f"similarity.image: {exc}") from exc
                 pixels = src.read().astype(np.float32)
         except (HTTPException, InvalidQueryError):
             raise
@@ -536,7 +547,7 @@ class SimilarityService:
         size = encoder.config.input_size
         if size and x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear")
-        bits, relaxed = encoder(x)
+        bits, relaxed = encoder(x, source)
         return bits[0].numpy().astype(np.uint8), relaxed[0].numpy()
 
     def search(self, query: SearchQuery, sim: SimilarityQuery) -> SearchPage:
@@ -730,13 +741,28 @@ class SimilarityExtension(ApiExtension):
         model: str | None = None,
         k: int = 10,
         max_distance: int | None = None,
+        collections: str | None = None,
+        rerank: bool = False,
+        relevant: str | None = None,
+        not_relevant: str | None = None,
     ) -> dict[str, Any]:
-        sim = SimilarityQuery(
-            model=model,
-            item=ItemRef(collection=collection_id, id=item_id),
-            k=k,
-            max_distance=max_distance,
-        )
-        query = SearchQuery(limit=k)
+        judged = _refs(relevant, "relevant"), _refs(not_relevant, "not_relevant")
+        try:
+            sim = SimilarityQuery(
+                model=model,
+                item=ItemRef(collection=collection_id, id=item_id),
+                k=k,
+                max_distance=max_distance,
+                rerank=rerank,
+                feedback=(
+                    FeedbackQuery(relevant=judged[0], not_relevant=judged[1])
+                    if any(judged)
+                    else None
+                ),
+            )
+        except ValueError as exc:
+            raise InvalidQueryError(str(exc)) from exc
+        wanted = [c.strip() for c in (collections or "").split(",") if c.strip()]
+        query = SearchQuery(limit=k, collections=wanted or None)
         page = self.service.search(query, sim)  # type: ignore[union-attr]
         return self.client._page(page, request, "GET", {"k": k}, query)

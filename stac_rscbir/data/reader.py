@@ -240,6 +240,11 @@ def _to_db(x: np.ndarray, unit: str | None, negatives_seen: bool) -> np.ndarray:
     return db
 
 
+def missing_bands(item: pystac.Item, profile: SensorProfile) -> list[str]:
+    """The profile's bands that ``item`` has no asset for (nothing is read); [] if it has all."""
+    return [spec.name for spec in profile.bands if _resolve(item, spec, profile) is None]
+
+
 def read_item(
     item: pystac.Item,
     profile: SensorProfile,

@@ -306,6 +306,7 @@ class CBIRModel:
         bits: int,
         bands: list[str],
         *,
+        branches: list[dict[str, Any]] | None = None,
         bit_order: BitOrder = "big",
         encoding: CodeEncoding = "base64",
         method: str | None = None,
@@ -317,7 +318,11 @@ class CBIRModel:
         href: str | None = None,
         description: str | None = None,
     ) -> CBIRModel:
-        """Describe a model; optional parts are left out of the stored object."""
+        """Describe a model; optional parts are left out of the stored object.
+
+        ``branches`` (cross-modal models) lists every input branch as ``{"bands": [...],
+        "backbone": ...}``, the first reading ``bands``.
+        """
         props: dict[str, Any] = {
             "id": id,
             "version": version,
@@ -326,6 +331,8 @@ class CBIRModel:
             "encoding": encoding,
             "bands": list(bands),
         }
+        if branches is not None:
+            props["branches"] = [dict(b) for b in branches]
         optional = {
             "method": method,
             "backbone": backbone,
@@ -361,7 +368,21 @@ class CBIRModel:
         check_bits(_require(d, "bits", field), f"{field}.bits")
         check_choice(_require(d, "bit_order", field), BIT_ORDERS, f"{field}.bit_order")
         check_choice(_require(d, "encoding", field), CODE_ENCODINGS, f"{field}.encoding")
-        _check_bands(_require(d, "bands", field), f"{field}.bands")
+        bands = _check_bands(_require(d, "bands", field), f"{field}.bands")
+        branches = d.get("branches")
+        if branches is not None:
+            if not isinstance(branches, list) or len(branches) < 2:
+                raise CBIRFieldError(f"{field}.branches", "must list at least two input branches")
+            for i, branch in enumerate(branches):
+                where = f"{field}.branches[{i}]"
+                if not isinstance(branch, dict):
+                    raise CBIRFieldError(where, "must be an object")
+                _check_bands(_require(branch, "bands", where), f"{where}.bands")
+            if branches[0]["bands"] != bands:
+                raise CBIRFieldError(
+                    f"{field}.branches[0].bands",
+                    f"{branches[0]['bands']} differs from the model's bands {bands}",
+                )
         desc = d.get("descriptor")
         if desc is not None:
             check_choice(
@@ -394,6 +415,13 @@ class CBIRModel:
     @property
     def bands(self) -> list[str]:
         return cast(list[str], self.properties["bands"])
+
+    @property
+    def branches(self) -> list[dict[str, Any]]:
+        """The input branches; a single-branch model has one, reading :attr:`bands`."""
+        return cast(
+            list[dict[str, Any]], self.properties.get("branches") or [{"bands": self.bands}]
+        )
 
     @property
     def descriptor_dim(self) -> int | None:

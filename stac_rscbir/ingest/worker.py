@@ -33,7 +33,7 @@ from stac_rscbir.data.chips import (
     scene_chip_collection_id,
 )
 from stac_rscbir.data.profiles import SensorProfile, profile_for_bands
-from stac_rscbir.data.reader import ItemReadError, Pixels, read_item
+from stac_rscbir.data.reader import ItemReadError, Pixels, missing_bands, read_item
 from stac_rscbir.extension.cbir import CBIRExtension, CBIRModel, Descriptor, HashCode
 from stac_rscbir.ingest.report import ItemError, RunReport
 from stac_rscbir.ingest.sinks import Sink, has_code
@@ -58,6 +58,16 @@ class IngestOptions:
     progress: bool = True
 
 
+@dataclass(frozen=True)
+class _Branch:
+    """One input branch of the model: the sensor it reads and how invalid pixels are filled."""
+
+    source: int
+    bands: list[str]
+    profile: SensorProfile
+    fill: npt.NDArray[np.float32]  # (bands, 1, 1): the normalisation means
+
+
 @dataclass
 class _Prepared:
     """One item read and cut: its model inputs (raw units, nodata filled) and its chips."""
@@ -65,6 +75,7 @@ class _Prepared:
     item: pystac.Item
     inputs: npt.NDArray[np.float32]  # (n, bands, size, size)
     chips: list[Chip] | None  # None: the item is a patch, encoded whole
+    source: int = 0  # the model branch that encodes it
     dropped: int = 0
     outputs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
@@ -74,7 +85,11 @@ class _Prepared:
 
 
 class Ingestor:
-    """A loaded model and the pipeline that encodes items with it."""
+    """A loaded model and the pipeline that encodes items with it.
+
+    A cross-modal model (one branch per sensor) encodes each item with the first branch whose
+    bands the item has, so Sentinel-1 and Sentinel-2 items get codes in one Hamming space.
+    """
 
     def __init__(self, encoder: HashEncoder, options: IngestOptions | None = None) -> None:
         self.options = options or IngestOptions()
@@ -83,11 +98,19 @@ class Ingestor:
             raise ValueError("the checkpoint has no model_id: codes must name their model")
         self.device = pick_device(self.options.device)
         self.encoder = encoder.to(self.device).eval()
-        self.profile: SensorProfile = profile_for_bands(config.bands)
+        self.branches = [
+            _Branch(
+                i,
+                list(source.bands),
+                profile_for_bands(source.bands),
+                np.asarray(source.mean, dtype=np.float32)[:, None, None],
+            )
+            for i, source in enumerate(config.sources)
+        ]
+        self.profile: SensorProfile = self.branches[0].profile
         self.chip_size = self.options.chip_size or config.input_size or DEFAULT_CHIP_SIZE
         self.input_size = config.input_size or self.chip_size
         self.model_id, self.version = config.model_id, config.version
-        self._fill = np.asarray(config.mean, dtype=np.float32)[:, None, None]
 
     @classmethod
     def from_checkpoint(cls, directory: Path, options: IngestOptions | None = None) -> Ingestor:
@@ -103,6 +126,11 @@ class Ingestor:
             c.version,
             c.bits,
             list(c.bands),
+            branches=(
+                [{"bands": list(s.bands), "backbone": s.backbone} for s in c.sources]
+                if len(c.sources) > 1
+                else None
+            ),
             method=c.method,
             backbone=c.backbone,
             descriptor_dtype="float32" if self.options.descriptors else None,
@@ -117,7 +145,10 @@ class Ingestor:
         """Read and cut one item on a reader thread: (result, read seconds, cut seconds)."""
         start = time.perf_counter()
         try:
-            pixels = read_item(item, self.profile, resolution=self.options.resolution)
+            branch = self._branch_for(item)
+            if isinstance(branch, ItemError):
+                return branch, time.perf_counter() - start, 0.0
+            pixels = read_item(item, branch.profile, resolution=self.options.resolution)
         except ItemReadError as exc:
             error = ItemError(item.id, item.collection_id, exc.kind, str(exc))
             return error, time.perf_counter() - start, 0.0
@@ -125,13 +156,32 @@ class Ingestor:
             error = ItemError(item.id, item.collection_id, "unreadable-asset", f"{item.id}: {exc}")
             return error, time.perf_counter() - start, 0.0
         read = time.perf_counter() - start
-        result = self._cut(item, pixels)
+        result = self._cut(item, pixels, branch)
         return result, read, time.perf_counter() - start - read
 
-    def _cut(self, item: pystac.Item, pixels: Pixels) -> _Prepared | ItemError:
+    def _branch_for(self, item: pystac.Item) -> _Branch | ItemError:
+        """The first branch whose bands the item has (one branch: always that one, and a missing
+        band is reported by the reader)."""
+        if len(self.branches) == 1:
+            return self.branches[0]
+        missing = {}
+        for branch in self.branches:
+            missing[branch.profile.name] = missing_bands(item, branch.profile)
+            if not missing[branch.profile.name]:
+                return branch
+        detail = "; ".join(f"{name} lacks {', '.join(m)}" for name, m in missing.items())
+        return ItemError(
+            item.id,
+            item.collection_id,
+            "missing-band",
+            f"{item.id}: no branch of model {self.model_id!r} finds its bands ({detail}); "
+            f"assets: {', '.join(item.assets) or 'none'}",
+        )
+
+    def _cut(self, item: pystac.Item, pixels: Pixels, branch: _Branch) -> _Prepared | ItemError:
         """Fill invalid pixels with the band means and cut the item into model inputs."""
         _, height, width = pixels.data.shape
-        data = np.where(pixels.valid[None], pixels.data, self._fill).astype(np.float32)
+        data = np.where(pixels.valid[None], pixels.data, branch.fill).astype(np.float32)
         if is_patch(height, width, self.chip_size):
             valid = float(pixels.valid.mean())
             if valid < self.options.min_valid:
@@ -140,7 +190,7 @@ class Ingestor:
                 size = (self.chip_size, self.chip_size)
                 data = F.interpolate(torch.from_numpy(data)[None], size=size, mode="bilinear")[0]
                 data = data.numpy()
-            return _Prepared(item, data[None], None)
+            return _Prepared(item, data[None], None, branch.source)
         try:
             kept, dropped = make_chips(
                 pixels.valid,
@@ -155,7 +205,7 @@ class Ingestor:
         if not kept:
             return self._too_empty(item, f"all {len(dropped)} chips")
         inputs = np.stack([chip_pixels(data, c) for c in kept])
-        return _Prepared(item, inputs, kept, dropped=len(dropped))
+        return _Prepared(item, inputs, kept, branch.source, dropped=len(dropped))
 
     def _too_empty(self, item: pystac.Item, what: str) -> ItemError:
         return ItemError(
@@ -167,8 +217,11 @@ class Ingestor:
         )
 
     @torch.inference_mode()
-    def encode_array(self, inputs: npt.NDArray[np.float32]) -> tuple[np.ndarray, np.ndarray]:
-        """({0,1} codes, relaxed codes) of raw-unit inputs (n, bands, h, w) in model batches."""
+    def encode_array(
+        self, inputs: npt.NDArray[np.float32], source: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """({0,1} codes, relaxed codes) of raw-unit inputs (n, bands, h, w) in model batches,
+        through the model branch ``source``."""
         bits, relaxed = [], []
         for start in range(0, len(inputs), self.options.batch_size):
             x = torch.from_numpy(inputs[start : start + self.options.batch_size]).to(self.device)
@@ -177,14 +230,18 @@ class Ingestor:
             with torch.autocast(
                 self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
             ):
-                b, h = self.encoder(x)
+                b, h = self.encoder(x, source)
             bits.append(b.cpu().numpy())
             relaxed.append(h.float().cpu().numpy())
         return np.concatenate(bits).astype(np.uint8), np.concatenate(relaxed)
 
-    def _code(self, bits: np.ndarray, relaxed: np.ndarray) -> HashCode:
+    def _code(self, bits: np.ndarray, relaxed: np.ndarray, source: int) -> HashCode:
         descriptor = Descriptor.create(relaxed) if self.options.descriptors else None
-        return HashCode.from_bits(self.model_id, self.version, bits, descriptor=descriptor)
+        # a cross-modal model's codes say which branch (sensor bands) made them
+        bands = self.branches[source].bands if len(self.branches) > 1 else None
+        return HashCode.from_bits(
+            self.model_id, self.version, bits, descriptor=descriptor, bands=bands
+        )
 
     def _items(self, prep: _Prepared) -> tuple[pystac.Item, list[pystac.Item]]:
         """The encoded scene item and its chip items."""
@@ -194,17 +251,17 @@ class Ingestor:
         for chip, b, h in zip(prep.chips or [], bits, relaxed, strict=False):
             chip_it = chip_item(prep.item, chip)
             chip_it.collection_id = scene_chip_collection_id(prep.item.collection_id or "items")
-            CBIRExtension.ext(chip_it, add_if_missing=True).add_code(self._code(b, h))
+            CBIRExtension.ext(chip_it, add_if_missing=True).add_code(self._code(b, h, prep.source))
             chips.append(chip_it)
         if prep.chips is None:
             scene_bits, scene_relaxed = bits[0], relaxed[0]
         else:  # scene-level code: the model's binarisation of the chips' mean relaxed code
             scene_relaxed = relaxed.mean(axis=0)
-            head = self.encoder.net.head
-            scene_bits = head.binarize(torch.from_numpy(scene_relaxed)[None])[0].numpy()
+            mean = torch.from_numpy(scene_relaxed)[None]
+            scene_bits = self.encoder.binarize(mean, prep.source)[0].numpy()
         scene = prep.item.clone()
         CBIRExtension.ext(scene, add_if_missing=True).add_code(
-            self._code(scene_bits, scene_relaxed)
+            self._code(scene_bits, scene_relaxed, prep.source)
         )
         return scene, chips
 
@@ -238,20 +295,33 @@ class Ingestor:
         start = time.perf_counter()
         bar = tqdm(disable=not self.options.progress, unit="item", desc=f"ingest {self.model_id}")
         pending: deque[_Prepared] = deque()  # prepared, waiting for model outputs, in order
-        queue: list[tuple[_Prepared, int]] = []  # (owner, chip index) not yet through the model
+        lookahead = max(2, 2 * self.options.readers)
+        # multi-branch models: items read and waiting before the oldest forces a partial batch
+        max_pending = max(lookahead + 2, 16) if len(self.branches) > 1 else None
+        # (owner, chip index) not yet through the model, one queue per model branch
+        queues: list[list[tuple[_Prepared, int]]] = [[] for _ in self.branches]
 
-        def run_model(final: bool) -> None:
-            while queue and (final or len(queue) >= self.options.batch_size):
-                batch, queue[:] = (
-                    queue[: self.options.batch_size],
-                    queue[self.options.batch_size :],
-                )
+        def run_batches(source: int, final: bool) -> None:
+            queue, size = queues[source], self.options.batch_size
+            while queue and (final or len(queue) >= size):
+                batch, queue[:] = queue[:size], queue[size:]
                 t0 = time.perf_counter()
-                bits, relaxed = self.encode_array(np.stack([p.inputs[i] for p, i in batch]))
+                inputs = np.stack([p.inputs[i] for p, i in batch])
+                bits, relaxed = self.encode_array(inputs, source)
                 report.add_time("model", time.perf_counter() - t0)
                 for (owner, _), b, h in zip(batch, bits, relaxed, strict=True):
                     owner.outputs.append((b, h))
-            while pending and pending[0].complete:
+
+        def run_model(final: bool) -> None:
+            for source in range(len(queues)):
+                run_batches(source, final)
+            while pending:
+                if not pending[0].complete and max_pending and len(pending) > max_pending:
+                    # mixed sensors: the oldest item's branch gets a partial batch rather
+                    # than holding every later item in memory until its batch fills
+                    run_batches(pending[0].source, final=True)
+                if not pending[0].complete:
+                    break
                 commit(pending.popleft())
 
         def commit(prep: _Prepared) -> None:
@@ -266,7 +336,6 @@ class Ingestor:
             wall = time.perf_counter() - start
             bar.set_postfix(chips_s=f"{report.chips_encoded / wall:.1f}", errors=len(report.errors))
 
-        lookahead = max(2, 2 * self.options.readers)
         with ThreadPoolExecutor(self.options.readers, thread_name_prefix="reader") as pool:
             inflight: deque[Future[tuple[_Prepared | ItemError, float, float]]] = deque()
             todo = self._todo(items, sink, report)
@@ -290,7 +359,7 @@ class Ingestor:
                     bar.update(1)
                     continue
                 pending.append(result)
-                queue.extend((result, i) for i in range(len(result.inputs)))
+                queues[result.source].extend((result, i) for i in range(len(result.inputs)))
                 run_model(final=False)
             run_model(final=True)
         sink.finalize(self.model_description())

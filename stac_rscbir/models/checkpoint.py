@@ -18,6 +18,28 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
 
 
+def _check_normalisation(bands: list[str], mean: list[float], std: list[float]) -> None:
+    if len(mean) != len(bands) or len(std) != len(bands):
+        raise ValueError(
+            f"normalisation has {len(mean)} means and {len(std)} stds for {len(bands)} bands"
+        )
+    if any(math.isnan(s) or s <= 0 for s in std):
+        raise ValueError(f"std must be positive, got {std}")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One input branch of a model: the sensor bands it reads, its backbone, its normalisation."""
+
+    bands: list[str]
+    backbone: str
+    mean: list[float]
+    std: list[float]
+
+    def __post_init__(self) -> None:
+        _check_normalisation(self.bands, self.mean, self.std)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a trained hashing model and prepare its input."""
@@ -34,16 +56,28 @@ class ModelConfig:
     descriptor_dim: int | None = None
     head: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # cross-modal models: the second sensor's branch, coding into the same Hamming space
+    second_source: SourceConfig | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if len(self.mean) != len(self.bands) or len(self.std) != len(self.bands):
-            raise ValueError(
-                f"normalisation has {len(self.mean)} means and {len(self.std)} stds "
-                f"for {len(self.bands)} bands"
-            )
-        if any(math.isnan(s) or s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {self.std}")
+        _check_normalisation(self.bands, self.mean, self.std)
+        if isinstance(self.second_source, dict):  # read back from config.json
+            object.__setattr__(self, "second_source", SourceConfig(**self.second_source))
+
+    @property
+    def sources(self) -> list[SourceConfig]:
+        """Every input branch, the first (source 0) from the top-level fields."""
+        first = SourceConfig(list(self.bands), self.backbone, list(self.mean), list(self.std))
+        return [first] if self.second_source is None else [first, self.second_source]
+
+    def source_for_band_count(self, count: int) -> int:
+        """The branch that takes ``count`` bands; ``ValueError`` listing the branches if none."""
+        for i, source in enumerate(self.sources):
+            if len(source.bands) == count:
+                return i
+        takes = " or ".join(f"{len(s.bands)} ({', '.join(s.bands)})" for s in self.sources)
+        raise ValueError(f"{count} band(s) given; model {self.model_id!r} takes {takes}")
 
 
 def save_checkpoint(directory: Path, config: ModelConfig, state: dict[str, torch.Tensor]) -> Path:

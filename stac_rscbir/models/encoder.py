@@ -16,7 +16,11 @@ from stac_rscbir.models.methods import HashingNet, method_spec
 
 
 class HashEncoder(nn.Module):
-    """Images (B, bands, H, W), normalised per ``config``, to {0,1} codes and float descriptors."""
+    """Images (B, bands, H, W), normalised per ``config``, to {0,1} codes and float descriptors.
+
+    A cross-modal model has one branch per sensor (``config.sources``); ``source`` picks the
+    branch, and the codes of all branches live in one Hamming space.
+    """
 
     def __init__(self, config: ModelConfig, net: HashingNet) -> None:
         super().__init__()
@@ -32,33 +36,66 @@ class HashEncoder(nn.Module):
         head_state: dict[str, torch.Tensor] | None = None,
         pretrained: bool = True,
     ) -> HashEncoder:
-        """A fresh encoder for ``config`` (ImageNet backbone when ``pretrained``)."""
-        backbone = build_backbone(
-            config.backbone, in_bands=len(config.bands), pretrained=pretrained
-        )
+        """A fresh encoder for ``config`` (ImageNet backbones when ``pretrained``)."""
+        spec = method_spec(config.method)
+        backbones = [
+            build_backbone(s.backbone, in_bands=len(s.bands), pretrained=pretrained)
+            for s in config.sources
+        ]
+        if len(backbones) > 1 and not spec.two_sources:
+            raise ValueError(f"method {config.method!r} has one branch; the config names two")
+        dims = {int(b.out_dim) for b in backbones}
+        if len(dims) > 1:
+            raise ValueError(
+                f"the branches' backbones give {sorted(dims)}-d features; "
+                "the hash heads need one width"
+            )
         n_classes = int(config.head.get("n_classes", 1))
         net = HashingNet(
-            method_spec(config.method), backbone.out_dim, config.bits, n_classes, backbone=backbone
+            spec,
+            backbones[0].out_dim,
+            config.bits,
+            n_classes,
+            backbone=backbones[0],
+            backbone2=backbones[1] if len(backbones) > 1 else None,
         )
         if head_state is not None:
             net.load_state_dict(head_state, strict=False)
         return cls(config, net.eval())
 
-    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Apply the checkpoint's per-band mean/std to raw (B, bands, H, W) values."""
-        mean = torch.tensor(self.config.mean, device=pixels.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.config.std, device=pixels.device).view(1, -1, 1, 1)
+    def normalise(self, pixels: torch.Tensor, source: int = 0) -> torch.Tensor:
+        """Apply the branch's per-band mean/std to raw (B, bands, H, W) values."""
+        sources = self.config.sources
+        if not 0 <= source < len(sources):
+            raise ValueError(
+                f"model {self.config.model_id!r} has {len(sources)} branch(es), no source {source}"
+            )
+        branch = sources[source]
+        if pixels.shape[1] != len(branch.bands):
+            raise ValueError(
+                f"{pixels.shape[1]} band(s) given to branch {source} of model "
+                f"{self.config.model_id!r}, which takes {len(branch.bands)} "
+                f"({', '.join(branch.bands)})"
+            )
+        mean = torch.tensor(branch.mean, device=pixels.device).view(1, -1, 1, 1)
+        std = torch.tensor(branch.std, device=pixels.device).view(1, -1, 1, 1)
         return (pixels.float() - mean) / std
 
     @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor, source: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """({0,1} uint8 codes (B, bits), relaxed float codes (B, bits)) of raw pixels."""
-        return self.net.encode(self.normalise(pixels))
+        return self.net.encode(self.normalise(pixels, source), source)
 
-    def encode_numpy(self, pixels: npt.NDArray[np.floating]) -> tuple[np.ndarray, np.ndarray]:
+    def binarize(self, relaxed: torch.Tensor, source: int = 0) -> torch.Tensor:
+        """{0,1} codes of relaxed codes by the branch's own hash head."""
+        return self.net.head_of(source).binarize(relaxed)
+
+    def encode_numpy(
+        self, pixels: npt.NDArray[np.floating], source: int = 0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """NumPy convenience around :meth:`forward` on the encoder's device."""
         device = next(self.parameters()).device
-        bits, relaxed = self(torch.as_tensor(pixels, device=device))
+        bits, relaxed = self(torch.as_tensor(pixels, device=device), source)
         return bits.cpu().numpy(), relaxed.cpu().numpy()
 
     def save(self, directory: Path) -> Path:

@@ -36,6 +36,8 @@ class MethodSpec:
     decoder: bool = False
     adversarial: bool = False
     two_sources: bool = False
+    joint_code: bool = False  # two sources: quantize both branches toward sign(½(h1 + h2))
+    temperature: float = 0.5  # NT-Xent temperature of contrastive cross-source terms
     labelled_fraction: float = 1.0
     lr: float = 1e-3
     reference: str = ""
@@ -70,6 +72,22 @@ METHODS: dict[str, MethodSpec] = {
             },
             two_sources=True,
             reference="Li et al., TGRS 2018 [25]",
+        ),
+        MethodSpec(
+            "duch",
+            "DUCH-style cross-modal hashing (no labels): NT-Xent between the two sources' "
+            "relaxed codes of each co-registered pair (the pair's other view is the positive, "
+            "the rest of the batch the negatives), quantization of both branches toward the "
+            "joint code sign((h1 + h2) / 2), per-code bit balance on both branches; one branch "
+            "per source, tanh hash layer",
+            activation="tanh",
+            hidden=(1024,),
+            sampling="random",
+            weights={"cross_ntxent": 1.0, "quantization": 0.001, "bit_balance_code": 0.01},
+            two_sources=True,
+            joint_code=True,
+            temperature=0.5,
+            reference="Mikriukov, Ravanbakhsh & Demir, ICASSP 2022; RSiM DA4DTE S1/S2 heads",
         ),
         MethodSpec(
             "milan",
@@ -216,20 +234,33 @@ class HashingNet(nn.Module):
         backbone = self.backbone2 if source == 1 and self.backbone2 is not None else self.backbone
         return x if backbone is None else backbone(x)
 
+    def head_of(self, source: int = 0) -> HashHead:
+        """The hash head of a source: ``head2`` for source 1 of two-source presets."""
+        return self.head2 if source == 1 and self.head2 is not None else self.head
+
     def forward(self, x: torch.Tensor, source: int = 0) -> torch.Tensor:
         """Relaxed codes (B, bits) in the head's value range."""
-        head = self.head2 if source == 1 and self.head2 is not None else self.head
-        return head(self.features(x, source))
+        return self.head_of(source)(self.features(x, source))
 
     @torch.inference_mode()
     def encode(self, x: torch.Tensor, source: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(bits as {0,1} uint8, relaxed float codes) for inference."""
         h = self.forward(x, source)
-        head = self.head2 if source == 1 and self.head2 is not None else self.head
-        return head.binarize(h), h.float()
+        return self.head_of(source).binarize(h), h.float()
 
     def space(self) -> str:
         return self.head.space
+
+
+def _pm1(h: torch.Tensor, space: str) -> torch.Tensor:
+    """Relaxed codes in the ±1 range that pairwise likelihoods compare (sigmoid codes as 2h - 1)."""
+    return 2 * h - 1 if space == "01" else h
+
+
+def binarize_joint(h1: torch.Tensor, h2: torch.Tensor, space: str) -> torch.Tensor:
+    """The joint binary target of two views' relaxed codes, sign(½(h1 + h2)) (DA4DTE), detached
+    and in the head's value space."""
+    return L.binarize((h1 + h2) / 2, space)  # type: ignore[arg-type]
 
 
 def method_loss(
@@ -254,6 +285,13 @@ def method_loss(
     space = net.space()
     feats = net.features(x)
     h = net.head(feats)
+    h2 = None
+    if spec.two_sources:
+        if x2 is None or net.head2 is None:
+            raise ValueError(f"method {spec.name!r} needs the second source's view (x2)")
+        h2 = net.head2(net.features(x2, source=1))
+    # single-source terms apply to every branch; cross terms tie the branches together
+    branches = [h] if h2 is None else [h, h2]
     terms: dict[str, torch.Tensor] = {}
     mask = (
         labelled
@@ -262,16 +300,23 @@ def method_loss(
     )
     if "pairwise" in w:
         # supervised pairs only (semi-supervised presets); sigmoid codes compared as 2h - 1
-        hp = 2 * h - 1 if space == "01" else h
         terms["pairwise"] = (
-            L.pairwise_likelihood_loss(hp[mask], sim[mask][:, mask])
+            sum(
+                L.pairwise_likelihood_loss(_pm1(hb, space)[mask], sim[mask][:, mask])
+                for hb in branches
+            )
             if int(mask.sum()) >= 2
             else h.sum() * 0
         )
     if "quantization" in w:
-        terms["quantization"] = L.quantization_loss(h, space=space)
+        joint = binarize_joint(h, h2, space) if spec.joint_code and h2 is not None else None
+        terms["quantization"] = sum(
+            L.quantization_loss(hb, space=space, target=joint) for hb in branches
+        )
     if "bit_balance" in w:
-        terms["bit_balance"] = L.bit_balance_loss(h, mode="per_bit", space=space)
+        terms["bit_balance"] = sum(
+            L.bit_balance_loss(hb, mode="per_bit", space=space) for hb in branches
+        )
     if "triplet" in w:
         assert triplets is not None, "triplet methods need triplets"
         terms["triplet"] = L.triplet_loss(
@@ -285,7 +330,9 @@ def method_loss(
     if "push" in w:
         terms["push"] = L.milan_push_loss(h)
     if "bit_balance_code" in w:
-        terms["bit_balance_code"] = L.bit_balance_loss(h, mode="per_code", space=space)
+        terms["bit_balance_code"] = sum(
+            L.bit_balance_loss(hb, mode="per_code", space=space) for hb in branches
+        )
     if "cross_entropy" in w:
         assert net.classifier is not None
         logits = net.classifier(h)
@@ -306,11 +353,11 @@ def method_loss(
         assert net.discriminator is not None
         terms["adversarial"], d_loss = L.adversarial_losses(net.discriminator, h, space=space)
     if "cross_pairwise" in w:
-        assert x2 is not None and net.head2 is not None
-        h2 = net.head2(net.features(x2, source=1))
-        terms["cross_pairwise"] = L.pairwise_likelihood_loss(h, sim, h2)
-        terms["pairwise"] = terms["pairwise"] + L.pairwise_likelihood_loss(h2, sim)
-        terms["quantization"] = terms["quantization"] + L.quantization_loss(h2, space=space)
+        assert h2 is not None
+        terms["cross_pairwise"] = L.pairwise_likelihood_loss(_pm1(h, space), sim, _pm1(h2, space))
+    if "cross_ntxent" in w:
+        assert h2 is not None
+        terms["cross_ntxent"] = L.nt_xent_loss(h, h2, temperature=spec.temperature)
     total = sum(w[k] * v for k, v in terms.items())
     logged = {k: float(v.detach()) for k, v in terms.items()}
     if d_loss is not None:

@@ -1,5 +1,6 @@
-"""Ready-made recipes: a preset trained on a labelled RGB image folder, or an ITQ head fitted
-on unlabelled chips, each to an encoder that saves and loads like any other."""
+"""Ready-made recipes: a preset trained on a labelled RGB image folder, a cross-modal model
+trained on co-registered BigEarthNet S2/S1 pairs, or an ITQ head fitted on unlabelled chips,
+each to an encoder that saves and loads like any other."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from stac_rscbir.data.bigearthnet import BandStats, BenPatches
 from stac_rscbir.data.imagefolder import read_labels_csv
-from stac_rscbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD
-from stac_rscbir.models.checkpoint import ModelConfig
+from stac_rscbir.models.augment import Augment
+from stac_rscbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from stac_rscbir.models.checkpoint import ModelConfig, SourceConfig
 from stac_rscbir.models.encoder import HashEncoder
 from stac_rscbir.models.features import cached_features
 from stac_rscbir.models.methods import METHODS
@@ -64,6 +67,70 @@ def train_on_folder(
     encoder = HashEncoder.build(model_config, head_state=result.net.state_dict(), pretrained=True)
     encoder.save(out)
     return encoder, result
+
+
+def train_crossmodal(
+    first: BenPatches,
+    second: BenPatches,
+    *,
+    method: str = "duch",
+    bits: int = 32,
+    backbone: str = "smallcnn",
+    config: TrainConfig | None = None,
+    augment: bool = True,
+    model_id: str = "ben-s2-s1-duch",
+    version: str = "1.0.0",
+) -> tuple[HashEncoder, TrainResult]:
+    """Train a two-branch (cross-modal) preset on co-registered patches, row i of ``first`` and
+    ``second`` the same place seen by two sensors (e.g. Sentinel-2 and Sentinel-1).
+
+    Each branch gets its own backbone (random init), per-band statistics fitted on its patches
+    and, with ``augment``, its own sensor-aware augmentation (flips and rotations; band jitter
+    only on optical data). The encoder's config holds both branches in physical units (DN for
+    S2, dB for S1), so it encodes raw items of either sensor into one Hamming space.
+    """
+    spec = METHODS.get(method)
+    if spec is None or not spec.two_sources:
+        pairs = sorted(n for n, s in METHODS.items() if s.two_sources)
+        raise ValueError(f"method {method!r} is not a two-branch preset; choose from {pairs}")
+    if first.names != second.names or not np.array_equal(first.labels, second.labels):
+        raise ValueError("the two sensors' patches are not paired row by row (names, labels)")
+    cfg = config or TrainConfig()
+    stats = [BandStats.fit(p.images, p.bands) for p in (first, second)]
+    sensors = ["sar" if p.sensor == "s1" else "optical" for p in (first, second)]
+    augments = [Augment(s, seed=cfg.seed + i) if augment else None for i, s in enumerate(sensors)]
+    torch.manual_seed(cfg.seed)  # the backbones' initialisation
+    result = train_hashing(
+        spec,
+        torch.from_numpy(stats[0].normalise(first.images)),
+        first.labels,
+        bits,
+        cfg,
+        second_source=torch.from_numpy(stats[1].normalise(second.images)),
+        backbone=build_backbone(backbone, len(first.bands)),
+        backbone2=build_backbone(backbone, len(second.bands)),
+        augment=augments[0],
+        augment2=augments[1],
+    )
+    model_config = ModelConfig(
+        method=method,
+        bits=bits,
+        backbone=backbone,
+        version=version,
+        model_id=model_id,
+        input_size=int(first.images.shape[-1]),
+        descriptor_dim=bits,
+        head={"n_classes": int(first.labels.shape[1])},
+        second_source=SourceConfig(backbone=backbone, **stats[1].to_config()),
+        extra={
+            "trained_on": f"{len(first)} co-registered {first.sensor}/{second.sensor} pairs",
+            "iterations": cfg.iterations,
+            "seed": cfg.seed,
+            "augment": augment,
+        },
+        **stats[0].to_config(),
+    )
+    return HashEncoder(model_config, result.net.cpu().eval()), result
 
 
 def fit_itq_encoder(

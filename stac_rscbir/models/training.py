@@ -104,13 +104,15 @@ def train_hashing(
     backbone: nn.Module | None = None,
     backbone2: nn.Module | None = None,
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    augment2: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``spec`` with single (N,) or multi-hot (N, C) labels.
 
     Frozen-backbone mode: ``inputs`` are cached descriptors (N, D) and ``backbone`` is None.
     Fine-tuning mode: ``inputs`` are normalised images (N, bands, H, W), trained end to end
     through ``backbone`` (and ``augment`` applied per batch). Two-source presets take the paired
-    second view in ``second_source`` (with its own ``backbone2`` when its bands differ).
+    second view in ``second_source`` (with its own ``backbone2`` when its bands differ, and its
+    own ``augment2``, e.g. speckle for SAR where ``augment`` jitters optical bands).
     """
     cfg = config or TrainConfig()
     seed_everything(cfg.seed)
@@ -122,6 +124,8 @@ def train_hashing(
         raise ValueError(f"method {spec.name!r} needs a second source (paired inputs)")
     if len(inputs) != len(y):
         raise ValueError(f"{len(inputs)} inputs but {len(y)} labels")
+    if augment2 is not None and second_source is None:
+        raise ValueError("augment2 augments the second source, but none was given")
     if second_source is not None and len(second_source) != len(y):
         raise ValueError(f"{len(second_source)} second-source inputs but {len(y)} labels")
     in_dim = int(getattr(backbone, "out_dim", 0)) if backbone is not None else inputs.shape[1]
@@ -150,6 +154,9 @@ def train_hashing(
         # bfloat16 autocast: mixed precision without the underflow that float16 needs a scaler for
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             xb = x_all[idx] if augment is None else augment(x_all[idx])
+            x2b = None
+            if x2_all is not None:
+                x2b = x2_all[idx] if augment2 is None else augment2(x2_all[idx])
             loss, d_loss, terms = method_loss(
                 net,
                 xb,
@@ -157,7 +164,7 @@ def train_hashing(
                 sim,
                 triplets=torch.as_tensor(rows, device=device) if rows is not None else None,
                 labelled=labelled_all[idx],
-                x2=x2_all[idx] if x2_all is not None else None,
+                x2=x2b,
             )
         opt.zero_grad(set_to_none=True)
         if opt_d is not None:
