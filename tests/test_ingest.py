@@ -251,6 +251,27 @@ def test_killed_run_resumes_with_no_loss_and_no_duplicates(
     assert not list(out.glob(".*"))  # no temporary files left behind as parts
 
 
+def test_parts_abandoned_by_dead_writers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    from stac_rscbir.ingest.sinks import _host
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid, host = int(gone.stdout), _host()
+    dead = tmp_path / f".part-m@1-{host}-{dead_pid}-0123456789ab.parquet.x1y2z3"
+    live = tmp_path / f".part-m@1-{host}-{os.getpid()}-0123456789ab.parquet.a1b2c3"
+    other_host = tmp_path / f".part-m@1-elsewhere-{dead_pid}-0123456789ab.parquet.q1w2e3"
+    done = tmp_path / f"part-m@1-{host}-{dead_pid}-0123456789ab.parquet"
+    for path in (dead, live, other_host, done):
+        path.write_bytes(b"x")
+    GeoParquetSink(tmp_path)
+    assert not dead.exists()
+    assert live.exists() and other_host.exists() and done.exists()
+
+
 def test_dask_gives_the_same_codes_as_the_local_path(checkpoint: Path, tmp_path: Path) -> None:
     distributed = pytest.importorskip("dask.distributed")
     items = [raster_item(f"d{i}", _scene(tmp_path, f"d{i}", 64, 48, seed=40 + i)) for i in range(5)]

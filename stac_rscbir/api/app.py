@@ -10,7 +10,8 @@ stricter: without ``--write-token`` or ``--allow-anonymous-writes`` it serves re
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -250,11 +251,26 @@ def create_api(
         ),
     )
     similarity.client = client
+    _save_indexes_on_shutdown(api.app, service)
     api.app.add_exception_handler(OverflowError, _out_of_range)
     api.app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     api.app.state.encode_queue = encode_queue
     api.app.state.write_protected = transactions and write_token is not None
     return api
+
+
+def _save_indexes_on_shutdown(app: FastAPI, service: SimilarityService) -> None:
+    """Wrap the app's lifespan so that shutting down saves the indexes' pending writes."""
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
+        service.open()
+        async with inner(app) as state:
+            yield state
+        service.close()
+
+    app.router.lifespan_context = lifespan
 
 
 def create_app(

@@ -189,6 +189,7 @@ class SimilarityService:
         max_k: int = MAX_K,
         max_image_bytes: int = MAX_IMAGE_BYTES,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
+        save_delay: float = 1.0,
     ) -> None:
         self.store = store
         self.max_k = max_k
@@ -209,6 +210,14 @@ class SimilarityService:
         # transaction hook (which follows the commit by a moment) before rebuilding
         self.catch_up_wait = 0.25
         self._caught_up = threading.Condition(self._lock)
+        # saves after writes are coalesced: one background save per model at most every
+        # save_delay seconds, not one full save per write (a lost save only costs a rebuild
+        # from the store at the next start: the saved copy names its generation)
+        self.save_delay = save_delay
+        self._pending_saves: set[str] = set()
+        self._saver: threading.Thread | None = None
+        self._saver_wake = threading.Condition(self._lock)
+        self._closed = False
 
     # ------------------------------------------------------------------ indexes
 
@@ -309,6 +318,58 @@ class SimilarityService:
                 elif model in self._disk_stale:  # dropped while we wrote: invalidate again
                     (path / META_FILE).unlink(missing_ok=True)
 
+    def _schedule_save(self, model: str) -> None:
+        """Save the model's index soon, on the saver thread (coalescing later writes)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._pending_saves.add(model)
+            if self._saver is None:
+                self._saver = threading.Thread(
+                    target=self._save_loop, name="hash-index-saver", daemon=True
+                )
+                self._saver.start()
+            self._saver_wake.notify_all()
+
+    def _save_loop(self) -> None:
+        """Wait for saves, let writes arriving within ``save_delay`` join them, save."""
+        while True:
+            with self._lock:
+                while not self._pending_saves and not self._closed:
+                    self._saver_wake.wait()
+                if self._closed:
+                    return
+                deadline = time.monotonic() + self.save_delay
+                while not self._closed and (left := deadline - time.monotonic()) > 0:
+                    self._saver_wake.wait(left)
+                if self._closed:
+                    return  # close() saves what is pending
+                models, self._pending_saves = self._pending_saves, set()
+            for model in models:
+                self._save(model)
+
+    def flush(self) -> None:
+        """Save now every index whose save is pending."""
+        with self._lock:
+            models, self._pending_saves = self._pending_saves, set()
+        for model in models:
+            self._save(model)
+
+    def open(self) -> None:
+        """Accept background saves again after :meth:`close` (the app's startup calls this)."""
+        with self._lock:
+            self._closed = False
+
+    def close(self) -> None:
+        """Stop the saver thread and save what is pending (the app's shutdown calls this)."""
+        with self._lock:
+            self._closed = True
+            self._saver_wake.notify_all()
+            saver, self._saver = self._saver, None
+        if saver is not None:
+            saver.join()
+        self.flush()
+
     def on_item(self, collection: str, item: dict[str, Any] | None, item_id: str) -> None:
         """Transaction hook: keep every loaded index in step with a committed write.
 
@@ -353,7 +414,7 @@ class SimilarityService:
                     self._drop(model)
             return
         for model in changed:
-            self._save(model)
+            self._schedule_save(model)
 
     def _default_model(self) -> str:
         if len(self.model_dirs) == 1:

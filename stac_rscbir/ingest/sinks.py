@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -215,12 +217,31 @@ def _extent(items: Sequence[dict[str, Any]]) -> pystac.Extent:
     return pystac.Extent(pystac.SpatialExtent([bbox]), pystac.TemporalExtent([interval]))
 
 
+def _host() -> str:
+    """This machine's name as it may appear in a file name."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
 class GeoParquetSink:
     """stac-geoparquet files in a folder: one part file per flush, each written atomically.
 
     A part holds complete scenes only (their chips and the scene item together), so a kill
     loses at most the unflushed scenes, which a rerun encodes again. Part names carry the model
-    and version; the scene ids in a model's parts are what counts as encoded.
+    and version, and the host and process that wrote them; the scene ids in a model's parts are
+    what counts as encoded. A process killed while writing a part leaves its temporary file:
+    the next sink on the same host removes those of processes that are gone (never those of
+    live writers, e.g. other Dask workers sharing the folder).
     """
 
     def __init__(self, folder: Path, flush_every: int = 64) -> None:
@@ -229,6 +250,16 @@ class GeoParquetSink:
         self._buffer: list[dict[str, Any]] = []
         self._scenes_buffered = 0
         self._done: dict[str, set[tuple[str | None, str]]] = {}
+        self._writer = f"{_host()}-{os.getpid()}"
+        self._remove_abandoned_parts()
+
+    def _remove_abandoned_parts(self) -> None:
+        """Delete temporary part files that writers on this host left when they died."""
+        host = _host()
+        for tmp in self.folder.glob(f".part-*-{host}-*.parquet.*"):
+            pid = tmp.name.split(f"-{host}-", 1)[1].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
 
     @staticmethod
     def _tag(model: str, version: str) -> str:
@@ -281,7 +312,7 @@ class GeoParquetSink:
         model, version = self._model
         tag = self._tag(model, version)
         table = sga.parse_stac_items_to_arrow(self._buffer).read_all()
-        target = self.folder / f"part-{tag}-{uuid.uuid4().hex[:12]}.parquet"
+        target = self.folder / f"part-{tag}-{self._writer}-{uuid.uuid4().hex[:12]}.parquet"
         atomic_write(target, lambda p: sga.to_parquet(table, p))
         done = self._encoded(model, version)
         done.update(
