@@ -383,6 +383,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]  # other work on the machine, for the record
     args.out.mkdir(parents=True, exist_ok=True)
     cluster = None
     if args.pgstac_cluster:
@@ -451,8 +452,8 @@ def main() -> None:
         ).tolist(),
         "machine": (
             f"{platform.node()} {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores shared with other jobs (tests running); client and server "
-            "on the same cores, over loopback"
+            f"{os.cpu_count()} cores, 1-minute load average {load_before:.2f} before the run; "
+            "client, server (and PostgreSQL) on the same cores, over loopback"
         ),
         "command": " ".join([".venv/bin/python", *sys.argv]),
         "date": time.strftime("%Y-%m-%d"),

@@ -186,3 +186,73 @@ def _one_thread_faiss() -> None:
     import faiss
 
     faiss.omp_set_num_threads(1)
+
+
+def test_concurrent_api_writes_are_followed_by_the_index_without_rebuilds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writers POST items in parallel (and a FeatureCollection, and a collection PUT) while
+    readers search over real HTTP: every write's hook follows it in order, so the index is
+    never dropped and rebuilt from the store, and every acknowledged item is then found."""
+    import httpx
+
+    from stac_rscbir.api.app import create_api
+    from stac_rscbir.api.server import BackgroundServer
+    from stac_rscbir.index.hashindex import HashIndex
+
+    builds: list[int] = []
+    real_build = HashIndex.build
+
+    def counting_build(self: HashIndex, codes, generation: int) -> HashIndex:  # type: ignore[no-untyped-def]
+        builds.append(generation)
+        return real_build(self, codes, generation)
+
+    monkeypatch.setattr(HashIndex, "build", counting_build)
+    store = SQLiteStore(tmp_path / "stac.db")
+    store.create_collection(_collection())
+    store.upsert_items([_item(i) for i in range(200)])
+    code = base64.b64encode(np.packbits(_bits(3)).tobytes()).decode()
+    search = {"similarity": {"model": MODEL, "code": code, "k": 5}, "limit": 5}
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    with BackgroundServer(create_api(store, tmp_path / "index", {}).app) as server:
+        url = server.url
+        assert httpx.post(f"{url}/search", json=search).status_code == 200
+        assert len(builds) == 1  # built once from the store
+
+        def writer(w: int) -> None:
+            try:
+                with httpx.Client(base_url=url, timeout=30) as c:
+                    for j in range(10):
+                        r = c.post("/collections/scenes/items", json=_item(1000 + 10 * w + j))
+                        assert r.status_code in (200, 201), r.text
+            except BaseException as exc:
+                errors.append(exc)
+
+        def reader() -> None:
+            try:
+                with httpx.Client(base_url=url, timeout=30) as c:
+                    while not stop.is_set():
+                        assert c.post("/search", json=search).status_code == 200
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+        readers = [threading.Thread(target=reader) for _ in range(2)]
+        for t in [*threads, *readers]:
+            t.start()
+        for t in threads:
+            t.join()
+        batch = {"type": "FeatureCollection", "features": [_item(i) for i in range(1100, 1106)]}
+        assert httpx.post(f"{url}/collections/scenes/items", json=batch).status_code in (201, 204)
+        described = {**_collection(), "description": "renamed"}
+        assert httpx.put(f"{url}/collections/scenes", json=described).status_code == 200
+        stop.set()
+        for t in readers:
+            t.join()
+        assert not errors, errors[0]
+        everything = {**search, "similarity": {**search["similarity"], "k": 300}, "limit": 300}
+        found = httpx.post(f"{url}/search", json=everything).json()
+    assert len(found["features"]) == 246 and found["cbir:similarity"]["exact"] is True
+    assert builds == builds[:1], f"{len(builds) - 1} rebuilds"
+    store.close()

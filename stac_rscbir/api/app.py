@@ -212,7 +212,9 @@ def create_api(
 
         ingestor = Ingestor.from_checkpoint(Path(encode_with), IngestOptions(progress=False))
         service.model_dirs.setdefault(ingestor.model_id, Path(encode_with))
-        encode_queue = EncodeQueue(ingestor, store, after_write=[service.on_item])
+        encode_queue = EncodeQueue(
+            ingestor, store, after_write=[service.on_item], write_scope=service.writing
+        )
         hooks.append(encode_queue.submit)
     similarity = SimilarityExtension(service=service)
     search_extensions = [
@@ -227,7 +229,9 @@ def create_api(
         guard = [Depends(write_guard(write_token))] if write_token is not None else None
         write_extensions.append(
             TransactionExtension(
-                client=StoreTransactionsClient(store=store, on_item=hooks),
+                client=StoreTransactionsClient(
+                    store=store, on_item=hooks, write_scope=service.writing
+                ),
                 settings=settings,
                 route_dependencies=guard,
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 from urllib.parse import urlencode
 
@@ -30,7 +31,9 @@ from stac_rscbir.store.base import (
     SearchQuery,
 )
 
-ItemHook = Callable[[str, dict[str, Any] | None, str], None]  # (collection, item or None, item id)
+# (collection, item or None when deleted, item id; "*": the collection was deleted, "": the
+# collection itself was written and no item changed)
+ItemHook = Callable[[str, dict[str, Any] | None, str], None]
 
 
 def store_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -319,10 +322,18 @@ def _flat(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 @attr.s
 class StoreTransactionsClient(BaseTransactionsClient):
-    """Transactions through the store; ``on_item`` hooks run after each committed write."""
+    """Transactions through the store; ``on_item`` hooks run after each committed write.
+
+    Each write and its hooks run inside ``write_scope()`` (e.g. the similarity service's
+    :meth:`~stac_rscbir.api.similarity.SimilarityService.writing`), so the hooks of one write
+    see the store as that write left it.
+    """
 
     store: ItemStore = attr.ib(kw_only=True)
     on_item: list[ItemHook] = attr.ib(factory=list, kw_only=True)
+    write_scope: Callable[[], AbstractContextManager[Any]] = attr.ib(
+        default=nullcontext, kw_only=True
+    )
 
     def _notify(self, collection_id: str, item: dict[str, Any] | None, item_id: str) -> None:
         for hook in self.on_item:
@@ -344,12 +355,13 @@ class StoreTransactionsClient(BaseTransactionsClient):
     @store_errors
     def create_item(self, collection_id: str, item: Any, **kwargs: Any) -> dict | None:
         items = self._items(collection_id, item)
-        if len(items) == 1:
-            self.store.create_item(items[0])
-        else:
-            self.store.upsert_items(items)
-        for i in items:
-            self._notify(collection_id, i, i["id"])
+        with self.write_scope():
+            if len(items) == 1:
+                self.store.create_item(items[0])
+            else:
+                self.store.upsert_items(items)
+            for i in items:
+                self._notify(collection_id, i, i["id"])
         return items[0] if len(items) == 1 else None
 
     @store_errors
@@ -357,8 +369,9 @@ class StoreTransactionsClient(BaseTransactionsClient):
         (data,) = self._items(collection_id, item)
         if data.get("id", item_id) != item_id:
             raise HTTPException(400, f"item id {data['id']!r} differs from the path's {item_id!r}")
-        self.store.update_item(data)
-        self._notify(collection_id, data, item_id)
+        with self.write_scope():
+            self.store.update_item(data)
+            self._notify(collection_id, data, item_id)
         return data
 
     def patch_item(self, collection_id: str, item_id: str, patch: Any, **kwargs: Any) -> Any:
@@ -366,13 +379,16 @@ class StoreTransactionsClient(BaseTransactionsClient):
 
     @store_errors
     def delete_item(self, item_id: str, collection_id: str, **kwargs: Any) -> None:
-        self.store.delete_item(collection_id, item_id)
-        self._notify(collection_id, None, item_id)
+        with self.write_scope():
+            self.store.delete_item(collection_id, item_id)
+            self._notify(collection_id, None, item_id)
 
     @store_errors
     def create_collection(self, collection: Any, **kwargs: Any) -> dict:
         data = _body(collection, "a STAC Collection")
-        self.store.create_collection(data)
+        with self.write_scope():
+            self.store.create_collection(data)
+            self._notify(data["id"], None, "")
         return data
 
     @store_errors
@@ -380,7 +396,9 @@ class StoreTransactionsClient(BaseTransactionsClient):
         data = _body(collection, "a STAC Collection")
         if data.get("id") != collection_id:
             raise HTTPException(400, f"collection id {data.get('id')!r} differs from the path's")
-        self.store.update_collection(data)
+        with self.write_scope():
+            self.store.update_collection(data)
+            self._notify(collection_id, None, "")
         return data
 
     def patch_collection(self, collection_id: str, patch: Any, **kwargs: Any) -> Any:
@@ -388,5 +406,6 @@ class StoreTransactionsClient(BaseTransactionsClient):
 
     @store_errors
     def delete_collection(self, collection_id: str, **kwargs: Any) -> None:
-        self.store.delete_collection(collection_id)
-        self._notify(collection_id, None, "*")
+        with self.write_scope():
+            self.store.delete_collection(collection_id)
+            self._notify(collection_id, None, "*")

@@ -15,7 +15,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -215,6 +216,11 @@ class SimilarityService:
         # from the store at the next start: the saved copy names its generation)
         self.save_delay = save_delay
         self._pending_saves: set[str] = set()
+        # in-process writes run one at a time with their hooks (writing()); a search that finds
+        # the store one generation ahead while one is under way serves the current index: that
+        # write is not acknowledged yet, and its hook brings the index along
+        self._write_lock = threading.Lock()
+        self._writing = 0
         self._saver: threading.Thread | None = None
         self._saver_wake = threading.Condition(self._lock)
         self._closed = False
@@ -239,6 +245,8 @@ class SimilarityService:
         wanted = self.store.generation()
         if idx is not None and idx.generation >= wanted:
             return idx
+        if idx is not None and self._writing and wanted - idx.generation <= 1:
+            return idx  # the write under way is not acknowledged: its hook catches up
         if idx is not None:  # most likely a write of this process whose hook is under way
             deadline = time.monotonic() + self.catch_up_wait
             with self._caught_up:
@@ -370,9 +378,24 @@ class SimilarityService:
             saver.join()
         self.flush()
 
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Scope of one write of this process and its hooks: writes run one at a time, so each
+        hook sees the store generation of its own write and the index follows it exactly."""
+        with self._write_lock:
+            with self._lock:
+                self._writing += 1
+            try:
+                yield
+            finally:
+                with self._lock:
+                    self._writing -= 1
+
     def on_item(self, collection: str, item: dict[str, Any] | None, item_id: str) -> None:
         """Transaction hook: keep every loaded index in step with a committed write.
 
+        ``item_id`` "*" means the collection was deleted, "" that only the collection itself
+        was written. Several items of one transaction each get a call at the same generation.
         Never raises: the write is committed, the store is the source of truth. An index that
         cannot follow (another writer came between, a collection went, an update failed) is
         dropped and rebuilt at its next use; a failed save is logged and the index keeps
@@ -385,8 +408,12 @@ class SimilarityService:
                 for model, idx in list(self._indexes.items()):
                     if item_id != "*" and idx.built_generation >= generation:
                         continue  # built after this write committed: it holds it already
-                    if item_id == "*" or idx.generation + 1 != generation:
+                    if item_id == "*" or idx.generation not in (generation - 1, generation):
                         self._drop(model)  # a collection went, or another writer: rebuild
+                        continue
+                    if not item_id:  # the collection was written: no codes changed
+                        idx.generation = generation
+                        changed.append(model)
                         continue
                     try:
                         key = (collection, item_id)

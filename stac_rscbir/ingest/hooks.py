@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import pystac
@@ -31,12 +32,17 @@ class EncodeQueue:
     """A background encoder for items written through the API."""
 
     def __init__(
-        self, ingestor: Ingestor, store: Any, after_write: list[AfterWrite] | None = None
+        self,
+        ingestor: Ingestor,
+        store: Any,
+        after_write: list[AfterWrite] | None = None,
+        write_scope: Callable[[], AbstractContextManager[Any]] = nullcontext,
     ) -> None:
         self.ingestor = ingestor
         self.sink = StoreSink(store)
         self.store = store
         self.after_write = list(after_write or [])
+        self.write_scope = write_scope  # each write and its listeners run inside it
         self.report = RunReport(ingestor.model_id, ingestor.version)
         self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="encode-queue", daemon=True)
@@ -85,32 +91,35 @@ class EncodeQueue:
             item = pystac.Item.from_dict(self.store.get_item(collection, item_id))
         except NotFoundError:
             return  # deleted meanwhile
-        written: list[pystac.Item] = []
-        sink = _Recording(self.sink, written)
-        run = self.ingestor.run([item], sink)
+        run = self.ingestor.run([item], _Notifying(self.sink, self.after_write, self.write_scope))
         self.report.merge(run)
         for e in run.errors:
             log.warning(
                 "item %s/%s not encoded: %s (%s)", e.collection, e.item_id, e.kind, e.message
             )
-        for it in written:
-            d = it.to_dict(include_self_link=False, transform_hrefs=False)
-            for listener in self.after_write:
-                listener(d["collection"], d, d["id"])
 
 
-class _Recording:
-    """A sink wrapper that remembers what was written (for the after-write listeners)."""
+class _Notifying:
+    """A sink wrapper that tells the after-write listeners of each write, in its write scope."""
 
-    def __init__(self, sink: StoreSink, written: list[pystac.Item]) -> None:
-        self.sink, self.written = sink, written
+    def __init__(
+        self,
+        sink: StoreSink,
+        listeners: list[AfterWrite],
+        scope: Callable[[], AbstractContextManager[Any]],
+    ) -> None:
+        self.sink, self.listeners, self.scope = sink, listeners, scope
 
     def is_encoded(self, item: pystac.Item, model: str, version: str) -> bool:
         return self.sink.is_encoded(item, model, version)
 
     def write(self, scene: pystac.Item, chips: Any) -> None:
-        self.sink.write(scene, chips)
-        self.written.extend([*chips, scene])
+        with self.scope():
+            self.sink.write(scene, chips)
+            for it in [*chips, scene]:
+                d = it.to_dict(include_self_link=False, transform_hrefs=False)
+                for listener in self.listeners:
+                    listener(d["collection"], d, d["id"])
 
     def finalize(self, model: Any) -> None:
         self.sink.finalize(model)

@@ -440,4 +440,7 @@ class StoreSink:
     def finalize(self, model: CBIRModel) -> None:
         """Describe the model in the collections this sink wrote to."""
         for cid in sorted(self._written):
-            self.store.update_collection(_add_model(self.store.get_collection(cid), model))
+            current = self.store.get_collection(cid)
+            described = _add_model(current, model)
+            if described != current:  # no write (and no new store generation) when unchanged
+                self.store.update_collection(described)

@@ -57,11 +57,11 @@ from stac_rscbir.store.base import (
     StoredCode,
     StoreError,
 )
-from stac_rscbir.store.sqlite import (
+from stac_rscbir.store.items import (
     InvalidItemError,
-    _geometries,
-    _Prepared,
+    PreparedItem,
     collection_json,
+    geometries,
     parse_bbox,
     parse_datetime_query,
     parse_filter,
@@ -312,7 +312,7 @@ class PgstacStore:
 
     def create_item(self, item: dict[str, Any]) -> None:
         """Add a new item (ConflictError if it exists, NotFoundError without its collection)."""
-        p = _Prepared(item)
+        p = PreparedItem(item)
         with self._write() as conn:
             self._require_collections(conn, [p.collection])
             if self._exists(conn, p.collection, p.id):
@@ -321,7 +321,7 @@ class PgstacStore:
 
     def update_item(self, item: dict[str, Any]) -> None:
         """Replace an existing item (NotFoundError if it does not exist)."""
-        p = _Prepared(item)
+        p = PreparedItem(item)
         with self._write() as conn:
             self._require_collections(conn, [p.collection])
             if not self._exists(conn, p.collection, p.id):
@@ -335,11 +335,11 @@ class PgstacStore:
         if any item is invalid, NotFoundError if a collection is missing. When an item appears
         twice, the last one wins.
         """
-        prepared: dict[ItemKey, _Prepared] = {}
-        geoms = _geometries([it.get("geometry") if isinstance(it, dict) else None for it in items])
+        prepared: dict[ItemKey, PreparedItem] = {}
+        geoms = geometries([it.get("geometry") if isinstance(it, dict) else None for it in items])
         for i, (item, geom) in enumerate(zip(items, geoms, strict=True)):
             try:
-                p = _Prepared(item, geom)
+                p = PreparedItem(item, geom)
             except InvalidItemError as exc:
                 if exc.item_id is None:
                     raise InvalidItemError(f"items[{i}]", exc.field, exc.problem) from exc
