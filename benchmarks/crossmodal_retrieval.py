@@ -10,7 +10,8 @@ SmallCNN -> its own hash head) are trained together on co-registered S2/S1 pairs
 * ``sidhcnn``: source-invariant DHCNN (Li et al. 2018): label-based pairwise likelihood within
   each sensor and across sensors, quantization, per-bit balance on both branches.
 
-Both with sensor-aware augmentation (flips/rot90 for both sensors, band jitter for S2 only).
+Both with sensor-aware augmentation in physical units (flips/rot90 for both sensors, band
+gain/contrast jitter on S2 reflectances, Gamma speckle of 10 looks added to S1 in dB).
 Codes of both branches live in one 32-bit Hamming space, so a query from one sensor is ranked
 against an archive of the other.
 
@@ -169,7 +170,12 @@ def run_method(
             iterations=iterations, batch_size=args.batch_size, seed=seed, progress=False
         )
         return train_crossmodal(
-            *train, method=method, bits=args.bits, config=config, augment=not args.no_augment
+            *train,
+            method=method,
+            bits=args.bits,
+            config=config,
+            augment=not args.no_augment,
+            speckle_looks=None if args.no_speckle else args.speckle_looks,
         )
 
     untrained, _ = fit(0)
@@ -225,6 +231,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    parser.add_argument(
+        "--speckle-looks", type=float, default=10.0, help="S1 speckle augmentation (looks)"
+    )
+    parser.add_argument("--no-speckle", action="store_true", help="no S1 speckle augmentation")
     parser.add_argument("--random-draws", type=int, default=50)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=OUT)
@@ -264,6 +274,7 @@ def main() -> None:
             "s1": f"{list(s1.bands)} -> smallcnn (random init) -> hash head (source 1)",
         },
         "augment": not args.no_augment,
+        "speckle_looks": None if args.no_speckle else args.speckle_looks,
         "bits": args.bits,
         "iterations": args.iterations,
         "batch_size": args.batch_size,

@@ -81,13 +81,13 @@ def test_training_pulls_the_two_views_of_each_patch_together(
     # to other patches' (measured: 15.5 vs 15.4 bits of 32)
     assert abs(before[off].mean() - np.diag(before).mean()) < 1.5
     # trained, on patches it never saw: the same place seen by the two sensors is much closer
-    # than other places are (measured: 6.2 vs 11.9 bits)
-    assert after[off].mean() - np.diag(after).mean() > 3.0
+    # than other places are (measured: 2.6 vs 11.6 bits)
+    assert after[off].mean() - np.diag(after).mean() > 5.0
     # rank of the own S1 patch among the 16 S1 codes for each S2 query (ties count half):
-    # measured 5.3 on average, untrained 7.9, a random ranking 7.5
+    # measured 2.25 on average, untrained 7.9, a random ranking 7.5
     diag = np.diag(after)[:, None]
     ranks = (after < diag).sum(1) + 0.5 * ((after == diag).sum(1) - 1)
-    assert ranks.mean() < 6.5
+    assert ranks.mean() < 4.5
 
 
 def test_checkpoint_keeps_both_branches_and_encodes_raw_patches_of_either_sensor(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from stac_rscbir.models.augment import Augment
+from stac_rscbir.models.augment import Augment, InUnits
 from stac_rscbir.models.mining import (
     all_valid_triplets,
     batch_hard_triplets,
@@ -388,6 +388,28 @@ def test_sar_speckle_noise() -> None:
     x_db = torch.full((2, 64, 64), -12.0)
     db = Augment("sar", speckle_looks=4, sar_scale="db", seed=0)(x_db)
     assert torch.isfinite(db).all() and not torch.equal(db, x_db)
+
+
+def test_in_units_applies_speckle_in_db_to_z_scored_sar() -> None:
+    """Speckle in dB on z-scored VV/VH equals speckle on the dB values, re-normalised: the
+    per-band noise in z-units is the dB noise divided by that band's std."""
+    mean, std = [-12.0, -19.0], [3.0, 6.0]
+    db = torch.stack([torch.full((32, 32), -12.0), torch.full((32, 32), -19.0)])
+    z = (db - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    speckle = dict(sensor="sar", speckle_looks=4, hflip=0, vflip=0, rot90=False)
+    out = InUnits(Augment(**speckle, seed=3), mean, std)(z[None])[0]
+    direct = Augment(**speckle, seed=3)(db)
+    expected = (direct - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+    torch.testing.assert_close(out, expected)
+    noise_std = out.std(dim=(-2, -1))
+    # the z-unit noise is 1/3 (VV) vs 1/6 (VH) of the dB noise
+    assert float(noise_std[0]) == pytest.approx(2 * float(noise_std[1]), rel=0.1)
+    plain = InUnits(Augment("sar", hflip=0, vflip=0, rot90=False), mean, std)
+    torch.testing.assert_close(plain(z), z)  # geometry only, no flips: unchanged
+    with pytest.raises(ValueError, match="2 bands"):
+        plain(torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match="std must be positive"):
+        InUnits(plain, mean, [1.0, 0.0])
 
 
 def test_optical_jitter_changes_band_statistics_per_band() -> None:

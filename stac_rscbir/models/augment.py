@@ -25,6 +25,7 @@ computed in float32, rounded and clamped to their dtype's range.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Augment", "Sensor"]
+__all__ = ["Augment", "InUnits", "Sensor"]
 
 Sensor = Literal["optical", "sar", "rgb"]
 _DEFAULT_JITTER = 0.2
@@ -236,3 +237,34 @@ class Augment:
             return x.to(dtype).contiguous()
         info = torch.iinfo(dtype)
         return x.round().clamp(info.min, info.max).to(dtype).contiguous()
+
+
+class InUnits:
+    """Apply an augmentation defined in physical units to per-band z-scored tensors.
+
+    ``x -> (augment(x * std + mean) - mean) / std`` per band, so a training loop that feeds
+    normalised batches still gets speckle in dB (SAR) or a gain on reflectances (optical), not
+    on z-scores. ``mean`` and ``std`` are the normalisation's per-band values.
+    """
+
+    def __init__(
+        self, augment: Callable[[Tensor], Tensor], mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        if len(mean) != len(std) or not len(mean):
+            raise ValueError(f"need one mean and one std per band, got {len(mean)} and {len(std)}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std must be positive, got {list(std)}")
+        self.augment = augment
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __repr__(self) -> str:
+        return f"InUnits({self.augment!r}, bands={len(self.mean)})"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Augment normalised (C, H, W) or (B, C, H, W) ``x``; same shape and dtype out."""
+        if x.shape[-3] != len(self.mean):
+            raise ValueError(f"expected {len(self.mean)} bands on axis -3, got {tuple(x.shape)}")
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        physical = x.float() * std + mean
+        return ((self.augment(physical) - mean) / std).to(x.dtype)

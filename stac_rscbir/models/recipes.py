@@ -12,7 +12,7 @@ import torch
 
 from stac_rscbir.data.bigearthnet import BandStats, BenPatches
 from stac_rscbir.data.imagefolder import read_labels_csv
-from stac_rscbir.models.augment import Augment
+from stac_rscbir.models.augment import Augment, InUnits
 from stac_rscbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from stac_rscbir.models.checkpoint import ModelConfig, SourceConfig
 from stac_rscbir.models.encoder import HashEncoder
@@ -78,6 +78,7 @@ def train_crossmodal(
     backbone: str = "smallcnn",
     config: TrainConfig | None = None,
     augment: bool = True,
+    speckle_looks: float | None = 10.0,
     model_id: str = "ben-s2-s1-duch",
     version: str = "1.0.0",
 ) -> tuple[HashEncoder, TrainResult]:
@@ -85,9 +86,11 @@ def train_crossmodal(
     ``second`` the same place seen by two sensors (e.g. Sentinel-2 and Sentinel-1).
 
     Each branch gets its own backbone (random init), per-band statistics fitted on its patches
-    and, with ``augment``, its own sensor-aware augmentation (flips and rotations; band jitter
-    only on optical data). The encoder's config holds both branches in physical units (DN for
-    S2, dB for S1), so it encodes raw items of either sensor into one Hamming space.
+    and, with ``augment``, its own sensor-aware augmentation applied in physical units (flips
+    and rotations; band gain and contrast jitter on optical data; on SAR, Gamma speckle of
+    ``speckle_looks`` looks added in dB, None for none). The encoder's config holds
+    both branches in physical units (DN for S2, dB for S1), so it encodes raw items of either
+    sensor into one Hamming space.
     """
     spec = METHODS.get(method)
     if spec is None or not spec.two_sources:
@@ -97,8 +100,18 @@ def train_crossmodal(
         raise ValueError("the two sensors' patches are not paired row by row (names, labels)")
     cfg = config or TrainConfig()
     stats = [BandStats.fit(p.images, p.bands) for p in (first, second)]
-    sensors = ["sar" if p.sensor == "s1" else "optical" for p in (first, second)]
-    augments = [Augment(s, seed=cfg.seed + i) if augment else None for i, s in enumerate(sensors)]
+    augments = [
+        InUnits(
+            Augment("sar", speckle_looks=speckle_looks, seed=cfg.seed + i)
+            if p.sensor == "s1"
+            else Augment("optical", seed=cfg.seed + i),
+            st.mean,
+            st.std,
+        )
+        if augment
+        else None
+        for i, (p, st) in enumerate(zip((first, second), stats, strict=True))
+    ]
     torch.manual_seed(cfg.seed)  # the backbones' initialisation
     result = train_hashing(
         spec,
@@ -127,6 +140,7 @@ def train_crossmodal(
             "iterations": cfg.iterations,
             "seed": cfg.seed,
             "augment": augment,
+            "speckle_looks": speckle_looks,
         },
         **stats[0].to_config(),
     )
