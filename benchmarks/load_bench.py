@@ -49,7 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from service_bench import MODEL, items, load, serve_command  # noqa: E402
+from service_bench import MODEL, bench_item, items, load, serve_command  # noqa: E402
 
 from stac_rscbir.api.server import free_port  # noqa: E402
 from stac_rscbir.extension.cbir import HashCode  # noqa: E402
@@ -112,26 +112,8 @@ async def request(
 def new_item(worker: int, n: int, rng: random.Random, side: float = 3.0) -> dict[str, Any]:
     """A new item with a uniformly random 64-bit code (unlike the clustered preloaded ones)."""
     x, y = 10 + rng.random() * (side - 0.01), 45 + rng.random() * (side - 0.01)
-    dx = 0.01
     bits = np.array([rng.getrandbits(1) for _ in range(64)], dtype=np.uint8)
-    return {
-        "type": "Feature",
-        "stac_version": "1.1.0",
-        "stac_extensions": ["https://stac-extensions.github.io/cbir/v1.0.0/schema.json"],
-        "id": f"load-w{worker:02d}-{n:06d}",
-        "collection": "bench",
-        "geometry": {
-            "type": "Polygon",
-            "coordinates": [[[x, y], [x + dx, y], [x + dx, y + dx], [x, y + dx], [x, y]]],
-        },
-        "bbox": [x, y, x + dx, y + dx],
-        "properties": {
-            "datetime": "2024-01-01T00:00:00Z",
-            "cbir:codes": [HashCode.from_bits(MODEL, "1.0.0", bits).to_dict()],
-        },
-        "links": [],
-        "assets": {},
-    }
+    return bench_item(f"load-w{worker:02d}-{n:06d}", x, y, 0.01, "2024-01-01T00:00:00Z", bits)
 
 
 def updated(item: dict[str, Any], rng: random.Random) -> dict[str, Any]:

@@ -46,6 +46,30 @@ def serve_command(
     return [*cli, "--host", "127.0.0.1", "--port", str(port), *writes]
 
 
+def bench_item(
+    item_id: str, x: float, y: float, dx: float, datetime: str, bits: np.ndarray
+) -> dict[str, Any]:
+    """An item of the benchmark collection: a dx-degree square at (x, y) with one 64-bit code."""
+    return {
+        "type": "Feature",
+        "stac_version": "1.1.0",
+        "stac_extensions": ["https://stac-extensions.github.io/cbir/v1.0.0/schema.json"],
+        "id": item_id,
+        "collection": "bench",
+        "geometry": {
+            "type": "Polygon",
+            "coordinates": [[[x, y], [x + dx, y], [x + dx, y + dx], [x, y + dx], [x, y]]],
+        },
+        "bbox": [x, y, x + dx, y + dx],
+        "properties": {
+            "datetime": datetime,
+            "cbir:codes": [HashCode.from_bits(MODEL, "1.0.0", bits).to_dict()],
+        },
+        "links": [],
+        "assets": {},
+    }
+
+
 def items(n: int, seed: int = 0) -> list[dict[str, Any]]:
     """n items on a 1 km grid over ~3x3 degrees, clustered 64-bit codes, a datetime each."""
     rng = np.random.default_rng(seed)
@@ -56,27 +80,8 @@ def items(n: int, seed: int = 0) -> list[dict[str, Any]]:
         x, y = 10 + (i % side) * 3.0 / side, 45 + (i // side) * 3.0 / side
         bits = centres[i % 64].copy()
         bits[rng.choice(64, size=6, replace=False)] ^= 1
-        dx = 0.8 * 3.0 / side
-        out.append(
-            {
-                "type": "Feature",
-                "stac_version": "1.1.0",
-                "stac_extensions": ["https://stac-extensions.github.io/cbir/v1.0.0/schema.json"],
-                "id": f"i{i:07d}",
-                "collection": "bench",
-                "geometry": {
-                    "type": "Polygon",
-                    "coordinates": [[[x, y], [x + dx, y], [x + dx, y + dx], [x, y + dx], [x, y]]],
-                },
-                "bbox": [x, y, x + dx, y + dx],
-                "properties": {
-                    "datetime": (T0 + timedelta(hours=i)).isoformat().replace("+00:00", "Z"),
-                    "cbir:codes": [HashCode.from_bits(MODEL, "1.0.0", bits).to_dict()],
-                },
-                "links": [],
-                "assets": {},
-            }
-        )
+        when = (T0 + timedelta(hours=i)).isoformat().replace("+00:00", "Z")
+        out.append(bench_item(f"i{i:07d}", x, y, 0.8 * 3.0 / side, when, bits))
     return out
 
 

@@ -6,7 +6,7 @@ import contextlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
@@ -15,6 +15,9 @@ from rich.table import Table
 
 from stac_rscbir.extension import CODES_PROP, SUPPORTED_BITS, CBIRFieldError, HashCode
 from stac_rscbir.extension.validation import cbir_errors, models_of, schema_errors
+
+if TYPE_CHECKING:
+    from stac_rscbir.ingest.report import RunReport
 
 app = typer.Typer(help="Content-based image retrieval for STAC archives.", no_args_is_help=True)
 console = Console()
@@ -261,6 +264,20 @@ def train_crossmodal_cmd(
     )
 
 
+def _report_run(run: RunReport, report: Path | None) -> None:
+    """Write the run report (when asked) and print its summary and first errors."""
+    if report:
+        run.write(report)
+    summary = run.to_dict()
+    console.print(
+        f"{run.items_encoded} encoded, {run.items_skipped} already encoded, "
+        f"{len(run.errors)} refused {summary['errors_by_kind']}; {run.chips_encoded} chips "
+        f"({run.chips_dropped} dropped as nodata/cloud) in {run.wall_seconds:.1f} s on {run.device}"
+    )
+    for e in run.errors[:20]:
+        console.print(f"  [yellow]{e.kind}[/] {e.collection}/{e.item_id}: {e.message}")
+
+
 @app.command()
 def ingest(
     source: Annotated[
@@ -319,16 +336,7 @@ def ingest(
     except (SourceError, FileNotFoundError, ValueError) as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(1) from err
-    if report:
-        run.write(report)
-    summary = run.to_dict()
-    console.print(
-        f"{run.items_encoded} encoded, {run.items_skipped} already encoded, "
-        f"{len(run.errors)} refused {summary['errors_by_kind']}; {run.chips_encoded} chips "
-        f"({run.chips_dropped} dropped as nodata/cloud) in {run.wall_seconds:.1f} s on {run.device}"
-    )
-    for e in run.errors[:20]:
-        console.print(f"  [yellow]{e.kind}[/] {e.collection}/{e.item_id}: {e.message}")
+    _report_run(run, report)
 
 
 @app.command()
@@ -546,13 +554,4 @@ def listen(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if report:
-        run.write(report)
-    summary = run.to_dict()
-    console.print(
-        f"{run.items_encoded} encoded, {run.items_skipped} already encoded, "
-        f"{len(run.errors)} refused {summary['errors_by_kind']}; {run.chips_encoded} chips "
-        f"({run.chips_dropped} dropped as nodata/cloud) in {run.wall_seconds:.1f} s on {run.device}"
-    )
-    for e in run.errors[:20]:
-        console.print(f"  [yellow]{e.kind}[/] {e.collection}/{e.item_id}: {e.message}")
+    _report_run(run, report)

@@ -397,7 +397,8 @@ def test_bad_similarity_requests_are_400_or_404(client: TestClient) -> None:
     assert r.status_code == 400
 
 
-def test_query_by_uploaded_image(store_factory: StoreFactory, tmp_path: Path) -> None:
+def rgb_checkpoint(folder: Path, model_id: str) -> Path:
+    """A small RGB model (random weights, seed 0) for image queries, saved in ``folder``."""
     config = ModelConfig(
         method="dhnn",
         bits=64,
@@ -405,12 +406,16 @@ def test_query_by_uploaded_image(store_factory: StoreFactory, tmp_path: Path) ->
         backbone="smallcnn",
         mean=[120.0] * 3,
         std=[60.0] * 3,
-        model_id="rgb-img-64",
+        model_id=model_id,
         input_size=32,
         head={"n_classes": 1},
     )
     torch.manual_seed(0)
-    ckpt = HashEncoder.build(config, pretrained=False).save(tmp_path / "model")
+    return HashEncoder.build(config, pretrained=False).save(folder)
+
+
+def test_query_by_uploaded_image(store_factory: StoreFactory, tmp_path: Path) -> None:
+    ckpt = rgb_checkpoint(tmp_path / "model", "rgb-img-64")
     encoder = HashEncoder.load(ckpt)
     rng = np.random.default_rng(3)
     images = rng.integers(0, 255, size=(12, 3, 32, 32), dtype=np.uint8)

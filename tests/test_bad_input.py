@@ -11,16 +11,22 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from rasterio.io import MemoryFile
 
 from stac_rscbir.api.app import create_api
 from stac_rscbir.extension.cbir import HashCode
-from stac_rscbir.models.checkpoint import ModelConfig
-from stac_rscbir.models.encoder import HashEncoder
 
-from .test_api import MODEL, N, StoreFactory, _bits, _collection, _item, store_factory
+from .test_api import (
+    MODEL,
+    N,
+    StoreFactory,
+    _bits,
+    _collection,
+    _item,
+    rgb_checkpoint,
+    store_factory,
+)
 
 __all__ = ["store_factory"]  # the fixture, over SQLite and pgstac
 
@@ -317,19 +323,7 @@ def test_limit_is_capped_not_refused(served: tuple[TestClient, Any]) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    config = ModelConfig(
-        method="dhnn",
-        bits=64,
-        bands=["red", "green", "blue"],
-        backbone="smallcnn",
-        mean=[120.0] * 3,
-        std=[60.0] * 3,
-        model_id=IMAGE_MODEL,
-        input_size=32,
-        head={"n_classes": 1},
-    )
-    torch.manual_seed(0)
-    return HashEncoder.build(config, pretrained=False).save(tmp_path_factory.mktemp("m") / "m")
+    return rgb_checkpoint(tmp_path_factory.mktemp("m") / "m", IMAGE_MODEL)
 
 
 def _png(count: int = 3, size: int = 32) -> str:

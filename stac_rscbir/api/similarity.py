@@ -412,7 +412,7 @@ class SimilarityService:
                         self._drop(model)  # a collection went, or another writer: rebuild
                         continue
                     if not item_id:  # the collection was written: no codes changed
-                        idx.generation = generation
+                        idx.advance(generation)
                         changed.append(model)
                         continue
                     try:

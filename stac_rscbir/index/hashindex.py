@@ -588,6 +588,11 @@ class HashIndex:
         self.remove(key)
         self.add(key, code, descriptor, generation=generation)
 
+    @_writes
+    def advance(self, generation: int) -> None:
+        """Mark the index current at ``generation`` (a store write that changed no code)."""
+        self.generation = generation
+
     # ------------------------------------------------------------------ search
 
     @_reads

@@ -107,7 +107,6 @@ class Ingestor:
             )
             for i, source in enumerate(config.sources)
         ]
-        self.profile: SensorProfile = self.branches[0].profile
         self.chip_size = self.options.chip_size or config.input_size or DEFAULT_CHIP_SIZE
         self.input_size = config.input_size or self.chip_size
         self.model_id, self.version = config.model_id, config.version
@@ -136,7 +135,7 @@ class Ingestor:
             descriptor_dtype="float32" if self.options.descriptors else None,
             descriptor_dim=c.bits if self.options.descriptors else None,
             chip_size=(self.chip_size, self.chip_size),
-            resolution=self.options.resolution or self.profile.resolution,
+            resolution=self.options.resolution or self.branches[0].profile.resolution,
         )
 
     # ------------------------------------------------------------------ stages
