@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +33,31 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
         raise
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the entries of a folder (new names, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(target: Path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``target`` atomically."""
     atomic_write(target, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def host_name() -> str:
+    """This machine's name as it may appear in a file name (temporaries name their writer)."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (its temporaries are still in use)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True

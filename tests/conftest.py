@@ -1,4 +1,4 @@
-"""Shared paths and helpers for the test suite."""
+"""Shared paths, helpers and fixtures of the test suite."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import settings
+
+if TYPE_CHECKING:
+    from .api_builders import StoreFactory
 
 ROOT = Path(__file__).resolve().parents[1]
 # Timing varies with machine load (CI shares 2 cores); correctness, not speed, is tested here.
@@ -100,3 +103,54 @@ def pgstac_db(pgstac_dsn: str, pgstac_template: str) -> Iterator[str]:
     """The DSN of a fresh pgstac database of its own."""
     with fresh_pgstac_db(pgstac_dsn) as dsn:
         yield dsn
+
+
+# ------------------------------------------------------------------- fixtures of several modules
+# (the builders they use live in api_builders.py and ingest_builders.py)
+
+
+@pytest.fixture(params=["sqlite", "pgstac"])
+def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    """An empty store of each kind: a SQLite file, or a fresh pgstac database."""
+    from stac_rscbir.store.sqlite import SQLiteStore
+
+    from .api_builders import StoreFactory
+
+    if request.param == "sqlite":
+        factory = StoreFactory(lambda: SQLiteStore(tmp_path / "stac.db"), tmp_path / "index")
+    else:
+        from stac_rscbir.store.pgstac import PgstacStore
+
+        dsn = request.getfixturevalue("pgstac_db")
+        factory = StoreFactory(lambda: PgstacStore(dsn), tmp_path / "index")
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a real server (uvicorn on a free loopback port) over a SQLite store holding the
+    ``scenes`` collection and its N coded items (api_builders.py); one per module."""
+    from stac_rscbir.api.app import create_api
+    from stac_rscbir.api.server import BackgroundServer
+    from stac_rscbir.store.sqlite import SQLiteStore
+
+    from .api_builders import N, _collection, _item
+
+    tmp = tmp_path_factory.mktemp("server")
+    store = SQLiteStore(tmp / "stac.db")
+    store.create_collection(_collection())
+    store.upsert_items([_item(i) for i in range(N)])
+    with BackgroundServer(create_api(store, tmp / "index").app) as srv:
+        yield srv.url
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small RGB hashing model (ingest_builders.py: random weights, ``CHIP`` pixels); one per
+    module."""
+    from .ingest_builders import rgb_model
+
+    return rgb_model(tmp_path_factory.mktemp("ckpt") / "model")

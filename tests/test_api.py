@@ -4,116 +4,31 @@ and pgstac (a fresh database per test); every test runs on each."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from rasterio.io import MemoryFile
-from shapely.geometry import box, mapping, shape
+from shapely.geometry import box, shape
 
 from stac_rscbir.api.app import create_api
 from stac_rscbir.api.similarity import CONFORMANCE
 from stac_rscbir.extension.cbir import Descriptor, HashCode
-from stac_rscbir.models.checkpoint import ModelConfig
 from stac_rscbir.models.encoder import HashEncoder
-from stac_rscbir.store.base import ItemStore
-from stac_rscbir.store.sqlite import SQLiteStore
 
-MODEL = "test-64"
-N = 80
-RNG = np.random.default_rng(7)
-CENTRES = RNG.integers(0, 2, size=(4, 64), dtype=np.uint8)
-T0 = datetime(2021, 1, 1, tzinfo=UTC)
-
-
-def _bits(i: int) -> np.ndarray:
-    """Clustered 64-bit codes: a cluster centre with a few flipped bits."""
-    rng = np.random.default_rng(i)
-    bits = CENTRES[i % 4].copy()
-    flip = rng.choice(64, size=rng.integers(0, 12), replace=False)
-    bits[flip] ^= 1
-    return bits
-
-
-def _item(i: int, collection: str = "scenes", bits: np.ndarray | None = None) -> dict[str, Any]:
-    x, y = 10 + (i % 10) * 0.1, 45 + (i // 10) * 0.1
-    bits = _bits(i) if bits is None else bits
-    desc = (bits * 2.0 - 1.0 + np.random.default_rng(1000 + i).normal(0, 0.3, 64)).astype(
-        np.float32
-    )
-    code = HashCode.from_bits(MODEL, "1.0.0", bits, descriptor=Descriptor.create(desc))
-    return {
-        "type": "Feature",
-        "stac_version": "1.1.0",
-        "stac_extensions": ["https://stac-extensions.github.io/cbir/v1.0.0/schema.json"],
-        "id": f"item-{i:03d}",
-        "collection": collection,
-        "geometry": mapping(box(x, y, x + 0.08, y + 0.08)),
-        "bbox": [x, y, x + 0.08, y + 0.08],
-        "properties": {
-            "datetime": (T0 + timedelta(days=i)).isoformat().replace("+00:00", "Z"),
-            "platform": "sentinel-2a" if i % 2 else "sentinel-2b",
-            "eo:cloud_cover": float(i % 50),
-            "cbir:codes": [code.to_dict()],
-        },
-        "links": [],
-        "assets": {},
-    }
-
-
-def _collection(cid: str = "scenes") -> dict[str, Any]:
-    return {
-        "type": "Collection",
-        "stac_version": "1.1.0",
-        "id": cid,
-        "description": "test scenes",
-        "license": "other",
-        "extent": {
-            "spatial": {"bbox": [[10, 45, 11.1, 46.1]]},
-            "temporal": {"interval": [["2021-01-01T00:00:00Z", None]]},
-        },
-        "links": [],
-    }
-
-
-class StoreFactory:
-    """New store objects over one test's database (a new object is a server restart), and the
-    folder of the API's hash indexes; closes them all at the end of the test."""
-
-    def __init__(self, open_store: Callable[[], ItemStore], index_dir: Path) -> None:
-        self._open = open_store
-        self.index_dir = index_dir
-        self._stores: list[ItemStore] = []
-
-    def __call__(self) -> ItemStore:
-        store = self._open()
-        self._stores.append(store)
-        return store
-
-    def close(self) -> None:
-        for store in self._stores:
-            store.close()  # type: ignore[attr-defined]
-
-
-@pytest.fixture(params=["sqlite", "pgstac"])
-def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
-    """An empty store of each kind: a SQLite file, or a fresh pgstac database."""
-    if request.param == "sqlite":
-        factory = StoreFactory(lambda: SQLiteStore(tmp_path / "stac.db"), tmp_path / "index")
-    else:
-        from stac_rscbir.store.pgstac import PgstacStore
-
-        dsn = request.getfixturevalue("pgstac_db")
-        factory = StoreFactory(lambda: PgstacStore(dsn), tmp_path / "index")
-    try:
-        yield factory
-    finally:
-        factory.close()
+from .api_builders import (
+    MODEL,
+    N,
+    StoreFactory,
+    _bits,
+    _collection,
+    _item,
+    _ranking,
+    rgb_checkpoint,
+)
 
 
 @pytest.fixture
@@ -134,17 +49,6 @@ def _client(db: StoreFactory, models: dict[str, Path] | None = None) -> TestClie
 def client(db: StoreFactory) -> Iterator[TestClient]:
     with _client(db) as c:
         yield c
-
-
-def _hamming(a: np.ndarray, b: np.ndarray) -> int:
-    return int(np.count_nonzero(a != b))
-
-
-def _ranking(query: np.ndarray, keep: set[int] | None = None) -> list[tuple[int, str]]:
-    """Brute force: (distance, id) of every item, ties broken by id."""
-    return sorted(
-        (_hamming(query, _bits(i)), f"item-{i:03d}") for i in range(N) if keep is None or i in keep
-    )
 
 
 def _search(client: TestClient, body: dict[str, Any]) -> dict[str, Any]:
@@ -299,7 +203,20 @@ def test_max_distance_and_rerank(client: TestClient) -> None:
             "limit": 20,
         },
     )
-    assert {f["id"] for f in reranked["features"]} == {i for _, i in _ranking(_bits(0))[:20]}
+
+    # the oracle: the 20 Hamming nearest, ordered by the Euclidean distance of their descriptors
+    # (decoded here from the items, not by the codec), ties by Hamming distance, then id
+    def descriptor(item_id: str) -> np.ndarray:
+        entry = _item(int(item_id[-3:]))["properties"]["cbir:codes"][0]["descriptor"]
+        return np.frombuffer(base64.b64decode(entry["value"]), "<f4").astype(np.float64)
+
+    query = descriptor("item-000")
+    hamming_top = _ranking(_bits(0))[:20]
+    euclid = sorted((float(np.linalg.norm(descriptor(i) - query)), d, i) for d, i in hamming_top)
+    gaps = np.diff([e for e, _, _ in euclid])
+    assert gaps.min() > 1e-4  # no near-tie that float32 arithmetic on the server may flip
+    assert _ids_dists(reranked) == [(d, i) for _, d, i in euclid]
+    assert _ids_dists(reranked) != hamming_top  # the re-ranking really reordered the list
 
 
 def test_transactions_update_the_index(client: TestClient) -> None:
@@ -395,23 +312,6 @@ def test_bad_similarity_requests_are_400_or_404(client: TestClient) -> None:
         assert "Traceback" not in r.text
     r = client.get("/search", params={"similarity_item": "no-slash"})
     assert r.status_code == 400
-
-
-def rgb_checkpoint(folder: Path, model_id: str) -> Path:
-    """A small RGB model (random weights, seed 0) for image queries, saved in ``folder``."""
-    config = ModelConfig(
-        method="dhnn",
-        bits=64,
-        bands=["red", "green", "blue"],
-        backbone="smallcnn",
-        mean=[120.0] * 3,
-        std=[60.0] * 3,
-        model_id=model_id,
-        input_size=32,
-        head={"n_classes": 1},
-    )
-    torch.manual_seed(0)
-    return HashEncoder.build(config, pretrained=False).save(folder)
 
 
 def test_query_by_uploaded_image(store_factory: StoreFactory, tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """Bad input gets a 4xx with a JSON error that names the problem, never a 5xx or a hang, and
-leaves the store as it was; over both stores (the ``store_factory`` of test_api)."""
+leaves the store as it was; over both stores (the ``store_factory`` fixture of conftest)."""
 
 from __future__ import annotations
 
@@ -17,18 +17,7 @@ from rasterio.io import MemoryFile
 from stac_rscbir.api.app import create_api
 from stac_rscbir.extension.cbir import HashCode
 
-from .test_api import (
-    MODEL,
-    N,
-    StoreFactory,
-    _bits,
-    _collection,
-    _item,
-    rgb_checkpoint,
-    store_factory,
-)
-
-__all__ = ["store_factory"]  # the fixture, over SQLite and pgstac
+from .api_builders import MODEL, N, StoreFactory, _bits, _collection, _item, rgb_checkpoint
 
 ITEM = {"collection": "scenes", "id": "item-001"}
 CODE = HashCode.from_bits(MODEL, "1.0.0", _bits(1)).code

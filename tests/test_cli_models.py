@@ -70,12 +70,16 @@ def test_bench_retrieval_writes_the_documented_json(folder: tuple[Path, Path], t
         "train_seconds",
     ):
         assert key in doc
+    assert (doc["method"], doc["bits"]) == ("dhcnn", 16)
     assert doc["n_queries"] == 9 and doc["n_database"] == 8  # 40 % of 8 per class, 3 classes
     # colour classes are separable: far better than random rankings
     assert doc["map_at_20"] > doc["metrics"]["random_map_at_20"] + 0.2
     for method in ("itq", "lsh", "random", "float-knn"):  # ITQ's PCA needs bits <= 15 here
         result = runner.invoke(app, [*args, "--method", method, "--bits", "8", *COMMON])
         assert result.exit_code == 0, result.output
+        doc = json.loads(out.read_text())  # rewritten for this method
+        assert (doc["method"], doc["bits"]) == (method, None if method == "float-knn" else 8)
+        assert 0.0 <= doc["map_at_20"] <= 1.0
     result = runner.invoke(app, [*args, "--method", "itq", *COMMON])
     assert result.exit_code == 1 and "ITQ needs bits <= min(n, d) = 15" in result.output
 

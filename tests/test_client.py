@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from pystac_client import Client
 
-from stac_rscbir.api.app import create_api
-from stac_rscbir.api.server import BackgroundServer
 from stac_rscbir.client import distances, search_similar
-from stac_rscbir.store.sqlite import SQLiteStore
 
-from .test_api import MODEL, N, _bits, _collection, _item, _ranking
-from .test_ingest import checkpoint  # noqa: F401 - a fixture
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("server")
-    store = SQLiteStore(tmp / "stac.db")
-    store.create_collection(_collection())
-    store.upsert_items([_item(i) for i in range(N)])
-    with BackgroundServer(create_api(store, tmp / "index").app) as srv:
-        yield srv.url
+from .api_builders import MODEL, N, _bits, _collection, _ranking
 
 
 def test_pystac_client_similarity_search_pages_over_http(server: str) -> None:
@@ -55,7 +39,7 @@ def test_pystac_client_similarity_with_filters(server: str) -> None:
 
 def test_ingest_from_and_into_the_api(
     server: str,
-    checkpoint: Path,  # noqa: F811
+    checkpoint: Path,
     tmp_path: Path,
 ) -> None:
     """The ingestion worker reads a STAC API search and writes back through Transactions."""
@@ -65,9 +49,9 @@ def test_ingest_from_and_into_the_api(
     from stac_rscbir.ingest.sources import items_from_api
     from stac_rscbir.ingest.worker import Ingestor
 
+    from .ingest_builders import CHIP, OPTIONS, _scene
+    from .ingest_builders import MODEL as RGB_MODEL
     from .stac_builders import raster_item
-    from .test_ingest import CHIP, OPTIONS, _scene
-    from .test_ingest import MODEL as RGB_MODEL
 
     assert len(list(items_from_api(server, {"collections": ["scenes"]}))) == N
     coll = {**_collection("posted"), "id": "posted"}

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import yaml
 
-from . import test_ingest as base
 from .conftest import ROOT, require
 
 DEPLOY = ROOT / "deploy"
@@ -24,8 +23,6 @@ COMPOSE = DEPLOY / "compose.yaml"
 README = DEPLOY / "README.md"
 CLI = str(Path(sys.executable).with_name("stac-rscbir"))
 VARIABLE = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)")  # ${VAR...}, not $${escaped}
-
-checkpoint = base.checkpoint  # the random-weight RGB model of the ingestion tests
 
 
 def _compose_variables() -> set[str]:
@@ -202,7 +199,7 @@ def _listen(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_listen_encodes_items_loaded_before_it_started(
     pgstac_dsn: str, checkpoint: Path, tmp_path: Path
 ) -> None:
-    from . import test_pgstac_ingest as pg
+    from . import pgstac_builders as pg
 
     cid = "listen-cli-scenes"
     items = pg._scenes(tmp_path, cid, seed=700)

@@ -186,6 +186,9 @@ def test_chip_window_and_model_link() -> None:
 def test_extension_hooks_are_registered_through_entry_point() -> None:
     from pystac.extensions.hooks import RegisteredExtensionHooks
 
-    registry = RegisteredExtensionHooks()
-    registry._discover()
-    assert registry.hooks[SCHEMA_URI].schema_uri == SCHEMA_URI
+    from stac_rscbir.extension.cbir import CBIR_EXTENSION_HOOKS
+
+    registry = RegisteredExtensionHooks()  # empty: nothing added by hand
+    assert SCHEMA_URI not in registry.hooks
+    registry.get_deprecation_message(make_item())  # any public use discovers the entry points
+    assert registry.hooks[SCHEMA_URI] is CBIR_EXTENSION_HOOKS

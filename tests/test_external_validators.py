@@ -26,14 +26,14 @@ from stac_rscbir.api.app import create_api
 from stac_rscbir.api.server import BackgroundServer
 from stac_rscbir.store.sqlite import SQLiteStore
 
+from .api_builders import _collection, _item
 from .conftest import require
-from .test_api import _collection, _item
 
 ITEM_SCHEMA = "https://schemas.stacspec.org/v1.1.0/item-spec/json-schema/item.json"
 CBIR_SCHEMA = "https://stac-extensions.github.io/cbir/v1.0.0/schema.json"
 N_ITEMS = 30
 COLLECTION = "scenes"
-# Intersects the items of the grid's first row (see tests.test_api._item).
+# Intersects the items of the grid's first row (see tests.api_builders._item).
 GEOMETRY = {
     "type": "Polygon",
     "coordinates": [[[10.0, 45.0], [10.55, 45.0], [10.55, 45.25], [10.0, 45.25], [10.0, 45.0]]],
@@ -41,7 +41,7 @@ GEOMETRY = {
 
 
 def _varied_item(i: int) -> dict[str, Any]:
-    """The test_api item, with points, triangles and datetime ranges mixed in, and the last
+    """The api_builders item, with points, triangles and datetime ranges mixed in, and the last
     one far away (in the bbox the validator uses to check that ``ids`` overrides nothing)."""
     item = _item(i, COLLECTION)
     (x0, y0, x1, y1) = item["bbox"]

@@ -16,8 +16,7 @@ from stac_rscbir.client import distances, search_similar
 from stac_rscbir.extension.cbir import Descriptor, HashCode
 from stac_rscbir.index.feedback import rocchio
 
-from .test_api import MODEL, StoreFactory, _collection, _item, store_factory  # noqa: F401
-from .test_client import server  # noqa: F401
+from .api_builders import MODEL, StoreFactory, _collection, _item
 
 A = [f"item-{i:03d}" for i in range(10)]
 B = [f"item-{i:03d}" for i in range(10, 20)]
@@ -46,7 +45,7 @@ def _clusters() -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def fb_client(store_factory: StoreFactory) -> Any:  # noqa: F811
+def fb_client(store_factory: StoreFactory) -> Any:
     store = store_factory()
     store.create_collection(_collection())
     store.upsert_items(_clusters())
@@ -146,7 +145,7 @@ def test_feedback_errors_name_the_item(fb_client: TestClient) -> None:
     assert r.status_code == 400 and "relevant must be a comma list" in r.text, r.text
 
 
-def test_client_sends_feedback(server: str) -> None:  # noqa: F811
+def test_client_sends_feedback(server: str) -> None:
     client = Client.open(server)
     search = search_similar(
         client,
@@ -158,6 +157,10 @@ def test_client_sends_feedback(server: str) -> None:  # noqa: F811
     )
     got = {item.id for item, _ in distances(search.items())}
     assert got == {f"item-{i:03d}" for i in range(1, 80, 4)}  # item-005's cluster (i % 4 == 1)
+    # the same set comes without feedback: the server's echo shows the judgements arrived
+    (page,) = search.pages_as_dicts()
+    used = page["cbir:similarity"]["feedback"]
+    assert (used["relevant"], used["not_relevant"]) == (2, 1)
 
 
 def test_descriptor_binarization_is_inferred() -> None:

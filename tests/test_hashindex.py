@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -20,6 +24,7 @@ from stac_rscbir.index.hashindex import (
     measure_recall,
     open_or_rebuild,
 )
+from stac_rscbir.index.snapshots import POINTER_FILE, SnapshotDir
 from stac_rscbir.store.base import ItemKey, StoredCode
 
 
@@ -250,10 +255,12 @@ def test_save_load_round_trip(tmp_path, kind):
     index.remove(keys[10])
     index.add(("extra", "x"), codes[11], desc[11])
     index.save(tmp_path)
+    saved = SnapshotDir(tmp_path).current()
+    assert saved is not None and saved.parent == tmp_path
     for name in (INDEX_FILE, CODES_FILE, META_FILE):
-        assert (tmp_path / name).exists()
-    assert not list(tmp_path.glob(".*"))  # no temp files left
-    meta = json.loads((tmp_path / META_FILE).read_text())
+        assert (saved / name).exists()
+    assert not [p for p in tmp_path.glob(".*") if p.name != ".lock"]  # no temporaries left
+    meta = json.loads((saved / META_FILE).read_text())
     assert meta["generation"] == 42 and meta["count"] == 3000 and meta["kind"] == kind
     loaded = HashIndex.load(tmp_path)
     assert (loaded.model, loaded.version, loaded.kind, loaded.bits) == ("m128", "v2", kind, 128)
@@ -309,32 +316,45 @@ def test_open_or_rebuild_uses_current_index_and_rebuilds_stale(tmp_path, fake_st
     open_or_rebuild(tmp_path, store, "m64", version="v9")
     assert store.reads == 3
     # deleting the index files loses nothing
-    for f in tmp_path.iterdir():
-        f.unlink()
+    shutil.rmtree(tmp_path)
     rebuilt = open_or_rebuild(tmp_path, store, "m64")
     assert store.reads == 4 and rebuilt.count == 501
 
 
 @pytest.mark.parametrize(
     "damage",
-    ["meta_garbage", "meta_missing", "index_truncated", "codes_flipped", "keys_garbage"],
+    [
+        "meta_garbage",
+        "meta_missing",
+        "index_truncated",
+        "codes_flipped",
+        "keys_garbage",
+        "pointer_garbage",
+        "pointer_dangling",
+    ],
 )
 def test_corrupt_files_trigger_rebuild_with_warning(tmp_path, fake_store, caplog, damage):
     store, codes = fake_store
     open_or_rebuild(tmp_path, store, "m64")
+    saved = SnapshotDir(tmp_path).current()
+    assert saved is not None
     if damage == "meta_garbage":
-        (tmp_path / META_FILE).write_text("{not json")
+        (saved / META_FILE).write_text("{not json")
     elif damage == "meta_missing":
-        (tmp_path / META_FILE).unlink()
+        (saved / META_FILE).unlink()
     elif damage == "index_truncated":
-        raw = (tmp_path / INDEX_FILE).read_bytes()
-        (tmp_path / INDEX_FILE).write_bytes(raw[: len(raw) // 2])
+        raw = (saved / INDEX_FILE).read_bytes()
+        (saved / INDEX_FILE).write_bytes(raw[: len(raw) // 2])
     elif damage == "codes_flipped":
-        raw = bytearray((tmp_path / CODES_FILE).read_bytes())
+        raw = bytearray((saved / CODES_FILE).read_bytes())
         raw[-1] ^= 0xFF
-        (tmp_path / CODES_FILE).write_bytes(bytes(raw))
+        (saved / CODES_FILE).write_bytes(bytes(raw))
+    elif damage == "pointer_garbage":
+        (tmp_path / POINTER_FILE).write_text("../elsewhere")
+    elif damage == "pointer_dangling":
+        shutil.rmtree(saved)
     else:
-        (tmp_path / "keys.json").write_text("[1, 2")
+        (saved / "keys.json").write_text("[1, 2")
     with pytest.raises(IndexLoadError):
         HashIndex.load(tmp_path)
     with caplog.at_level(logging.WARNING, logger="stac_rscbir.index.hashindex"):
@@ -348,9 +368,88 @@ def test_corrupt_files_trigger_rebuild_with_warning(tmp_path, fake_store, caplog
 def test_load_detects_inconsistent_meta(tmp_path, fake_store):
     store, _ = fake_store
     open_or_rebuild(tmp_path, store, "m64")
-    meta = json.loads((tmp_path / META_FILE).read_text())
+    saved = SnapshotDir(tmp_path).current()
+    assert saved is not None
+    meta = json.loads((saved / META_FILE).read_text())
     meta["files"] = {}  # skip checksums: the consistency checks must still catch this
     meta["count"] = 499
-    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    (saved / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(IndexLoadError):
         HashIndex.load(tmp_path)
+
+
+def _versions(path) -> list[str]:
+    return sorted(p.name for p in path.glob("v-*"))
+
+
+def test_saves_keep_the_current_and_previous_version_only(tmp_path, fake_store):
+    store, _ = fake_store
+    index = open_or_rebuild(tmp_path, store, "m64")
+    names = [SnapshotDir(tmp_path).current().name]
+    for gen in (2, 3, 4):
+        index.advance(gen)
+        index.save(tmp_path)
+        names.append(SnapshotDir(tmp_path).current().name)
+        assert HashIndex.read_meta(tmp_path)["generation"] == gen
+    assert len(set(names)) == 4  # every save is a new version folder
+    assert _versions(tmp_path) == sorted(names[-2:])  # the current one and the one before
+    assert HashIndex.load(tmp_path).generation == 4
+
+
+def test_discard_saved_makes_the_next_open_rebuild(tmp_path, fake_store, caplog):
+    store, _ = fake_store
+    open_or_rebuild(tmp_path, store, "m64")
+    HashIndex.discard_saved(tmp_path)
+    with pytest.raises(IndexLoadError, match="no saved version"):
+        HashIndex.load(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="stac_rscbir.index.hashindex"):
+        open_or_rebuild(tmp_path, store, "m64")
+    assert store.reads == 2 and any("rebuilding" in r.getMessage() for r in caplog.records)
+    HashIndex.discard_saved(tmp_path / "never-saved")  # nothing to discard: no error
+
+
+def test_the_unversioned_layout_is_rebuilt_and_its_files_removed(tmp_path, fake_store):
+    """A folder saved by the layout before snapshots (files and meta.json at the top)."""
+    store, _ = fake_store
+    for name in (INDEX_FILE, CODES_FILE, META_FILE, ".codes.npy.abc123"):
+        (tmp_path / name).write_text("old")
+    index = open_or_rebuild(tmp_path, store, "m64")
+    assert store.reads == 1 and index.count == 500
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".lock",
+        POINTER_FILE,
+        *_versions(tmp_path),
+    ]
+
+
+def test_temporaries_of_dead_writers_are_removed_not_those_of_live_ones(tmp_path, fake_store):
+    from stac_rscbir.fsutil import host_name
+
+    store, _ = fake_store
+    index = open_or_rebuild(tmp_path, store, "m64")
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    host = host_name()
+    abandoned = tmp_path / f".tmp-{host}-{int(dead.stdout)}-0123456789ab"
+    live = tmp_path / f".tmp-{host}-{os.getpid()}-0123456789ab"  # a save under way here
+    for folder in (abandoned, live):
+        folder.mkdir()
+        (folder / CODES_FILE).write_text("half")
+    index.save(tmp_path)
+    assert not abandoned.exists() and live.exists()
+
+
+@pytest.mark.parametrize("bits", [None, 64])
+def test_an_empty_index_round_trips(tmp_path, bits):
+    """A model with no codes yet (bits unknown, or known): saved and loaded, not rebuilt."""
+    index = HashIndex("m64", bits).build([], generation=3)
+    index.save(tmp_path)
+    loaded = HashIndex.load(tmp_path)
+    assert (loaded.count, loaded.bits, loaded.generation) == (0, bits, 3)
+    assert loaded.search(np.zeros(8, np.uint8), 5) == []
+    loaded.add(("c", "first"), np.arange(8, dtype=np.uint8))  # and it grows from there
+    assert loaded.bits == 64 and loaded.search(np.arange(8, dtype=np.uint8), 1)[0].distance == 0

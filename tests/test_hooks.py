@@ -9,12 +9,12 @@ from fastapi.testclient import TestClient
 from stac_rscbir.api.app import create_api
 from stac_rscbir.store.sqlite import SQLiteStore
 
+from .ingest_builders import CHIP, MODEL, _scene
 from .stac_builders import raster_item
-from .test_ingest import CHIP, MODEL, _scene, checkpoint  # noqa: F401 - checkpoint is a fixture
 
 
 def test_items_posted_through_the_api_are_encoded_and_searchable(
-    checkpoint: Path,  # noqa: F811
+    checkpoint: Path,
     tmp_path: Path,
 ) -> None:
     store = SQLiteStore(tmp_path / "stac.db")

@@ -30,40 +30,8 @@ from stac_rscbir.ingest.worker import IngestOptions, Ingestor
 from stac_rscbir.models.checkpoint import ModelConfig, SourceConfig
 from stac_rscbir.models.encoder import HashEncoder
 
+from .ingest_builders import CHIP, MODEL, OPTIONS, _scene
 from .stac_builders import RGB, make_item, raster_item, static_catalog, write_cog
-
-CHIP = 32
-MODEL = "test-rgb-smallcnn-32"
-OPTIONS = IngestOptions(chip_size=CHIP, batch_size=16, progress=False, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small RGB hashing model (random weights: the pipeline, not accuracy, is under test)."""
-    config = ModelConfig(
-        method="dhnn",
-        bits=32,
-        bands=list(RGB),
-        backbone="smallcnn",
-        mean=[1000.0, 1100.0, 1200.0],
-        std=[300.0, 300.0, 300.0],
-        model_id=MODEL,
-        input_size=CHIP,
-        head={"n_classes": 1},
-    )
-    torch.manual_seed(0)
-    return HashEncoder.build(config, pretrained=False).save(
-        tmp_path_factory.mktemp("ckpt") / "model"
-    )
-
-
-def _scene(folder: Path, name: str, height: int, width: int, seed: int, hole: int = 0) -> Path:
-    """A 3-band uint16 10 m UTM scene; a ``hole`` x ``hole`` nodata block at the top left."""
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(400, 2000, size=(3, height, width), dtype=np.uint16)
-    pixels[:, :hole, :hole] = 0
-    origin = from_origin(500_000 + 1000 * seed, 5_300_000, 10, 10)
-    return write_cog(folder / f"{name}.tif", pixels, origin)
 
 
 def _codes(item: dict) -> list[dict]:
@@ -195,7 +163,7 @@ def test_bad_items_are_reported_and_skipped(checkpoint: Path, tmp_path: Path) ->
 
 
 KILL_SCRIPT = """
-import sys, time
+import sys, threading
 from pathlib import Path
 from stac_rscbir.ingest.sinks import GeoParquetSink
 from stac_rscbir.ingest.sources import items_from_file
@@ -203,10 +171,11 @@ from stac_rscbir.ingest.worker import IngestOptions, Ingestor
 
 ingestor = Ingestor.from_checkpoint(Path(sys.argv[1]), IngestOptions(
     chip_size=32, batch_size=4, readers=1, progress=False, device="cpu"))
-slow = float(sys.argv[4])
+stall = int(sys.argv[4])  # after this many items the source hangs until the kill; -1: never
 def items():
-    for item in items_from_file(Path(sys.argv[2])):
-        time.sleep(slow)
+    for i, item in enumerate(items_from_file(Path(sys.argv[2]))):
+        if i == stall:
+            threading.Event().wait()
         yield item
 report = ingestor.run(items(), GeoParquetSink(Path(sys.argv[3]), flush_every=2))
 print("DONE", report.items_encoded, report.items_skipped, flush=True)
@@ -227,10 +196,12 @@ def test_killed_run_resumes_with_no_loss_and_no_duplicates(
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT)
     cmd = [sys.executable, str(script), str(checkpoint), str(catalog), str(out)]
-    proc = subprocess.Popen([*cmd, "0.05"], stdout=subprocess.PIPE, text=True)
+    # the source stalls after half the items, so the kill lands mid-run whatever the timing
+    proc = subprocess.Popen([*cmd, str(n // 2)], stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not list(out.glob("part-*.parquet")) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        assert proc.poll() is None, "the stalled run exited by itself"
+        time.sleep(0.05)  # polls for the first committed part, bounded by the deadline
     os.kill(proc.pid, signal.SIGKILL)  # kill -9 in the middle of the run
     proc.wait()
     first = {
@@ -238,8 +209,8 @@ def test_killed_run_resumes_with_no_loss_and_no_duplicates(
         for p in out.glob("part-*.parquet")
         for r in pq.read_table(p, columns=["id"]).to_pylist()
     }
-    assert 0 < len(first) < n, "the kill should land mid-run"
-    done = subprocess.run([*cmd, "0"], capture_output=True, text=True, check=True)
+    assert 0 < len(first) <= n // 2, "a part was committed before the stall, none after"
+    done = subprocess.run([*cmd, "-1"], capture_output=True, text=True, check=True)
     encoded, skipped = map(int, done.stdout.split()[1:3])
     assert encoded == n - len(first) and skipped == len(first)
     ids = [
@@ -252,7 +223,7 @@ def test_killed_run_resumes_with_no_loss_and_no_duplicates(
 
 
 def test_parts_abandoned_by_dead_writers_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
-    from stac_rscbir.ingest.sinks import _host
+    from stac_rscbir.fsutil import host_name
 
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
@@ -260,7 +231,7 @@ def test_parts_abandoned_by_dead_writers_are_removed_and_live_ones_kept(tmp_path
         text=True,
         check=True,
     )
-    dead_pid, host = int(gone.stdout), _host()
+    dead_pid, host = int(gone.stdout), host_name()
     dead = tmp_path / f".part-m@1-{host}-{dead_pid}-0123456789ab.parquet.x1y2z3"
     live = tmp_path / f".part-m@1-{host}-{os.getpid()}-0123456789ab.parquet.a1b2c3"
     other_host = tmp_path / f".part-m@1-elsewhere-{dead_pid}-0123456789ab.parquet.q1w2e3"

@@ -16,27 +16,7 @@ from stac_rscbir.models.backbones import build_backbone
 from stac_rscbir.models.methods import METHODS, HashingNet, MethodSpec, method_loss
 from stac_rscbir.models.mining import similarity_matrix
 
-# Terms each preset logs: the loss combination of its paper (Table 2 of the survey and
-# shared/reference/deep-hashing.md), plus the discriminator's own loss for adversarial methods.
-EXPECTED_TERMS: dict[str, set[str]] = {  # with the hash layers of Table 2 (see below)
-    "dhnn": {"pairwise", "quantization"},
-    "sidhcnn": {"pairwise", "cross_pairwise", "quantization", "bit_balance"},
-    "duch": {"cross_ntxent", "quantization", "bit_balance_code"},
-    "milan": {"triplet", "push", "bit_balance_code"},
-    "dhcnn": {"pairwise", "quantization", "cross_entropy"},
-    "sshaae": {
-        "reconstruction",
-        "adversarial",
-        "bit_balance",
-        "cross_entropy",
-        "pairwise",
-        "quantization",
-        "discriminator",
-    },
-    "adversarial": {"pairwise", "cross_entropy", "adversarial", "quantization", "discriminator"},
-    "ce": {"cross_entropy"},
-    "triplet": {"triplet_mined"},
-}
+from .method_terms import EXPECTED_TERMS
 
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 0, 1, 2])
 # (anchor, positive, negative) rows of the batch above

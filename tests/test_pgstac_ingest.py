@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,10 @@ from typing import Any
 import pystac
 import pytest
 
-from stac_rscbir.data.chips import chip_windows
 from stac_rscbir.ingest.report import RunReport
 from stac_rscbir.ingest.worker import Ingestor
 
-from . import test_ingest as base
-from .stac_builders import raster_item
+from . import ingest_builders as base
 
 if find_spec("psycopg") is None:  # the pgstac extra: skipped locally, required in CI
     if os.environ.get("RSCBIR_REQUIRE_ALL") == "1":
@@ -32,9 +29,9 @@ if find_spec("psycopg") is None:  # the pgstac extra: skipped locally, required 
     pytest.skip("psycopg not installed (the pgstac extra)", allow_module_level=True)
 
 import psycopg
-from psycopg.types.json import Jsonb
 
 from stac_rscbir.ingest.pgstac import (
+    DEFAULT_CHANNEL,
     PgstacError,
     PgstacSink,
     install_notify_trigger,
@@ -42,53 +39,18 @@ from stac_rscbir.ingest.pgstac import (
     listen_and_encode,
 )
 
-checkpoint = base.checkpoint  # the random-weight RGB model of the ingestion tests
-MODEL = base.MODEL
+from .pgstac_builders import (
+    MODEL,
+    _assert_encoded_once,
+    _chips_of,
+    _collection,
+    _insert,
+    _model_codes,
+    _scenes,
+    _stored,
+)
+
 PYPGSTAC = str(Path(sys.executable).with_name("pypgstac"))
-SHAPES = [(64, 64), (64, 32), (32, 32)]  # 4 chips, 2 chips, one patch (no chips)
-
-
-def _collection(cid: str) -> dict[str, Any]:
-    return pystac.Collection(
-        id=cid,
-        description="test scenes",
-        extent=pystac.Extent(
-            pystac.SpatialExtent([[-180.0, -90.0, 180.0, 90.0]]),
-            pystac.TemporalExtent([[datetime(2020, 1, 1, tzinfo=UTC), None]]),
-        ),
-        license="other",
-    ).to_dict(include_self_link=False)
-
-
-def _scenes(folder: Path, cid: str, seed: int, months: Sequence[int] = (6,)) -> list[pystac.Item]:
-    """One item per shape and month, over COGs written in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    items = []
-    for m, month in enumerate(months):
-        for s, (h, w) in enumerate(SHAPES):
-            name = f"{cid}-{month:02d}-{s}"
-            item = raster_item(
-                name, base._scene(folder, name, h, w, seed=seed + 10 * m + s), collection=cid
-            )
-            item.datetime = datetime(2020, month, 1, tzinfo=UTC)
-            items.append(item)
-    return items
-
-
-def _chips_of(items: Sequence[pystac.Item]) -> int:
-    n = 0
-    for item in items:
-        h, w = item.assets["image"].extra_fields["proj:shape"]
-        n += 0 if (h, w) == (base.CHIP, base.CHIP) else len(chip_windows(h, w, base.CHIP))
-    return n
-
-
-def _insert(dsn: str, cid: str, items: Sequence[pystac.Item]) -> None:
-    """Items (and their collection) written straight into pgstac with its SQL API."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SELECT pgstac.upsert_collection(%s)", (Jsonb(_collection(cid)),))
-        dicts = [i.to_dict(include_self_link=False, transform_hrefs=False) for i in items]
-        conn.execute("SELECT pgstac.upsert_items(%s)", (Jsonb(dicts),))
 
 
 def _pypgstac_load(dsn: str, kind: str, path: Path) -> None:
@@ -105,20 +67,6 @@ def _ndjson(path: Path, items: Sequence[pystac.Item]) -> Path:
     lines = [json.dumps(i.to_dict(include_self_link=False, transform_hrefs=False)) for i in items]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _stored(dsn: str, cid: str) -> dict[str, dict[str, Any]]:
-    """Hydrated items of collection ``cid`` by id."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("SET search_path TO pgstac, public")
-        rows = conn.execute(
-            "SELECT id, content_hydrate(i) FROM items i WHERE collection = %s", (cid,)
-        ).fetchall()
-    return dict(rows)
-
-
-def _model_codes(item: dict[str, Any]) -> list[dict[str, Any]]:
-    return [c for c in item["properties"].get("cbir:codes", []) if c["model"] == MODEL]
 
 
 def _collection_content(dsn: str, cid: str) -> dict[str, Any]:
@@ -143,31 +91,33 @@ def _all_encoded(dsn: str, cid: str, n: int) -> bool:
     return len(stored) == n and all(_model_codes(i) for i in stored.values())
 
 
-def _assert_encoded_once(dsn: str, cid: str, items: Sequence[pystac.Item]) -> None:
-    stored = _stored(dsn, cid)
-    assert sorted(stored) == sorted(i.id for i in items)
-    assert all(len(_model_codes(i)) == 1 for i in stored.values())
-    chips = _stored(dsn, f"{cid}-chips")
-    assert len(chips) == _chips_of(items)
-    assert all(len(_model_codes(c)) == 1 and "cbir:chip" in c["properties"] for c in chips.values())
-
-
 class _Consumer:
-    """``listen_and_encode`` on a thread, restricted to one collection, until :meth:`stop`."""
+    """``listen_and_encode`` on a thread, restricted to one collection, until :meth:`stop`;
+    ``batches`` are the keys of each batch of notifications it has handled, in order."""
 
     def __init__(self, dsn: str, checkpoint: Path, cid: str) -> None:
         self._stop = threading.Event()
         self.report: RunReport | None = None
         self.error: BaseException | None = None
+        self.batches: list[list[tuple[str, str]]] = []
+        self._handled = threading.Condition()
         ingestor = Ingestor.from_checkpoint(checkpoint, base.OPTIONS)
+
+        def on_batch(keys: list[tuple[str, str]]) -> None:
+            with self._handled:
+                self.batches.append(keys)
+                self._handled.notify_all()
 
         def run() -> None:
             try:
                 self.report = listen_and_encode(
-                    dsn, ingestor, stop=self._stop, collections=[cid], poll=0.2
+                    dsn, ingestor, stop=self._stop, collections=[cid], poll=0.2, on_batch=on_batch
                 )
             except BaseException as exc:
                 self.error = exc
+            finally:
+                with self._handled:
+                    self._handled.notify_all()
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
@@ -176,6 +126,16 @@ class _Consumer:
         if self.error is not None:
             raise self.error
         assert self.thread.is_alive(), "the consumer stopped on its own"
+
+    def wait_handled(self, key: tuple[str, str], timeout: float = 120) -> None:
+        """Until a batch naming ``key`` has been handled."""
+        with self._handled:
+            self._handled.wait_for(
+                lambda: any(key in b for b in self.batches) or not self.thread.is_alive(), timeout
+            )
+            handled = any(key in b for b in self.batches)
+        self.check()
+        assert handled, f"timed out waiting for the consumer to handle the notification of {key}"
 
     def stop(self) -> RunReport:
         self._stop.set()
@@ -253,7 +213,12 @@ def test_bulk_loaded_items_are_encoded_exactly_once(
         second = _scenes(tmp_path / "b", cid, seed=300, months=(7, 8))
         _pypgstac_load(pgstac_dsn, "items", _ndjson(tmp_path / "b.ndjson", second))
         _wait_until(lambda: _all_encoded(pgstac_dsn, cid, 9), worker, "the second load")
-        time.sleep(1.0)  # the consumer hears its own upserts: they must not write again
+        # The consumer hears its own upserts, which must not write again. They are committed
+        # (read above), and notifications arrive in commit order: once a notification sent now
+        # is handled, so are they.
+        marker = (cid, "marker-not-an-item")
+        _notify(pgstac_dsn, *marker)
+        worker.wait_handled(marker)
     finally:
         report = worker.stop()
     with psycopg.connect(pgstac_dsn, autocommit=True) as conn:
@@ -263,6 +228,17 @@ def test_bulk_loaded_items_are_encoded_exactly_once(
     assert triggers >= 1 + 1 + 3  # on items, on the collection's partition, on its 3 months
     _assert_encoded_once(pgstac_dsn, cid, [*first, *second])
     assert (report.items_encoded, report.chips_encoded) == (9, _chips_of([*first, *second]))
+    # not vacuous: the second load's items were each heard twice, from the load and from the
+    # consumer's own upsert, before the consumer stopped
+    heard = [key for batch in worker.batches for key in batch]
+    assert all(heard.count((cid, item.id)) >= 2 for item in second), heard
+
+
+def _notify(dsn: str, collection: str, item_id: str) -> None:
+    """A notification on the consumer's channel, as the trigger sends them."""
+    payload = json.dumps({"collection": collection, "id": item_id})
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SELECT pg_notify(%s, %s)", (DEFAULT_CHANNEL, payload))
 
 
 def _ndjson_collection(folder: Path, cid: str) -> Path:

@@ -29,7 +29,7 @@ from stac_rscbir.store.base import (
 from stac_rscbir.store.pgstac import PgstacStore
 from stac_rscbir.store.sqlite import SQLiteStore
 
-from .test_api import MODEL, _bits, _collection
+from .api_builders import MODEL, _bits, _collection
 
 T0 = datetime(2021, 1, 1, tzinfo=UTC)
 N = 100
@@ -215,6 +215,7 @@ def test_paging_and_sorting(loaded: tuple[PgstacStore, SQLiteStore], pgstac_db: 
         page = store.search(SearchQuery(**{**query.__dict__, "token": page.next_token}))
     ids = [i["id"] for i in seen]
     assert len(ids) == len(set(ids)) == page.matched
+    assert {("scenes", i) for i in ids} == set(oracle.filter_keys(query))  # the right items
     clouds = [i["properties"]["eo:cloud_cover"] for i in seen]
     assert clouds == sorted(clouds)
     assert store.search(SearchQuery(limit=0)).items == []

@@ -21,7 +21,8 @@ from stac_rscbir.models.checkpoint import ModelConfig, load_checkpoint, save_che
 from stac_rscbir.models.encoder import HashEncoder
 from stac_rscbir.models.methods import METHODS, HashingNet
 from stac_rscbir.models.training import TrainConfig, TrainResult, encode, train_hashing
-from tests.test_methods import EXPECTED_TERMS
+
+from .method_terms import EXPECTED_TERMS
 
 BITS = 16
 N_CLASSES = 5

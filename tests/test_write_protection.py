@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from stac_rscbir.api.app import create_api
 from stac_rscbir.store.sqlite import SQLiteStore
 
-from .test_api import MODEL, _collection, _item
+from .api_builders import MODEL, _collection, _item
 
 TOKEN = "s3cret-token"
 TRANSACTION_CLASS = "transaction"
@@ -209,7 +209,8 @@ def test_serve_with_a_token(tmp_path: Path, served: list[Any]) -> None:
     result = _serve(tmp_path, env={"RSCBIR_WRITE_TOKEN": "from-env"})
     assert result.exit_code == 0, result.output
     assert _can_write(served[-1], {"X-API-Key": TOKEN}) == 401
-    assert _can_write(served[-1], {"X-API-Key": "from-env"}) in (201, 409)
+    # authorised (not 401): item-200, written above into the same database, conflicts
+    assert _can_write(served[-1], {"X-API-Key": "from-env"}) == 409
     result = _serve(tmp_path, env={"RSCBIR_WRITE_TOKEN": ""})  # empty: no token, read-only
     assert result.exit_code == 0 and "read-only" in result.output
     assert _can_write(served[-1]) == 405
@@ -228,10 +229,28 @@ def test_serve_anonymous_writes(tmp_path: Path, served: list[Any]) -> None:
 
 
 def test_api_sink_sends_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime
+
+    import httpx
+    import pystac
+
     from stac_rscbir.ingest.sinks import ApiSink
 
+    # what goes over the wire: every request the sinks make, answered 404 by a mock transport
+    sent: list[str | None] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers.get("authorization"))
+        return httpx.Response(404)
+
+    real_client = httpx.Client
+    monkeypatch.setattr(
+        httpx, "Client", lambda **kw: real_client(transport=httpx.MockTransport(answer), **kw)
+    )
+    scene = pystac.Item("s", None, None, datetime(2021, 1, 1, tzinfo=UTC), {}, collection="c")
     monkeypatch.delenv("RSCBIR_WRITE_TOKEN", raising=False)
-    assert "authorization" not in ApiSink("http://api")._client().headers
-    assert ApiSink("http://api", token="t")._client().headers["authorization"] == "Bearer t"
+    assert not ApiSink("http://api").is_encoded(scene, "m", "1")
+    assert not ApiSink("http://api", token="t").is_encoded(scene, "m", "1")
     monkeypatch.setenv("RSCBIR_WRITE_TOKEN", "from-env")
-    assert ApiSink("http://api")._client().headers["authorization"] == "Bearer from-env"
+    assert not ApiSink("http://api").is_encoded(scene, "m", "1")
+    assert sent == [None, "Bearer t", "Bearer from-env"]

@@ -33,7 +33,7 @@ from stac_rscbir.api.core import store_errors
 from stac_rscbir.extension.cbir import HashCode
 from stac_rscbir.extension.codec import CBIRFieldError, decode_code, decode_descriptor
 from stac_rscbir.index.feedback import ALPHA, BETA, GAMMA, rocchio
-from stac_rscbir.index.hashindex import META_FILE, HashIndex, open_or_rebuild
+from stac_rscbir.index.hashindex import HashIndex, open_or_rebuild
 from stac_rscbir.store.base import InvalidQueryError, ItemStore, SearchPage, SearchQuery
 
 log = logging.getLogger(__name__)
@@ -227,7 +227,8 @@ class SimilarityService:
 
     # ------------------------------------------------------------------ indexes
 
-    def _dir(self, model: str) -> Path:
+    def index_path(self, model: str) -> Path:
+        """The folder the model's index is saved in (under ``index_dir``)."""
         return self.index_dir / hashlib.sha1(model.encode()).hexdigest()[:16]
 
     def _model_lock(self, locks: dict[str, threading.Lock], model: str) -> threading.Lock:
@@ -253,6 +254,8 @@ class SimilarityService:
                 while (idx := self._indexes.get(model)) is not None:
                     if idx.generation >= wanted:
                         return idx
+                    if self._writing and wanted - idx.generation <= 1:
+                        return idx  # as above: a write began (and committed) since the check
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -276,7 +279,7 @@ class SimilarityService:
         with self._lock:
             stale_on_disk = model in self._disk_stale
         if not stale_on_disk:
-            return open_or_rebuild(self._dir(model), self.store, model)
+            return open_or_rebuild(self.index_path(model), self.store, model)
         generation = self.store.generation()  # before the codes, as in open_or_rebuild
         return HashIndex(model).build(self.store.iter_codes(model), generation=generation)
 
@@ -287,7 +290,7 @@ class SimilarityService:
         self._saved.pop(model, None)
         self._disk_stale.add(model)
         try:
-            (self._dir(model) / META_FILE).unlink(missing_ok=True)
+            HashIndex.discard_saved(self.index_path(model))
         except OSError as err:  # read-only: _disk_stale keeps it from being loaded here
             log.warning("could not invalidate the saved hash index of %s: %s", model, err)
 
@@ -303,7 +306,7 @@ class SimilarityService:
             last = self._saved.get(model)
             if last is not None and last[0] is idx and last[1] >= generation:
                 return
-            path = self._dir(model)
+            path = self.index_path(model)
             try:
                 idx.save(path)
             except Exception as err:
@@ -324,7 +327,7 @@ class SimilarityService:
                     self._saved[model] = (idx, generation)
                     self._disk_stale.discard(model)
                 elif model in self._disk_stale:  # dropped while we wrote: invalidate again
-                    (path / META_FILE).unlink(missing_ok=True)
+                    HashIndex.discard_saved(path)
 
     def _schedule_save(self, model: str) -> None:
         """Save the model's index soon, on the saver thread (coalescing later writes)."""

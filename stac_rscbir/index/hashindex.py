@@ -59,8 +59,13 @@ Threads
     (and ``save``, ``rerank``, ``code``...) share a read lock, ``add``/``remove``/``update``/
     ``build`` take it exclusively (writer-preferring, re-entrant). ``save`` only holds the read
     lock while it copies the state (a memcpy-sized snapshot); the files are written outside it,
-    so neither readers nor writers wait for the disk. Two saves into one folder from one process
-    are serialised.
+    so neither readers nor writers wait for the disk.
+
+Persistence
+    ``save`` writes a new version folder and switches to it atomically (``index/snapshots.py``):
+    a reader in any process (a restart, another API replica on the same folder) loads the
+    previous complete version or the new one, never a missing or torn set. Saves from several
+    threads or processes into one folder each write their own version; the last switch wins.
 """
 
 from __future__ import annotations
@@ -72,7 +77,6 @@ import logging
 import math
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,7 +87,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
-from stac_rscbir.fsutil import atomic_write, atomic_write_text
+from stac_rscbir.index.snapshots import VERSION_PREFIX, NoSnapshotError, SnapshotDir
 from stac_rscbir.store.base import ItemKey, StoredCode
 
 log = logging.getLogger(__name__)
@@ -97,7 +101,6 @@ CODES_FILE = "codes.npy"
 KEYS_FILE = "keys.json"
 DESCRIPTORS_FILE = "descriptors.npy"
 META_FILE = "meta.json"
-STALE_TEMP_SECONDS = 600  # temporary files of an interrupted save older than this are removed
 
 
 @dataclass(frozen=True)
@@ -276,16 +279,6 @@ def _writes(method: _F) -> _F:
             return method(self, *args, **kwargs)
 
     return locked  # type: ignore[return-value]
-
-
-_save_locks: dict[str, threading.Lock] = {}
-_save_locks_guard = threading.Lock()
-
-
-def _save_lock(path: Path) -> threading.Lock:
-    key = os.path.abspath(path)
-    with _save_locks_guard:
-        return _save_locks.setdefault(key, threading.Lock())
 
 
 class HashIndex:
@@ -894,13 +887,14 @@ class HashIndex:
     # ------------------------------------------------------------------ persistence
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write the index files atomically, ``meta.json`` last (removed first).
+        """Save a new version of the index files in ``directory`` and make it current.
 
-        A crash at any point leaves either no ``meta.json`` (rebuilt at the next open) or a
-        complete set whose sizes and sha256 match ``meta.json``. The state is copied under the
-        read lock, the files written outside it. Raises OSError when the folder cannot be
-        written (read-only, disk full): the old ``meta.json`` is then gone or still names
-        the old, complete set, never a mix.
+        The version is written beside the current one and switched to with one atomic rename
+        (:class:`~stac_rscbir.index.snapshots.SnapshotDir`): a reader in any process, or a
+        restart after a crash at any point, finds the previous complete set or the new one,
+        whose sizes and sha256 match its ``meta.json``. The state is copied under the read
+        lock, the files written outside it. Raises OSError when the folder cannot be written
+        (read-only, disk full); the previous version then stays current.
         """
         path = Path(directory)
         with self._rw.read():
@@ -934,41 +928,33 @@ class HashIndex:
         }
         if desc is not None:
             files[DESCRIPTORS_FILE] = lambda p: _save_npy(p, desc)
-        with _save_lock(path):
-            path.mkdir(parents=True, exist_ok=True)
-            (path / META_FILE).unlink(missing_ok=True)  # a crash mid-save leaves no valid set
-            _remove_stale_temps(path)
-            if desc is None:
-                (path / DESCRIPTORS_FILE).unlink(missing_ok=True)
-            checks = {}
+
+        def fill(folder: Path) -> None:
             for name, write in files.items():
-                atomic_write(path / name, write)
-                checks[name] = _file_check(path / name)
-            meta["files"] = checks
-            atomic_write_text(path / META_FILE, json.dumps(meta, indent=1))
+                write(folder / name)
+            meta["files"] = {name: _file_check(folder / name) for name in files}
+            (folder / META_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+
+        SnapshotDir(path).write(fill)
+        _remove_legacy_files(path)
+
+    @staticmethod
+    def discard_saved(directory: str | os.PathLike[str]) -> None:
+        """Make the saved copy in ``directory`` unloadable: the next open rebuilds it from the
+        store (for a saved copy that may name the present generation without every write)."""
+        SnapshotDir(directory).invalidate()
 
     @staticmethod
     def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
-        """The persisted ``meta.json`` (IndexLoadError when missing or unreadable)."""
-        try:
-            meta = json.loads((Path(directory) / META_FILE).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise IndexLoadError(f"{META_FILE}: {err}") from err
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-            raise IndexLoadError(f"{META_FILE}: unknown format")
-        return meta
+        """The ``meta.json`` of the current saved version (IndexLoadError when there is none
+        or it is unreadable)."""
+        return _read_saved(Path(directory), _read_meta)
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> HashIndex:
-        """Load a saved index; IndexLoadError when files are missing, corrupt or inconsistent."""
-        path = Path(directory)
-        meta = cls.read_meta(path)
-        try:
-            return cls._load(path, meta)
-        except IndexLoadError:
-            raise
-        except Exception as err:  # faiss RuntimeError, numpy ValueError, KeyError, TypeError...
-            raise IndexLoadError(f"{path}: {type(err).__name__}: {err}") from err
+        """Load the current saved version; IndexLoadError when there is none, or its files are
+        missing, corrupt or inconsistent."""
+        return _read_saved(Path(directory), lambda folder: cls._load(folder, _read_meta(folder)))
 
     @classmethod
     def _load(cls, path: Path, meta: dict[str, Any]) -> HashIndex:
@@ -1008,8 +994,10 @@ class HashIndex:
             self._desc = np.array(desc)
         index = faiss.read_index_binary(str(path / INDEX_FILE))
         expected = n if self.kind == "hnsw" else self.count
-        if index.ntotal != expected or index.d != self.bits:
+        if index.ntotal != expected:
             raise IndexLoadError(f"{INDEX_FILE} holds {index.ntotal} codes, expected {expected}")
+        if index.d != (self.bits or 8):  # an empty index of unknown length has 8 (_new_faiss)
+            raise IndexLoadError(f"{INDEX_FILE} has {index.d} bits, expected {self.bits}")
         if self.kind == "ivf":
             index.nprobe = self.nprobe  # read_index_binary returns the concrete class
         self._index = index
@@ -1036,18 +1024,34 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(f, arr, allow_pickle=False)
 
 
-def _remove_stale_temps(path: Path) -> None:
-    """Temporary files of saves killed mid-write (``.<file>.<random>``), once old enough that
-    no running save can still own them."""
-    names = (INDEX_FILE, CODES_FILE, KEYS_FILE, DESCRIPTORS_FILE, META_FILE)
-    cutoff = time.time() - STALE_TEMP_SECONDS
-    for name in names:
-        for tmp in path.glob(f".{name}.*"):
-            try:
-                if tmp.stat().st_mtime < cutoff:
-                    tmp.unlink()
-            except OSError:
-                pass
+def _read_meta(folder: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise IndexLoadError(f"{META_FILE}: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise IndexLoadError(f"{META_FILE}: unknown format")
+    return meta
+
+
+_R = TypeVar("_R")
+
+
+def _read_saved(path: Path, read: Callable[[Path], _R]) -> _R:
+    """``read`` on the current saved version in ``path``, every failure an IndexLoadError."""
+    try:
+        return SnapshotDir(path).read(read)
+    except IndexLoadError:
+        raise
+    except Exception as err:  # no version, faiss RuntimeError, numpy ValueError, KeyError...
+        raise IndexLoadError(f"{path}: {type(err).__name__}: {err}") from err
+
+
+def _remove_legacy_files(path: Path) -> None:
+    """The files of the unversioned layout (before snapshots), once a version is saved."""
+    for name in (INDEX_FILE, CODES_FILE, KEYS_FILE, DESCRIPTORS_FILE, META_FILE):
+        for old in (path / name, *path.glob(f".{name}.*")):
+            old.unlink(missing_ok=True)
 
 
 def _file_check(path: Path) -> dict[str, Any]:
@@ -1077,24 +1081,24 @@ def open_or_rebuild(
     path = Path(directory)
     generation = int(store.generation())  # read before the codes: a write during the rebuild
     # leaves the index marked older than the store, hence stale at the next open
-    if (path / META_FILE).exists():
-        try:
-            index = HashIndex.load(path)
-        except IndexLoadError as err:
+    try:
+        index = HashIndex.load(path)
+    except IndexLoadError as err:
+        if not isinstance(err.__cause__, NoSnapshotError):
             log.warning("hash index in %s unusable (%s): rebuilding from the store", path, err)
-        else:
-            if index.model == model and index.version == version and index.generation == generation:
-                return index
-            log.info(
-                "hash index in %s is stale (model %s/%s generation %s, store %s): rebuilding",
-                path,
-                index.model,
-                index.version,
-                index.generation,
-                generation,
-            )
-    elif any(path.glob("*")):
-        log.warning("hash index in %s has no %s (half-written?): rebuilding", path, META_FILE)
+        elif any(path.glob(f"{VERSION_PREFIX}*")):
+            log.warning("hash index in %s has no current version (invalidated): rebuilding", path)
+    else:
+        if index.model == model and index.version == version and index.generation == generation:
+            return index
+        log.info(
+            "hash index in %s is stale (model %s/%s generation %s, store %s): rebuilding",
+            path,
+            index.model,
+            index.version,
+            index.generation,
+            generation,
+        )
     index = HashIndex(model, version=version, **options)
     index.build(store.iter_codes(model, version), generation=generation)
     try:

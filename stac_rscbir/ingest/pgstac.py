@@ -19,7 +19,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -319,6 +319,7 @@ def listen_and_encode(
     collections: Sequence[str] | None = None,
     poll: float = 0.5,
     max_batch: int = 512,
+    on_batch: Callable[[list[tuple[str, str]]], None] | None = None,
 ) -> RunReport:
     """Encode items announced on ``channel`` (see :func:`install_notify_trigger`) until ``stop``
     is set or ``idle_timeout`` seconds pass without a notification; with ``collections``, only
@@ -328,6 +329,12 @@ def listen_and_encode(
     loaded while no consumer listened: those notifications are lost), then each batch of
     notifications (gathered for up to ``poll`` seconds). The consumer's own upserts are announced
     too; they are recognised as encoded and cost one lookup, never a second write.
+
+    ``on_batch`` (progress, for monitoring and tests) is called on the consumer's thread after
+    each batch of notifications is handled (its items encoded and written, or found encoded
+    already), with the sorted ``(collection, id)`` keys it named (those of ``collections``).
+    PostgreSQL delivers notifications in commit order: once a batch naming some notification has
+    been reported, the notifications of every transaction that committed before it are handled.
     """
     sink = PgstacSink(dsn)
     report = RunReport(ingestor.model_id, ingestor.version, device=str(ingestor.device))
@@ -365,6 +372,8 @@ def listen_and_encode(
                 items = _fetch_unencoded(reader, keys, ingestor)
                 if items:
                     report.merge(ingestor.run(items, sink))
+                if on_batch is not None:
+                    on_batch(sorted(keys))
         finally:
             sink.close()
     report.wall_seconds = round(time.monotonic() - start, 3)

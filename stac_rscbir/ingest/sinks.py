@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import socket
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -21,7 +19,7 @@ from typing import Any, Protocol
 import pystac
 
 from stac_rscbir.extension.cbir import CBIRExtension, CBIRModel
-from stac_rscbir.fsutil import atomic_write, atomic_write_text
+from stac_rscbir.fsutil import atomic_write, atomic_write_text, host_name, process_alive
 
 
 class Sink(Protocol):
@@ -217,22 +215,6 @@ def _extent(items: Sequence[dict[str, Any]]) -> pystac.Extent:
     return pystac.Extent(pystac.SpatialExtent([bbox]), pystac.TemporalExtent([interval]))
 
 
-def _host() -> str:
-    """This machine's name as it may appear in a file name."""
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process with this id runs on this machine."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    return True
-
-
 class GeoParquetSink:
     """stac-geoparquet files in a folder: one part file per flush, each written atomically.
 
@@ -250,15 +232,15 @@ class GeoParquetSink:
         self._buffer: list[dict[str, Any]] = []
         self._scenes_buffered = 0
         self._done: dict[str, set[tuple[str | None, str]]] = {}
-        self._writer = f"{_host()}-{os.getpid()}"
+        self._writer = f"{host_name()}-{os.getpid()}"
         self._remove_abandoned_parts()
 
     def _remove_abandoned_parts(self) -> None:
         """Delete temporary part files that writers on this host left when they died."""
-        host = _host()
+        host = host_name()
         for tmp in self.folder.glob(f".part-*-{host}-*.parquet.*"):
             pid = tmp.name.split(f"-{host}-", 1)[1].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not process_alive(int(pid)):
                 tmp.unlink(missing_ok=True)
 
     @staticmethod
