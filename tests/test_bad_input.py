@@ -100,7 +100,6 @@ SEARCH_CASES: list[tuple[str, Any, int, tuple[str, ...]]] = [
         400,
         ("unknown model 'nope'", MODEL),
     ),
-    ("no model named", {"similarity": {"item": ITEM}}, 400, ("similarity.model", MODEL)),
     (
         "k over max_k",
         {"similarity": {"model": MODEL, "item": ITEM, "k": 51}},
@@ -268,6 +267,34 @@ def test_bad_get(
     client, store = served
     before = _state(store)
     _rejected(client.get(path, params=params), status, *words)
+    assert _state(store) == before
+
+
+def test_model_defaults_to_the_only_one_and_is_required_among_several(
+    served: tuple[TestClient, Any],
+) -> None:
+    """A query that names no model uses the one model the store has codes of; once items carry
+    codes of two models, it is a 400 naming both."""
+    client, store = served
+
+    def ranked(similarity: dict[str, Any]) -> list[tuple[str, int]]:
+        r = client.post("/search", json={"similarity": similarity, "limit": 5})
+        assert r.status_code == 200, r.text
+        return [(f["id"], f["properties"]["cbir:distance"]) for f in r.json()["features"]]
+
+    assert ranked({"item": ITEM, "k": 5}) == ranked({"model": MODEL, "item": ITEM, "k": 5})
+    item = _item(N)
+    item["properties"]["cbir:codes"].append(HashCode.from_bits("other-64", "1", _bits(7)).to_dict())
+    r = client.post("/collections/scenes/items", json=item)
+    assert r.status_code in (200, 201), r.text
+    before = _state(store)
+    _rejected(
+        client.post("/search", json={"similarity": {"item": ITEM}}),
+        400,
+        "similarity.model",
+        MODEL,
+        "other-64",
+    )
     assert _state(store) == before
 
 

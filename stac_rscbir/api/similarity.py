@@ -447,9 +447,13 @@ class SimilarityService:
             self._schedule_save(model)
 
     def _default_model(self) -> str:
+        """The model of a query that names none: the one checkpoint served, or else the one
+        model the store has codes of (as the field's description promises)."""
         if len(self.model_dirs) == 1:
             return next(iter(self.model_dirs))
         known = self.known_models()
+        if not self.model_dirs and len(known) == 1:
+            return known[0]
         raise InvalidQueryError(
             "similarity.model is required" + (f": one of {known}" if known else "")
         )
