@@ -23,14 +23,19 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(Path(tmp))
         # mkstemp creates 0600 files: give the result the mode a plain write would have
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_file(path: Path) -> None:
+    """Make a written file's content durable."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def fsync_dir(path: Path) -> None:

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from stac_rscbir.fsutil import atomic_write_text, fsync_dir, host_name, process_alive
+from stac_rscbir.fsutil import atomic_write_text, fsync_dir, fsync_file, host_name, process_alive
 
 POINTER_FILE = "CURRENT"
 LOCK_FILE = ".lock"
@@ -96,8 +96,7 @@ class SnapshotDir:
         try:
             fill(tmp)
             for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+                fsync_file(f)
             fsync_dir(tmp)
             with self._locked():
                 try:
