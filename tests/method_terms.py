@@ -8,6 +8,7 @@ EXPECTED_TERMS: dict[str, set[str]] = {  # hash layers: test_methods.py
     "dhnn": {"pairwise", "quantization"},
     "sidhcnn": {"pairwise", "cross_pairwise", "quantization", "bit_balance"},
     "duch": {"cross_ntxent", "quantization", "bit_balance_code"},
+    "contrastive": {"cross_ntxent", "quantization", "bit_balance_code"},
     "milan": {"triplet", "push", "bit_balance_code"},
     "dhcnn": {"pairwise", "quantization", "cross_entropy"},
     "sshaae": {
@@ -22,4 +23,7 @@ EXPECTED_TERMS: dict[str, set[str]] = {  # hash layers: test_methods.py
     "adversarial": {"pairwise", "cross_entropy", "adversarial", "quantization", "discriminator"},
     "ce": {"cross_entropy"},
     "triplet": {"triplet_mined"},
+    # hash centres / proxies (beyond Table 3)
+    "csq": {"central", "csq_quantization"},
+    "orthohash": {"orthohash"},
 }

@@ -145,6 +145,30 @@ def _case_nt_xent(cross: bool) -> Callable[[], tuple[Tensor, list[Tensor]]]:
     return case
 
 
+def _case_csq() -> tuple[Tensor, list[Tensor]]:
+    raw = _leaf(6, 8, seed=22)
+    centres = torch.where(randn(6, 8, seed=23) >= 0, 1.0, -1.0).double()
+    return L.csq_loss(torch.tanh(raw), centres), [raw]
+
+
+def _case_csq_quantization(form: str) -> Callable[[], tuple[Tensor, list[Tensor]]]:
+    def case() -> tuple[Tensor, list[Tensor]]:
+        raw = _leaf(6, 8, seed=24)
+        return L.csq_quantization_loss(torch.tanh(raw), form=form), [raw]  # type: ignore[arg-type]
+
+    return case
+
+
+def _case_orthohash(multi: bool) -> Callable[[], tuple[Tensor, list[Tensor]]]:
+    def case() -> tuple[Tensor, list[Tensor]]:
+        h = _leaf(6, 8, seed=25)
+        y = torch.tensor([0, 1, 2, 0, 1, 2])
+        labels = F.one_hot(y, 3) | torch.tensor([0, 0, 1]) if multi else y
+        return L.orthohash_loss(h, labels, L.hash_centres(3, 8)), [h]
+
+    return case
+
+
 GRAD_CASES: dict[str, Callable[[], tuple[Tensor, list[Tensor]]]] = {
     "contrastive": _case_contrastive,
     "pairwise_contrastive": _case_pairwise_contrastive,
@@ -166,6 +190,11 @@ GRAD_CASES: dict[str, Callable[[], tuple[Tensor, list[Tensor]]]] = {
     "milan_push": _case_push,
     "nt_xent": _case_nt_xent(False),
     "nt_xent_cross_modal": _case_nt_xent(True),
+    "csq_central": _case_csq,
+    "csq_quantization_log_cosh": _case_csq_quantization("log_cosh"),
+    "csq_quantization_squared": _case_csq_quantization("squared"),
+    "orthohash_single_label": _case_orthohash(False),
+    "orthohash_multi_label": _case_orthohash(True),
 }
 
 
@@ -542,6 +571,148 @@ def test_nt_xent_lower_for_aligned_than_shuffled() -> None:
         good = L.nt_xent_loss(z1, aligned, cross_modal_only=cross)
         bad = L.nt_xent_loss(z1, shuffled, cross_modal_only=cross)
         assert good < bad - 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# hash centres / proxies: CSQ and OrthoHash
+# --------------------------------------------------------------------------------------------
+
+
+def _pairwise_hamming(codes: Tensor) -> Tensor:
+    """Hamming distances between the different rows of a ±1 matrix, by counting."""
+    i, j = torch.triu_indices(codes.shape[0], codes.shape[0], offset=1)
+    return (codes[i] != codes[j]).sum(1)
+
+
+def test_hash_centres_are_hadamard_rows_at_least_half_the_bits_apart() -> None:
+    # bits a power of 2, C <= bits: the first C rows of H_bits (the official CSQ notebook)
+    assert torch.equal(L.hash_centres(5, 8), hadamard(8)[:5].float())
+    # bits < C <= 2·bits: then the rows of -H_bits
+    c = L.hash_centres(12, 8)
+    assert c.shape == (12, 8) and c.dtype == torch.float32
+    assert torch.equal(c, torch.cat([hadamard(8), -hadamard(8)])[:12].float())
+    d = _pairwise_hamming(c)
+    assert int(d.min()) == 4  # bits / 2
+    assert int(d.max()) == 8  # a row and its negation
+    # 16 classes at 8 bits: 8 antipodal pairs, every other pair exactly bits/2 apart
+    assert sorted(_pairwise_hamming(L.hash_centres(16, 8)).tolist()) == [4] * 112 + [8] * 8
+    for bits in (16, 32, 64):
+        d = _pairwise_hamming(L.hash_centres(30, bits))  # AID: 30 classes
+        assert int(d.min()) >= bits // 2
+    assert torch.equal(L.hash_centres(30, 32, seed=0), L.hash_centres(30, 32, seed=5))
+
+
+def test_hash_centres_bernoulli_when_no_hadamard_matrix_fits() -> None:
+    for n, bits in ((6, 12), (9, 4), (30, 48)):  # bits not a power of 2, or C > 2·bits
+        c = L.hash_centres(n, bits, seed=3)
+        assert c.shape == (n, bits)
+        assert set(c.unique().tolist()) <= {-1.0, 1.0}
+        assert torch.equal(c, L.hash_centres(n, bits, seed=3))  # seeded
+        assert int(_pairwise_hamming(c).min()) >= bits / 4
+    assert not torch.equal(L.hash_centres(6, 12, seed=3), L.hash_centres(6, 12, seed=4))
+    # unreachable bound: the best of max_tries draws is kept, still ±1 and seeded
+    far = L.hash_centres(20, 6, seed=1, min_distance=6, max_tries=5)
+    assert far.shape == (20, 6) and torch.equal(
+        far, L.hash_centres(20, 6, 1, min_distance=6, max_tries=5)
+    )
+    assert L.hash_centres(1, 3).shape == (1, 3)
+    with pytest.raises(ValueError):
+        L.hash_centres(0, 8)
+
+
+def test_multilabel_centres_hand_case() -> None:
+    centres = torch.tensor([[1.0, 1, -1, -1], [1, -1, 1, -1], [1, -1, -1, 1]])
+    labels = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 1, 1], [0, 0, 0]])
+    # sums of the label centres: [1,1,-1,-1], [2,0,0,-2], [3,-1,-1,-1], [0,0,0,0]
+    expected = torch.tensor(
+        [[1.0, 1, -1, -1], [1, 1, 1, -1], [1, -1, -1, -1], [1, 1, 1, 1]]  # ties -> +1
+    )
+    assert torch.equal(L.multilabel_centres(labels, centres), expected)
+    tie = torch.tensor([-1.0, -1, 1, -1])
+    expected_tie = torch.tensor(
+        [[1.0, 1, -1, -1], [1, -1, 1, -1], [1, -1, -1, -1], [-1, -1, 1, -1]]
+    )
+    assert torch.equal(L.multilabel_centres(labels.bool(), centres, tie), expected_tie)
+    with pytest.raises(ValueError):
+        L.multilabel_centres(labels[:, :2], centres)
+    with pytest.raises(ValueError):
+        L.multilabel_centres(labels, centres, tie[:3])
+
+
+def test_csq_loss_hand_values_and_bce_form() -> None:
+    # p = (1 + h)/2 = [0.75, 0.25], t = [1, 0]: -(log 0.75 + log 0.75)/2
+    h = torch.tensor([[0.5, -0.5]], dtype=torch.float64)
+    assert close(L.csq_loss(h, torch.tensor([[1.0, -1.0]])), 0.2876820724517809)
+    # p = [0.5, 0.8], t = [1, 1]: -(log 0.5 + log 0.8)/2
+    h = torch.tensor([[0.0, 0.6]], dtype=torch.float64)
+    assert close(L.csq_loss(h, torch.tensor([[1.0, 1.0]])), 0.4581453659370775)
+    # = BCE((h + 1)/2, (c + 1)/2), mean over bits and batch (the official code's nn.BCELoss)
+    x = torch.tanh(randn(5, 8, seed=80))
+    c = torch.where(randn(5, 8, seed=81) >= 0, 1.0, -1.0).double()
+    assert close(L.csq_loss(x, c), F.binary_cross_entropy((x + 1) / 2, (c + 1) / 2), 1e-9)
+    assert L.csq_loss(0.9 * c, c) < L.csq_loss(-0.9 * c, c)
+    # saturated tanh codes: finite loss and gradient
+    sat = torch.tensor([[1.0, -1.0]], requires_grad=True)
+    loss = L.csq_loss(sat, torch.tensor([[-1.0, -1.0]]))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(sat.grad).all()
+
+
+def test_csq_quantization_hand_values() -> None:
+    h = torch.tensor([[0.5, -1.0], [0.0, 0.9]], dtype=torch.float64)  # |h| - 1: -.5, 0, -1, -.1
+    # paper: mean log cosh(|h| - 1) = (log cosh .5 + 0 + log cosh 1 + log cosh .1) / 4
+    assert close(L.csq_quantization_loss(h), 0.13972175656573776)
+    # official code: mean (|h| - 1)² = (0.25 + 0 + 1 + 0.01) / 4
+    assert close(L.csq_quantization_loss(h, form="squared"), 0.315)
+    assert L.csq_quantization_loss(hadamard(4)).item() == 0.0
+    # squared form = quantization_loss / K for codes in [-1, 1]
+    x = torch.tanh(randn(4, 6, seed=82))
+    assert close(L.csq_quantization_loss(x, "squared"), L.quantization_loss(x) / 6)
+    big = torch.full((1, 2), 1e4, dtype=torch.float64)  # stable far from ±1: ≈ |x| - log 2
+    assert close(L.csq_quantization_loss(big), 1e4 - 1 - math.log(2), 1e-9)
+    with pytest.raises(ValueError):
+        L.csq_quantization_loss(h, form="l1")  # type: ignore[arg-type]
+
+
+def test_orthohash_single_label_hand_values() -> None:
+    codebook = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    # h = (1, 0): cos = (1/√2, 1/√2); label 0: z = 8·(cos - 0.2·[1, 0]), CE = log(1 + e^{1.6})
+    h = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    assert close(L.orthohash_loss(h, torch.tensor([0]), codebook), 1.783900740888339)
+    # h = (1, 1): cos = (1, 0). label 0: z = (6.4, 0) -> log(1 + e^{-6.4});
+    # label 1: z = (8, -1.6) -> 9.6 + log(1 + e^{-9.6}); mean of the two
+    h2 = torch.tensor([[1.0, 1.0], [2.0, 2.0]], dtype=torch.float64)
+    assert close(L.orthohash_loss(h2, torch.tensor([0, 1]), codebook), 4.800863952428524)
+    # scale and margin are the paper's s and m: with m = 0 and s = 1, plain cosine softmax CE
+    cos = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    expected = F.cross_entropy(cos, torch.tensor([1]))
+    got = L.orthohash_loss(h2[:1], torch.tensor([1]), codebook, scale=1.0, margin=0.0)
+    assert close(got, expected)
+
+
+def test_orthohash_multi_label_hand_values() -> None:
+    codebook = hadamard(4)[:3]  # rows (1,1,1,1), (1,-1,1,-1), (1,1,-1,-1)
+    h = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)  # cos = 1/2 with every row
+    labels = torch.tensor([[1, 1, 0]])
+    # z = 8·(0.5 - 0.2·y) = (2.4, 2.4, 4.0); label smoothing target (½, ½, 0):
+    # L = logsumexp(z) - 2.4 = log(2 + e^{1.6})
+    assert close(L.orthohash_loss(h, labels, codebook), 1.939177884473635)
+    # BCE form: (2·softplus(-2.4) + softplus(4.0)) / 3
+    assert close(L.orthohash_loss(h, labels, codebook, multilabel="bce"), 1.3972740774085697)
+    # a sample without labels has no target: same value as without it
+    h2 = torch.cat([h, randn(1, 4, seed=83)])
+    both = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    assert close(L.orthohash_loss(h2, both, codebook), 1.939177884473635)
+    none = L.orthohash_loss(h2.requires_grad_(True), torch.zeros(2, 3), codebook)
+    assert none.item() == 0.0
+    # one-hot multi-label form = single-label CE
+    y = torch.tensor([2, 0, 1])
+    x = randn(3, 4, seed=84)
+    assert close(L.orthohash_loss(x, F.one_hot(y, 3), codebook), L.orthohash_loss(x, y, codebook))
+    with pytest.raises(ValueError):
+        L.orthohash_loss(x, y, codebook[:, :3])
+    with pytest.raises(ValueError):
+        L.orthohash_loss(x, y, codebook, multilabel="softmax")  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +15,11 @@ from torch import nn
 
 from stac_rscbir.models import losses
 from stac_rscbir.models.backbones import build_backbone
+from stac_rscbir.models.checkpoint import ModelConfig, load_checkpoint
+from stac_rscbir.models.encoder import HashEncoder
 from stac_rscbir.models.methods import METHODS, HashingNet, MethodSpec, method_loss
 from stac_rscbir.models.mining import similarity_matrix
+from stac_rscbir.models.training import TrainConfig, encode, train_hashing
 
 from .method_terms import EXPECTED_TERMS
 
@@ -45,7 +50,7 @@ def batch_loss(
     labelled: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
     """method_loss on one batch with what the preset needs (triplets, second source)."""
-    if net.spec.two_sources and x2 is None:
+    if (net.spec.two_sources or net.spec.two_views) and x2 is None:
         x2 = x + 0.1 * torch.randn_like(x)
     return method_loss(
         net,
@@ -59,7 +64,8 @@ def batch_loss(
 
 
 def final_activation(net: HashingNet) -> str:
-    last = net.head.net[-1]
+    # the hash layer's activation; OrthoHash's BatchNorm on the codes follows it
+    last = [m for m in net.head.net if not isinstance(m, nn.BatchNorm1d)][-1]
     if isinstance(last, nn.Sigmoid):
         return "sigmoid"
     if isinstance(last, nn.Tanh):
@@ -123,8 +129,12 @@ def test_hashing_net_builds_the_hash_layer_and_parts_its_preset_names(name: str)
     assert (net.classifier is not None) == spec.classifier == ("cross_entropy" in spec.weights)
     assert (net.decoder is not None) == spec.decoder == ("reconstruction" in spec.weights)
     assert (net.discriminator is not None) == spec.adversarial == ("adversarial" in spec.weights)
+    centred = {"central", "orthohash"} & set(spec.weights)
+    assert (net.centres is not None) == spec.hash_centres == bool(centred)
+    assert isinstance(net.head.net[-1], nn.BatchNorm1d) == spec.code_batch_norm
     cross = {"cross_pairwise", "cross_ntxent"} & set(spec.weights)
-    assert (net.head2 is not None) == spec.two_sources == bool(cross)
+    assert (net.head2 is not None) == spec.two_sources
+    assert (spec.two_sources or spec.two_views) == bool(cross)
     if net.classifier is not None:
         assert net.classifier(torch.randn(3, 16)).shape == (3, 5)
 
@@ -342,3 +352,213 @@ def test_hash_layers_follow_the_survey_table_2() -> None:
     }
     for name, activation in table2.items():
         assert METHODS[name].activation == activation, name
+
+
+# --------------------------------------------------------------------------------------------
+# hash centres / proxies: CSQ and OrthoHash
+# --------------------------------------------------------------------------------------------
+
+CENTRED = ["csq", "orthohash"]
+MULTI_HOT = torch.tensor(
+    [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 0, 1], [1, 0, 1, 0]]
+)
+
+
+def test_csq_and_orthohash_follow_their_papers() -> None:
+    csq = METHODS["csq"]
+    # L = L_central + 0.05 · mean (|h| - 1)² (official code: lambda0 = 1, lambda2 = 0.05)
+    assert csq.weights == {"central": 1.0, "csq_quantization": 0.05}
+    assert csq.sampling == "random" and csq.hash_centres and not csq.code_batch_norm
+    net = HashingNet(csq, in_dim=24, bits=16, n_classes=5)
+    assert final_activation(net) == "tanh" and net.space() == "pm1"
+    assert linear_widths(net) == [1024, 16]
+    ortho = METHODS["orthohash"]
+    # one loss: CE of s·(cos - m·y), s = 8, m = 0.2 (official defaults); BN on the codes
+    assert ortho.weights == {"orthohash": 1.0}
+    assert ortho.margin == pytest.approx(0.2) and ortho.extra["scale"] == pytest.approx(8.0)
+    net = HashingNet(ortho, in_dim=24, bits=16, n_classes=5)
+    assert final_activation(net) == "linear" and net.space() == "pm1"
+    bn = net.head.net[-1]
+    assert isinstance(bn, nn.BatchNorm1d) and bn.num_features == 16
+    assert isinstance(net.head.net[-2], nn.Linear)
+    net.eval()  # bits are the sign of the BatchNorm output
+    x = torch.randn(6, 24)
+    bits, relaxed = net.encode(x)
+    assert torch.equal(bits, (relaxed >= 0).to(torch.uint8))
+
+
+@pytest.mark.parametrize("name", CENTRED)
+def test_hash_centre_presets_keep_a_seeded_hadamard_codebook_buffer(name: str) -> None:
+    net = HashingNet(METHODS[name], in_dim=24, bits=16, n_classes=5)
+    again = HashingNet(METHODS[name], in_dim=24, bits=16, n_classes=5)
+    assert net.centres is not None and net.centre_ties is not None
+    assert net.centres.shape == (5, 16) and net.centre_ties.shape == (16,)
+    # 5 classes, 16 bits: the first 5 rows of the Sylvester Hadamard matrix H_16
+    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    h16 = torch.kron(torch.kron(torch.kron(h2, h2), h2), h2)
+    assert torch.equal(net.centres, h16[:5])
+    assert set(net.centre_ties.unique().tolist()) <= {-1.0, 1.0}
+    assert again.centre_ties is not None and torch.equal(net.centre_ties, again.centre_ties)
+    state = net.state_dict()
+    assert torch.equal(state["centres"], net.centres) and "centre_ties" in state
+    assert "centres" not in dict(net.named_parameters())  # fixed targets, never trained
+    plain = HashingNet(METHODS["dhnn"], in_dim=24, bits=16, n_classes=5)
+    assert plain.centres is None and "centres" not in plain.state_dict()
+
+
+def test_csq_terms_match_their_formulas_for_single_labels() -> None:
+    net = HashingNet(METHODS["csq"], in_dim=24, bits=16, n_classes=3)
+    x = torch.randn(len(LABELS), 24)
+    total, _, logged = batch_loss(net, x)
+    with torch.no_grad():
+        h = net(x)
+    assert net.centres is not None
+    # BCE between (h + 1)/2 and (c_y + 1)/2, mean over bits and batch
+    p, t = (h + 1) / 2, (net.centres[LABELS] + 1) / 2
+    central = -(t * p.log() + (1 - t) * (1 - p).log()).mean()
+    assert logged["central"] == pytest.approx(float(central), rel=1e-5)
+    assert logged["csq_quantization"] == pytest.approx(float(((h.abs() - 1) ** 2).mean()), 1e-5)
+    total.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.head.parameters())
+
+
+def test_csq_multi_hot_labels_use_the_sign_of_the_mean_label_centre() -> None:
+    net = HashingNet(METHODS["csq"], in_dim=24, bits=16, n_classes=4)
+    x = torch.randn(len(MULTI_HOT), 24)
+    _, _, logged = method_loss(net, x, MULTI_HOT, similarity_matrix(MULTI_HOT))
+    assert set(logged) == EXPECTED_TERMS["csq"]
+    assert net.centres is not None and net.centre_ties is not None
+    rows = []
+    for labels in MULTI_HOT:  # by hand: mean of the label centres, sign, ties from centre_ties
+        mean = net.centres[labels.bool()].mean(0)
+        rows.append(
+            [
+                t if m == 0 else (1.0 if m > 0 else -1.0)
+                for m, t in zip(mean, net.centre_ties, strict=True)
+            ]
+        )
+    target = torch.tensor(rows)
+    assert torch.equal(target[0], net.centres[0])  # one label: its own centre
+    with torch.no_grad():
+        h = net(x)
+    expected = F.binary_cross_entropy((h + 1) / 2, (target + 1) / 2)
+    assert logged["central"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def _orthohash_logits(h: torch.Tensor, codebook: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    cos = F.normalize(h, dim=1) @ F.normalize(codebook, dim=1).T
+    return 8.0 * (cos - 0.2 * y)
+
+
+def test_orthohash_term_is_margin_cosine_cross_entropy_single_and_multi_label() -> None:
+    net = HashingNet(METHODS["orthohash"], in_dim=24, bits=16, n_classes=3)
+    x = torch.randn(len(LABELS), 24)
+    total, _, logged = batch_loss(net, x)
+    with torch.no_grad():
+        h = net(x)  # train mode: the BatchNorm normalises with the batch statistics
+    assert net.centres is not None
+    logits = _orthohash_logits(h, net.centres, F.one_hot(LABELS, 3).float())
+    expected = F.cross_entropy(logits, LABELS)
+    assert logged["orthohash"] == pytest.approx(float(expected), rel=1e-5)
+    total.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.head.parameters())
+
+    net = HashingNet(METHODS["orthohash"], in_dim=24, bits=16, n_classes=4)
+    x = torch.randn(len(MULTI_HOT), 24)
+    _, _, logged = method_loss(net, x, MULTI_HOT, similarity_matrix(MULTI_HOT))
+    with torch.no_grad():
+        h = net(x)
+    assert net.centres is not None
+    y = MULTI_HOT.float()
+    log_p = F.log_softmax(_orthohash_logits(h, net.centres, y), dim=1)
+    smoothed = -((y / y.sum(1, keepdim=True)) * log_p).sum(1).mean()  # label smoothing
+    assert logged["orthohash"] == pytest.approx(float(smoothed), rel=1e-5)
+
+
+def _tiny_data(multi: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """48 noisy 24-d descriptors of 4 classes; multi-hot with a second label on every 3rd."""
+    gen = torch.Generator().manual_seed(0)
+    y = np.repeat(np.arange(4), 12)
+    means = 2.0 * torch.randn(4, 24, generator=gen)
+    x = means[torch.as_tensor(y)] + torch.randn(len(y), 24, generator=gen)
+    if not multi:
+        return x, y
+    labels = np.eye(4, dtype=np.int64)[y]
+    labels[::3, 0] = 1
+    return x, labels
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["single", "multi"])
+@pytest.mark.parametrize("name", CENTRED)
+def test_hash_centre_presets_train_on_tiny_data(name: str, multi: bool) -> None:
+    x, labels = _tiny_data(multi)
+    config = TrainConfig(iterations=40, batch_size=16, progress=False)
+    result = train_hashing(METHODS[name], x, labels, 16, config)
+    losses_ = [entry["loss"] for entry in result.history]
+    assert all(np.isfinite(v) for entry in result.history for v in entry.values())
+    assert set(result.history[-1]) == {"step", "loss"} | EXPECTED_TERMS[name]
+    assert losses_[-1] < 0.8 * losses_[0]
+    bits, _ = encode(result.net, x)
+    y = np.repeat(np.arange(4), 12)
+    dist = (bits[:, None, :] != bits[None, :, :]).sum(-1)
+    same = y[:, None] == y[None, :]
+    assert dist[same].mean() < 0.5 * dist[~same].mean()
+
+
+@pytest.mark.parametrize("name", CENTRED)
+def test_hash_centre_preset_encoder_save_load_gives_identical_codes(
+    name: str, tmp_path: Path
+) -> None:
+    config = ModelConfig(
+        method=name,
+        bits=16,
+        bands=["B04", "B03", "B02"],
+        backbone="smallcnn",
+        mean=[1000.0, 1100.0, 1200.0],
+        std=[300.0, 300.0, 300.0],
+        input_size=16,
+        head={"n_classes": 5},
+    )
+    torch.manual_seed(0)
+    encoder = HashEncoder.build(config, pretrained=False)
+    assert encoder.net.centres is not None
+    with torch.no_grad():
+        encoder.net.train()  # move OrthoHash's BatchNorm statistics off their initial values
+        encoder.net(torch.randn(8, 3, 16, 16) + 0.5)
+        encoder.net.centres.copy_(encoder.net.centres.flip(0))  # the checkpoint carries these
+    encoder.net.eval()
+    encoder.save(tmp_path / "enc")
+    _, state = load_checkpoint(tmp_path / "enc")
+    assert torch.equal(state["centres"], encoder.net.centres)
+    loaded = HashEncoder.load(tmp_path / "enc")
+    assert loaded.net.centres is not None and loaded.net.centre_ties is not None
+    assert torch.equal(loaded.net.centres, encoder.net.centres)
+    assert encoder.net.centre_ties is not None
+    assert torch.equal(loaded.net.centre_ties, encoder.net.centre_ties)
+    pixels = np.random.default_rng(0).uniform(0, 3000, size=(6, 3, 16, 16)).astype(np.float32)
+    bits, relaxed = encoder.encode_numpy(pixels)
+    again_bits, again_relaxed = loaded.encode_numpy(pixels)
+    np.testing.assert_array_equal(bits, again_bits)
+    np.testing.assert_array_equal(relaxed, again_relaxed)
+
+
+def test_contrastive_preset_contrasts_two_views_through_one_branch() -> None:
+    """NT-Xent between the same head's codes of two views, quantization toward their joint code,
+    per-code balance of both: the terms equal the loss functions applied by hand."""
+    torch.manual_seed(0)
+    net = HashingNet(METHODS["contrastive"], in_dim=24, bits=16, n_classes=1)
+    x = torch.randn(len(LABELS), 24)
+    x2 = x + 0.3 * torch.randn_like(x)
+    _, _, logged = batch_loss(net, x, x2=x2)
+    h, h2 = net(x), net(x2)
+    joint = torch.sign((h + h2) / 2).detach()
+    expected = {
+        "cross_ntxent": losses.nt_xent_loss(h, h2, temperature=0.3),
+        "quantization": losses.quantization_loss(h, target=joint)
+        + losses.quantization_loss(h2, target=joint),
+        "bit_balance_code": losses.bit_balance_loss(h, mode="per_code")
+        + losses.bit_balance_loss(h2, mode="per_code"),
+    }
+    for name, value in expected.items():
+        assert logged[name] == pytest.approx(float(value.detach()), rel=1e-5), name
+    assert net.head2 is None

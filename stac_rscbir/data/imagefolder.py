@@ -27,6 +27,13 @@ class LabelledImages:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def select(self, rows: npt.ArrayLike) -> LabelledImages:
+        """The images at ``rows`` (e.g. one side of a split), same classes."""
+        idx = np.asarray(rows, dtype=np.int64)
+        return LabelledImages(
+            self.root, [self.paths[i] for i in idx], self.labels[idx], self.classes
+        )
+
 
 def read_labels_csv(images: Path, labels_csv: Path) -> LabelledImages:
     """Read a ``path,class`` CSV (paths relative to ``images``); every listed file must exist."""

@@ -8,7 +8,7 @@ method x bit length after the first costs only its training.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from stac_rscbir.data.imagefolder import read_labels_csv, split_per_class
 from stac_rscbir.eval.metrics import evaluate_codes, evaluate_float
 from stac_rscbir.extension.codec import pack_bits
 from stac_rscbir.models.features import cached_features
+from stac_rscbir.models.finetune import Finetune, encode_tta, train_finetuned, training_inputs
 from stac_rscbir.models.methods import METHODS
 from stac_rscbir.models.training import TrainConfig, encode, train_hashing
 from stac_rscbir.models.unsupervised import ITQ, LSH
@@ -38,6 +39,34 @@ class BenchSetup:
     cache_dir: Path = Path(".cache/features")
     iterations: int = 2000
     device: str | None = None
+    finetune: str | None = None  # None (frozen descriptors), "all" or a block count
+    epochs: float = 3.0  # fine-tuning runs epochs, the frozen path iterations
+    batch_size: int | None = None  # default: 128 frozen, 64 fine-tuning
+    lr: float | None = None  # the head's learning rate (default: the preset's)
+    backbone_lr: float | None = None  # default: a tenth of the head's
+    tta: bool = False  # mean relaxed code over the 8 dihedral views at encoding
+    probe: bool = True  # fine-tuning starts from a head trained on frozen features
+    freeze_bn: bool = True  # fine-tuning keeps the ImageNet BatchNorm statistics
+
+    def train_config(self) -> TrainConfig:
+        """The training settings of a learned method under this setup."""
+        if self.finetune is None:
+            return TrainConfig(
+                iterations=self.iterations,
+                batch_size=self.batch_size or 128,
+                lr=self.lr,
+                seed=self.seed,
+                device=self.device,
+            )
+        return TrainConfig.finetuning(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            backbone_lr=self.backbone_lr,
+            freeze_bn=self.freeze_bn,
+            seed=self.seed,
+            device=self.device,
+        )
 
 
 def method_names() -> list[str]:
@@ -83,8 +112,11 @@ def run_with_codes(
             codes = hasher.fit(x_train.numpy()).encode(x_test.numpy())
         else:
             spec = METHODS[method]
+            finetune = Finetune.parse(setup.finetune)
             second = None
             if spec.two_sources:  # cross-source: panchromatic view <-> RGB, as PAN/MS pairs
+                if finetune is not None or setup.tta:
+                    raise ValueError("--finetune and --tta apply to single-source presets")
                 pan, pan_seconds = cached_features(
                     data,
                     setup.backbone,
@@ -95,15 +127,52 @@ def run_with_codes(
                 )
                 second, feature_seconds = pan[train_idx], feature_seconds + pan_seconds
                 extra["second_source"] = "panchromatic view of the same images"
-            trained = train_hashing(
-                spec,
-                x_train,
-                y_train,
-                bits,
-                TrainConfig(iterations=setup.iterations, seed=setup.seed, device=setup.device),
-                second_source=second,
-            )
-            codes, relaxed = encode(trained.net, x_test)
+            if finetune is not None:
+                if setup.backbone != "efficientnet-lite0":
+                    raise ValueError("--finetune starts from the ImageNet efficientnet-lite0")
+                inputs, seconds = training_inputs(
+                    data, finetune, setup.input_size, setup.cache_dir, setup.device
+                )
+                x_train, x_test = inputs[train_idx], inputs[test_idx]
+                feature_seconds += seconds
+                extra["finetune"] = finetune.label()
+            config = setup.train_config()
+            if finetune is None:
+                trained = train_hashing(spec, x_train, y_train, bits, config, second_source=second)
+            else:
+                probe = replace(setup, finetune=None).train_config() if setup.probe else None
+                trained, extra["probe_seconds"] = train_finetuned(
+                    spec,
+                    x_train,
+                    feats[train_idx],
+                    y_train,
+                    bits,
+                    config,
+                    finetune,
+                    None if spec.two_views else probe,
+                )
+            encode_start = time.perf_counter()
+            if setup.tta:
+                codes, relaxed, seconds = encode_tta(
+                    trained.net,
+                    data.select(test_idx),
+                    finetune,
+                    setup.input_size,
+                    setup.cache_dir,
+                    setup.device,
+                )
+                feature_seconds += seconds
+                plain = pack_bits(encode(trained.net, x_test)[0])  # TTA's gain, same network
+                extra["without_tta"] = {
+                    k: evaluate_codes(plain, plain, y_test, y_test, self_index=self_index)[k]
+                    for k in ("map_at_20", "map_at_20_truncated", "precision_at_10")
+                }
+            else:
+                codes, relaxed = encode(trained.net, x_test)
+            extra["encode_seconds"] = round(time.perf_counter() - encode_start, 3)
+            extra["train_only_seconds"] = round(trained.seconds, 3)
+            extra["iterations"] = config.steps(len(y_train))
+            extra["tta"] = setup.tta
             same_net = evaluate_float(relaxed, relaxed, y_test, y_test, self_index=self_index)
             extra["float_same_network"] = {
                 k: same_net[k] for k in ("map_at_20", "map_at_20_truncated")

@@ -317,11 +317,13 @@ class CBIRModel:
         resolution: float | None = None,
         href: str | None = None,
         description: str | None = None,
+        tta: bool = False,
     ) -> CBIRModel:
         """Describe a model; optional parts are left out of the stored object.
 
         ``branches`` (cross-modal models) lists every input branch as ``{"bands": [...],
-        "backbone": ...}``, the first reading ``bands``.
+        "backbone": ...}``, the first reading ``bands``. ``tta``: the codes are the model's
+        binarisation of the mean relaxed code over the 8 dihedral views (stored only when true).
         """
         props: dict[str, Any] = {
             "id": id,
@@ -340,6 +342,8 @@ class CBIRModel:
             "description": description,
         }
         props.update({k: v for k, v in optional.items() if v is not None})
+        if tta:
+            props["tta"] = True
         if descriptor_dtype is not None or descriptor_dim is not None:
             props["descriptor"] = {"dtype": descriptor_dtype or "float32", "dim": descriptor_dim}
         model_input = {
@@ -383,6 +387,8 @@ class CBIRModel:
                     f"{field}.branches[0].bands",
                     f"{branches[0]['bands']} differs from the model's bands {bands}",
                 )
+        if not isinstance(d.get("tta", False), bool):
+            raise CBIRFieldError(f"{field}.tta", f"must be true or false, got {d['tta']!r}")
         desc = d.get("descriptor")
         if desc is not None:
             check_choice(
@@ -422,6 +428,11 @@ class CBIRModel:
         return cast(
             list[dict[str, Any]], self.properties.get("branches") or [{"bands": self.bands}]
         )
+
+    @property
+    def tta(self) -> bool:
+        """Whether the codes come from test-time augmentation (8 dihedral views)."""
+        return bool(self.properties.get("tta", False))
 
     @property
     def descriptor_dim(self) -> int | None:

@@ -136,6 +136,7 @@ class Ingestor:
             descriptor_dim=c.bits if self.options.descriptors else None,
             chip_size=(self.chip_size, self.chip_size),
             resolution=self.options.resolution or self.branches[0].profile.resolution,
+            tta=c.tta,
         )
 
     # ------------------------------------------------------------------ stages

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["Augment", "InUnits", "Sensor"]
+__all__ = ["DIHEDRAL", "Augment", "InUnits", "Sensor", "dihedral"]
 
 Sensor = Literal["optical", "sar", "rgb"]
 _DEFAULT_JITTER = 0.2
@@ -54,6 +54,20 @@ def _check_jitter(value: float, name: str) -> float:
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
     return float(value)
+
+
+#: The 8 symmetries of the square (4 rotations, each with and without a left-right flip).
+DIHEDRAL: tuple[int, ...] = tuple(range(8))
+
+
+def dihedral(x: Tensor, k: int) -> Tensor:
+    """Transform ``k`` (0-7) of the dihedral group on the last two axes: rotate by ``k % 4``
+    quarter turns, then flip left-right when ``k >= 4``; ``k = 0`` is the identity. Exact
+    (no resampling), so it applies to images and to feature maps alike."""
+    if k not in DIHEDRAL:
+        raise ValueError(f"dihedral transform index must be 0-7, got {k!r}")
+    out = torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
+    return torch.flip(out, dims=(-1,)) if k >= 4 else out
 
 
 class Augment:

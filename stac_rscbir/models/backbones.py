@@ -32,6 +32,7 @@ __all__ = [
     "EFFICIENTNET_LITE_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "BackboneTail",
     "BasicBlock",
     "EfficientNetLite0",
     "ResNet",
@@ -286,6 +287,95 @@ class EfficientNetLite0(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_bands, H, W) -> (B, 1280) globally average-pooled features."""
         return self.feature_map(x).mean(dim=(2, 3))
+
+    @property
+    def n_blocks(self) -> int:
+        """Number of MBConv blocks (16); block ``i``'s input is :meth:`activations` ``(x, i)``."""
+        return len(self.net._blocks)
+
+    def activations(self, x: torch.Tensor, stop: int) -> torch.Tensor:
+        """The input of block ``stop``: stem, then blocks ``[0, stop)``.
+
+        With :meth:`forward_from` it splits the network where partial fine-tuning starts, so the
+        frozen front can be run once and cached: ``forward_from(activations(x, i), i)`` equals
+        ``forward(x)`` for every ``i``.
+        """
+        _check_input(x, self.in_bands, type(self).__name__)
+        net = self.net
+        out = net._swish(net._bn0(net._conv_stem(x)))
+        for idx in range(self._check_block(stop)):
+            out = net._blocks[idx](out, drop_connect_rate=self._drop_connect(idx))
+        return out
+
+    def forward_from(self, a: torch.Tensor, start: int) -> torch.Tensor:
+        """(B, 1280) pooled features from block ``start``'s input (see :meth:`activations`)."""
+        net = self.net
+        for idx in range(self._check_block(start), self.n_blocks):
+            a = net._blocks[idx](a, drop_connect_rate=self._drop_connect(idx))
+        return net._swish(net._bn1(net._conv_head(a))).mean(dim=(2, 3))
+
+    def _check_block(self, i: int) -> int:
+        if not 0 <= i <= self.n_blocks:
+            raise ValueError(f"block index must be in [0, {self.n_blocks}], got {i}")
+        return i
+
+    def _drop_connect(self, idx: int) -> float:
+        """The package's stochastic depth rate of block ``idx`` (active in train mode only)."""
+        rate = self.net._global_params.drop_connect_rate or 0.0
+        return rate * float(idx) / self.n_blocks
+
+
+class BackboneTail(nn.Module):
+    """The part of an :class:`EfficientNetLite0` after block ``start``, fed cached activations.
+
+    Partial fine-tuning on CPU: the stem and blocks ``[0, start)`` run once per image (cached,
+    see :func:`stac_rscbir.models.features.cached_activations`); blocks ``[start, train_from)``
+    run frozen (no gradients, BatchNorm statistics fixed) and blocks ``[train_from, 16)`` plus
+    the head convolution train. ``backbone`` is the whole network (its front stays frozen), so
+    after training it is the fine-tuned backbone of the encoder.
+    """
+
+    def __init__(self, backbone: EfficientNetLite0, start: int, train_from: int) -> None:
+        super().__init__()
+        if not isinstance(backbone, EfficientNetLite0):
+            raise ValueError(
+                "partial fine-tuning on cached activations needs efficientnet-lite0; "
+                "fine-tune other backbones whole"
+            )
+        if not 0 <= start <= train_from <= backbone.n_blocks:
+            raise ValueError(
+                f"need 0 <= start <= train_from <= {backbone.n_blocks}, got {start}, {train_from}"
+            )
+        self.backbone = backbone
+        self.start = start
+        self.train_from = train_from
+        self.out_dim = backbone.out_dim
+        net = backbone.net
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        for module in [*net._blocks[train_from:], net._conv_head, net._bn1]:
+            for p in module.parameters():
+                p.requires_grad_(True)
+        self.train(False)
+
+    def _frozen(self) -> list[nn.Module]:
+        net = self.backbone.net
+        return [net._conv_stem, net._bn0, *net._blocks[: self.train_from]]
+
+    def train(self, mode: bool = True) -> BackboneTail:
+        """Train mode for the trainable blocks only; the frozen ones stay in eval mode."""
+        super().train(mode)
+        for module in self._frozen():
+            module.eval()
+        return self
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        """(B, 1280) features of block ``start``'s input activations."""
+        net = self.backbone.net
+        with torch.no_grad():
+            for idx in range(self.start, self.train_from):
+                a = net._blocks[idx](a)
+        return self.backbone.forward_from(a, self.train_from)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,9 @@ from stac_rscbir.fsutil import atomic_write, atomic_write_text
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
+#: Suffix of the model version when a checkpoint is switched to test-time augmentation: the
+#: same weights encode differently, so its codes must not pass for the version's earlier ones.
+TTA_VERSION_SUFFIX = "+tta"
 
 
 def _check_normalisation(bands: list[str], mean: list[float], std: list[float]) -> None:
@@ -58,6 +61,9 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)
     # cross-modal models: the second sensor's branch, coding into the same Hamming space
     second_source: SourceConfig | None = None
+    # test-time augmentation: encode with the mean relaxed code of the 8 dihedral views (x8
+    # model time); archive and queries follow it alike since both read this config
+    tta: bool = False
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -85,13 +91,21 @@ def save_checkpoint(directory: Path, config: ModelConfig, state: dict[str, torch
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
-    text = json.dumps(asdict(config), indent=2, sort_keys=True) + "\n"
-    atomic_write_text(directory / CONFIG_NAME, text)
+    save_config(directory, config)
     return directory
 
 
-def load_checkpoint(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read a checkpoint folder back: its config and its CPU tensors."""
+def save_config(directory: Path, config: ModelConfig) -> Path:
+    """(Re)write a checkpoint's ``config.json`` atomically; the weights are left alone."""
+    text = json.dumps(asdict(config), indent=2, sort_keys=True) + "\n"
+    path = directory / CONFIG_NAME
+    atomic_write_text(path, text)
+    return path
+
+
+def load_config(directory: Path) -> ModelConfig:
+    """Read a checkpoint's config alone (``FileNotFoundError`` if it, or the weights, is
+    missing)."""
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
@@ -100,4 +114,27 @@ def load_checkpoint(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tenso
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{config_path}: format_version {version!r}, expected {FORMAT_VERSION}")
-    return ModelConfig(**raw), load_file(str(weights_path))
+    return ModelConfig(**raw)
+
+
+def load_checkpoint(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a checkpoint folder back: its config and its CPU tensors."""
+    config = load_config(directory)
+    return config, load_file(str(directory / WEIGHTS_NAME))
+
+
+def enable_tta(directory: Path) -> tuple[ModelConfig, ModelConfig | None]:
+    """Switch a checkpoint to test-time augmentation: ``(config, None)`` when its config
+    already has ``tta``; else ``config.json`` is rewritten (atomically, weights untouched) with
+    ``tta`` true and the version suffixed ``+tta``, and the result is ``(new config, old
+    config)``. The new version makes ingestion encode again what the old one encoded, so codes
+    of the two encodings never share an archive."""
+    config = load_config(directory)
+    if config.tta:
+        return config, None
+    version = config.version
+    if not version.endswith(TTA_VERSION_SUFFIX):
+        version += TTA_VERSION_SUFFIX
+    switched = replace(config, tta=True, version=version)
+    save_config(directory, switched)
+    return switched, config

@@ -10,6 +10,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
+from stac_rscbir.models.augment import DIHEDRAL, dihedral
 from stac_rscbir.models.backbones import build_backbone
 from stac_rscbir.models.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
 from stac_rscbir.models.methods import HashingNet, method_spec
@@ -20,6 +21,11 @@ class HashEncoder(nn.Module):
 
     A cross-modal model has one branch per sensor (``config.sources``); ``source`` picks the
     branch, and the codes of all branches live in one Hamming space.
+
+    With ``config.tta`` (test-time augmentation) the relaxed code is the mean over the 8
+    dihedral views (rotations by quarter turns, with and without a flip) and the code is the
+    branch head's binarisation of that mean: codes become invariant to those transforms, at 8
+    times the model time.
     """
 
     def __init__(self, config: ModelConfig, net: HashingNet) -> None:
@@ -84,7 +90,22 @@ class HashEncoder(nn.Module):
     @torch.inference_mode()
     def forward(self, pixels: torch.Tensor, source: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """({0,1} uint8 codes (B, bits), relaxed float codes (B, bits)) of raw pixels."""
-        return self.net.encode(self.normalise(pixels, source), source)
+        x = self.normalise(pixels, source)
+        if not self.config.tta:
+            return self.net.encode(x, source)
+        relaxed = self.relaxed_tta(x, source)
+        return self.binarize(relaxed, source), relaxed
+
+    @torch.inference_mode()
+    def relaxed_tta(self, x: torch.Tensor, source: int = 0) -> torch.Tensor:
+        """Mean relaxed code (B, bits, float32) of the 8 dihedral views of normalised ``x``.
+
+        One forward per view rather than one of 8B images, so peak memory stays that of a
+        plain batch. Non-square inputs work: a quarter turn swaps H and W, and every backbone
+        ends with global pooling.
+        """
+        views = [self.net(dihedral(x, k), source).float() for k in DIHEDRAL]
+        return torch.stack(views).mean(dim=0)
 
     def binarize(self, relaxed: torch.Tensor, source: int = 0) -> torch.Tensor:
         """{0,1} codes of relaxed codes by the branch's own hash head."""

@@ -15,6 +15,9 @@ Reconstruction     :func:`reconstruction_loss` (SSHAAE's auto-encoder)
 Cross-entropy      :func:`cross_entropy_loss`, :func:`multilabel_bce_loss` (DHCNN)
 Bit balance        :func:`bit_balance_loss`, :func:`bit_decorrelation_loss`
 Quantization       :func:`quantization_loss`, :func:`milan_push_loss`
+Hash centres /     :func:`hash_centres`, :func:`multilabel_centres`, :func:`csq_loss`,
+proxies (beyond    :func:`csq_quantization_loss` (CSQ, Yuan et al., CVPR 2020);
+Table 3)           :func:`orthohash_loss` (OrthoHash, Hoe et al., NeurIPS 2021)
 =================  ==========================================================================
 
 plus :func:`nt_xent_loss`, the contrastive loss of RSiM's unsupervised cross-modal hashing
@@ -26,6 +29,7 @@ Code spaces: ``"pm1"`` means relaxed codes in [-1, 1] (tanh or linear heads, ``b
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -40,15 +44,22 @@ __all__ = [
     "BalanceMode",
     "CodeSpace",
     "HashDiscriminator",
+    "MultiLabelForm",
+    "QuantizationForm",
     "adversarial_losses",
     "binarize",
     "bit_balance_loss",
     "bit_decorrelation_loss",
     "contrastive_loss",
     "cross_entropy_loss",
+    "csq_loss",
+    "csq_quantization_loss",
+    "hash_centres",
     "milan_push_loss",
     "multilabel_bce_loss",
+    "multilabel_centres",
     "nt_xent_loss",
+    "orthohash_loss",
     "pairwise_contrastive_loss",
     "pairwise_likelihood_loss",
     "pairwise_squared_distances",
@@ -615,3 +626,231 @@ def nt_xent_loss(
     sim = sim.masked_fill(drop, float("-inf"))
     positives = (idx + b) % (2 * b)
     return F.cross_entropy(sim, positives)
+
+
+# --------------------------------------------------------------------------------------------
+# hash centres / proxies (beyond Table 3): CSQ and OrthoHash
+# --------------------------------------------------------------------------------------------
+
+MultiLabelForm = Literal["label_smoothing", "bce"]
+QuantizationForm = Literal["log_cosh", "squared"]
+
+
+def _sylvester_hadamard(n: int) -> Tensor:
+    """Sylvester's Hadamard matrix H_n (n a power of 2): ±1 entries, rows mutually orthogonal;
+    the same matrix as ``scipy.linalg.hadamard(n)``."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def _min_pairwise_hamming(codes: Tensor) -> int:
+    """Smallest Hamming distance between two different rows of a ±1 matrix (bits if one row)."""
+    c, k = codes.shape
+    if c < 2:
+        return k
+    dist = (k - codes @ codes.T) / 2  # d_H(a, b) = (K - aᵀb) / 2 for ±1 codes
+    off = ~torch.eye(c, dtype=torch.bool)
+    return int(dist[off].min().round())
+
+
+def hash_centres(
+    n_classes: int,
+    bits: int,
+    seed: int = 0,
+    *,
+    min_distance: float | None = None,
+    max_tries: int = 100,
+) -> Tensor:
+    """One ±1 hash centre per class, (n_classes, bits) float32: Central Similarity Quantization
+    (Yuan et al., "Central Similarity Quantization for Efficient Image and Video Retrieval",
+    CVPR 2020, Sec. 3.2; official code ``yuanli2333/Hadamard-Matrix-for-hashing``).
+
+    * ``bits`` a power of 2 and ``n_classes <= 2·bits``: the first ``n_classes`` rows of
+      ``[H_bits; -H_bits]`` (Sylvester's Hadamard matrix, as the official tutorial notebook and
+      ``swuxyj/DeepHash-pytorch``'s ``CSQ.py`` take them). Two rows of ``H`` are exactly bits/2
+      apart, a row and its negation bits apart, so every pair is >= bits/2 apart. Deterministic:
+      ``seed`` plays no part.
+    * otherwise: every bit an independent Bernoulli(0.5) draw of ±1 (the paper's construction;
+      the official notebook draws exactly bits/2 ones per centre), redrawn with a
+      ``seed``-ed generator until the smallest pairwise Hamming distance reaches
+      ``min_distance`` (default bits/4; the notebook asks >= 20 of 64 bits). After
+      ``max_tries`` draws the draw with the largest minimum distance is kept (for many classes
+      and few bits the bound may be unreachable).
+    """
+    if n_classes < 1 or bits < 1:
+        raise ValueError(f"n_classes and bits must be >= 1, got {n_classes}, {bits}")
+    if max_tries < 1:
+        raise ValueError(f"max_tries must be >= 1, got {max_tries}")
+    if bits & (bits - 1) == 0 and n_classes <= 2 * bits:
+        h = _sylvester_hadamard(bits)
+        return torch.cat([h, -h], 0)[:n_classes].contiguous()
+    bound = bits / 4 if min_distance is None else min_distance
+    g = torch.Generator().manual_seed(seed)
+    best, best_dist = None, -1
+    for _ in range(max_tries):
+        draw = torch.randint(0, 2, (n_classes, bits), generator=g).float() * 2 - 1
+        dist = _min_pairwise_hamming(draw)
+        if dist > best_dist:
+            best, best_dist = draw, dist
+        if dist >= bound:
+            break
+    assert best is not None
+    return best
+
+
+def multilabel_centres(
+    labels_multi_hot: Tensor, centres: Tensor, tie_break: Tensor | None = None
+) -> Tensor:
+    """CSQ's centre of a multi-label sample: the sign of the mean of its labels' centres
+    (Yuan et al., CVPR 2020, Sec. 3.2; ``Hash_center_multilables`` in the official
+    ``train.py``), (B, bits) in ``centres``' dtype.
+
+    A bit on which the label centres cancel (mean exactly 0, e.g. two labels whose centres
+    disagree there) takes ``tie_break``'s bit: a fixed ±1 vector (bits,) — the official code
+    uses one random ±1 vector drawn once before training — or +1 when ``tie_break`` is None
+    (``sign(0) := +1`` as :func:`binarize`). A sample with no label has a zero mean on every bit
+    and so gets ``tie_break`` itself (all +1 by default) as its centre, one shared centre for
+    "no label" (the official code would divide by zero there).
+
+    Args:
+        labels_multi_hot: (B, C) 0/1 (or boolean) labels.
+        centres: (C, bits) ±1 class centres, e.g. :func:`hash_centres`.
+        tie_break: optional (bits,) ±1 vector.
+    """
+    _check_matrix(labels_multi_hot, "labels_multi_hot")
+    _check_matrix(centres, "centres")
+    if labels_multi_hot.shape[1] != centres.shape[0]:
+        raise ValueError(
+            f"labels_multi_hot has {labels_multi_hot.shape[1]} classes, centres {centres.shape[0]}"
+        )
+    total = labels_multi_hot.to(centres.dtype) @ centres  # same sign as the mean
+    if tie_break is None:
+        tie = torch.ones_like(total)
+    else:
+        if tie_break.shape != (centres.shape[1],):
+            raise ValueError(
+                f"tie_break must have shape ({centres.shape[1]},), got {tuple(tie_break.shape)}"
+            )
+        tie = tie_break.to(total).expand_as(total)
+    one = torch.ones_like(total)
+    return torch.where(total > 0, one, torch.where(total < 0, -one, tie))
+
+
+def _at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32, or float64 if it already is (e.g. bfloat16 codes under autocast)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def csq_loss(h: Tensor, centres_of_batch: Tensor) -> Tensor:
+    """Central similarity loss of CSQ (Yuan et al., CVPR 2020, Eq. 5; official ``train.py``:
+    ``nn.BCELoss()(0.5 * (y + 1), 0.5 * (hash_center + 1))``).
+
+    ``L = -mean_{i,k} [ t_ik log p_ik + (1 - t_ik) log(1 - p_ik) ]``, ``p = (1 + h)/2``,
+    ``t = (1 + c)/2``,
+
+    i.e. the binary cross-entropy between the relaxed code mapped to (0, 1) and its centre
+    mapped to {0, 1}, averaged over bits and batch. Computed in float32 (or float64) as
+    ``log p = log1p(h) - log 2``, with ``h`` clamped to ``[-1 + 1e-7, 1 - 1e-7]`` so a
+    saturated tanh gives a finite loss (PyTorch's BCELoss clamps the log at -100 instead).
+
+    Args:
+        h: (B, K) relaxed codes in (-1, 1) (tanh head).
+        centres_of_batch: (B, K) ±1 target centre of each sample (``centres[y]`` for single
+            labels, :func:`multilabel_centres` for multi-hot labels).
+    """
+    _check_matrix(h, "h")
+    _check_same_shape(h, centres_of_batch, "h and centres_of_batch")
+    x = _at_least_float32(h).clamp(-1.0 + 1e-7, 1.0 - 1e-7)
+    t = (centres_of_batch.to(x) + 1.0) / 2.0
+    log2 = math.log(2.0)
+    log_p = torch.log1p(x) - log2
+    log_q = torch.log1p(-x) - log2
+    return -(t * log_p + (1.0 - t) * log_q).mean()
+
+
+def csq_quantization_loss(h: Tensor, form: QuantizationForm = "log_cosh") -> Tensor:
+    """CSQ's quantization term, pulling relaxed ±1 codes to the vertices (Yuan et al.,
+    CVPR 2020), averaged over bits and batch:
+
+    * ``form="log_cosh"`` (the paper, Eq. 6, written there for codes in (0, 1) as
+      ``log cosh(|2h - 1| - 1)``): ``L = mean_{i,k} log cosh(|h_ik| - 1)``, computed stably as
+      ``|x| + softplus(-2|x|) - log 2``. The paper sums over samples and bits; the mean here is
+      that sum divided by B·K.
+    * ``form="squared"`` (the official ``train.py``: ``torch.mean((torch.abs(y) - 1.0) ** 2)``,
+      also ``swuxyj/DeepHash-pytorch``): ``L = mean_{i,k} (|h_ik| - 1)²``. For codes in [-1, 1]
+      this is :func:`quantization_loss` divided by K.
+
+    Both are 0 exactly at ±1 codes; log cosh grows linearly, not quadratically, far from them.
+    """
+    _check_matrix(h, "h")
+    x = h.abs() - 1.0
+    if form == "log_cosh":
+        ax = x.abs()
+        return (ax + F.softplus(-2.0 * ax) - math.log(2.0)).mean()
+    if form == "squared":
+        return x.pow(2).mean()
+    raise ValueError(f"form must be 'log_cosh' or 'squared', got {form!r}")
+
+
+def orthohash_loss(
+    h: Tensor,
+    labels: Tensor,
+    codebook: Tensor,
+    scale: float = 8.0,
+    margin: float = 0.2,
+    multilabel: MultiLabelForm = "label_smoothing",
+) -> Tensor:
+    """OrthoHash's single objective (Hoe et al., "One Loss for All: Deep Hashing with a Single
+    Cosine Similarity based Learning Objective", NeurIPS 2021; official code
+    ``kamwoh/orthohash``, ``functions/loss/orthohash.py``, margin type ``"cos"``).
+
+    With ``cos_ik = cos(h_i, c_k)`` against the fixed ±1 codebook rows ``c_k`` (one per class)
+    and ``y_ik`` = 1 if k is a label of i, the margin logits are
+    ``z_ik = s · (cos_ik - m · y_ik)`` and
+
+    * single labels (B,): ``L = mean_i CE(z_i, y_i) = mean_i [-z_{i,y_i} + log Σ_k exp z_ik]``;
+    * multi-hot labels (B, C), ``multilabel="label_smoothing"`` (the official default): the
+      softmax cross-entropy against the label distribution ``y_i / Σ_k y_ik``,
+      ``L = mean_i -Σ_k (y_ik / Σ_k' y_ik') log softmax(z_i)_k``, over the samples with at
+      least one label (one without labels has no target; a graph-connected 0 if none has);
+    * ``multilabel="bce"`` (the code's alternative): ``mean_{i,k} BCE-with-logits(z_ik, y_ik)``.
+
+    Maximising the cosine to a ±1 code also pulls ``h`` toward the quantized direction, which is
+    why the paper needs no separate quantization loss (the code's optional ``quan`` term
+    defaults to weight 0); bit balance comes from a BatchNorm on the codes (the preset's head).
+    Official defaults: s = 8, m = 0.2 (the README trains CIFAR-10 with m = 0.3).
+
+    Args:
+        h: (B, K) continuous codes (BatchNorm outputs, unbounded).
+        labels: (B,) class indices or (B, C) multi-hot labels.
+        codebook: (C, K) ±1 class codes, e.g. :func:`hash_centres` (fixed, not learned).
+    """
+    _check_matrix(h, "h")
+    _check_matrix(codebook, "codebook")
+    if multilabel not in ("label_smoothing", "bce"):
+        raise ValueError(f"multilabel must be 'label_smoothing' or 'bce', got {multilabel!r}")
+    if codebook.shape[1] != h.shape[1]:
+        raise ValueError(f"codebook has {codebook.shape[1]} bits, h has {h.shape[1]}")
+    x = _at_least_float32(h)
+    cos = F.normalize(x, dim=1) @ F.normalize(codebook.to(x), dim=1).T
+    b, c = cos.shape
+    if labels.ndim == 1:
+        if labels.shape != (b,):
+            raise ValueError(f"labels must have shape ({b},), got {tuple(labels.shape)}")
+        target = labels.long()
+        y = F.one_hot(target, c).to(cos)
+        return F.cross_entropy(scale * (cos - margin * y), target)
+    if labels.shape != (b, c):
+        raise ValueError(f"multi-hot labels must have shape ({b}, {c}), got {labels.shape}")
+    y = labels.to(cos)
+    logits = scale * (cos - margin * y)
+    if multilabel == "bce":
+        return F.binary_cross_entropy_with_logits(logits, y)
+    count = y.sum(1)
+    keep = count > 0
+    if not bool(keep.any()):
+        return _zero_like_graph(logits)
+    dist = y[keep] / count[keep, None]
+    return -(dist * F.log_softmax(logits[keep], dim=1)).sum(1).mean()

@@ -37,8 +37,12 @@ class MethodSpec:
     adversarial: bool = False
     two_sources: bool = False
     joint_code: bool = False  # two sources: quantize both branches toward sign(½(h1 + h2))
+    two_views: bool = False  # two augmented views of each sample through the same branch
     temperature: float = 0.5  # NT-Xent temperature of contrastive cross-source terms
     labelled_fraction: float = 1.0
+    # CSQ / OrthoHash: fixed ±1 class centres (codebook) kept as a buffer of the network
+    hash_centres: bool = False
+    code_batch_norm: bool = False  # a BatchNorm on the codes (OrthoHash's bit balance)
     lr: float = 1e-3
     reference: str = ""
     extra: dict[str, float] = field(default_factory=dict)
@@ -151,6 +155,51 @@ METHODS: dict[str, MethodSpec] = {
             reference="Liu et al., IGARSS 2019 [29]",
         ),
         MethodSpec(
+            "contrastive",
+            "Unsupervised contrastive hashing (no labels, `stac-rscbir fit`): NT-Xent between "
+            "the relaxed codes of two augmented views of each chip (the other view is the "
+            "positive, the rest of the batch the negatives), quantization toward the joint code "
+            "sign((h1 + h2) / 2), per-code bit balance; tanh hash layer",
+            activation="tanh",
+            hidden=(1024,),
+            sampling="random",
+            weights={"cross_ntxent": 1.0, "quantization": 0.001, "bit_balance_code": 0.01},
+            two_views=True,
+            joint_code=True,
+            temperature=0.3,
+            reference="after CIBHash (Qiu et al., IJCAI 2021) and SimCLR's NT-Xent (Chen et "
+            "al., ICML 2020)",
+        ),
+        MethodSpec(
+            "csq",
+            "CSQ (hash centres, beyond Table 3): BCE between each relaxed code and its class's "
+            "Hadamard hash centre (multi-label: the sign of the mean of its labels' centres) + "
+            "the quantization term (|h| - 1)² of the official code (weight 0.05, lambda2 in its "
+            "options.py), tanh hash layer",
+            activation="tanh",
+            hidden=(1024,),
+            sampling="random",
+            weights={"central": 1.0, "csq_quantization": 0.05},
+            hash_centres=True,
+            reference="Yuan et al., CVPR 2020; yuanli2333/Hadamard-Matrix-for-hashing",
+        ),
+        MethodSpec(
+            "orthohash",
+            "OrthoHash (proxies, beyond Table 3): one loss, the cross-entropy of scaled cosine "
+            "margin logits s·(cos(h, c_k) - m·[k is a label]) against a fixed ±1 codebook "
+            "(multi-label: label-smoothed softmax CE), s = 8, m = 0.2; linear hash layer "
+            "followed by a BatchNorm on the codes (bit balance), no separate quantization term",
+            activation="linear",
+            hidden=(1024,),
+            sampling="random",
+            weights={"orthohash": 1.0},
+            margin=0.2,
+            hash_centres=True,
+            code_batch_norm=True,
+            extra={"scale": 8.0},
+            reference="Hoe et al., NeurIPS 2021; kamwoh/orthohash",
+        ),
+        MethodSpec(
             "ce",
             "Baseline (Table 1): cross-entropy classifier features, binarised by sign",
             activation="tanh",
@@ -198,8 +247,15 @@ def method_spec(name: str) -> MethodSpec:
     return spec
 
 
+#: Seed of the hash centres / codebook of :class:`HashingNet` (CSQ, OrthoHash presets).
+CENTRE_SEED = 0
+
+
 class HashingNet(nn.Module):
     """Backbone (optional) -> hash head -> relaxed codes, with the parts a method needs."""
+
+    centres: torch.Tensor | None  # (n_classes, bits) ±1 hash centres / codebook
+    centre_ties: torch.Tensor | None  # (bits,) ±1 tie-break of multi-label centres
 
     def __init__(
         self,
@@ -228,6 +284,20 @@ class HashingNet(nn.Module):
             else None
         )
         self.discriminator = L.HashDiscriminator(bits) if spec.adversarial else None
+        if spec.code_batch_norm:  # OrthoHash: codes = BN(linear); bits = sign of the BN output
+            for head in (self.head, self.head2):
+                if head is not None:
+                    head.net.append(nn.BatchNorm1d(bits))
+        # fixed, seeded class centres / codebook (C, bits), saved with the checkpoint so a loaded
+        # model keeps its training targets; ties of multi-label centres take the bits of one
+        # fixed random ±1 vector, as in CSQ's official code (None, and not saved, otherwise)
+        centres = ties = None
+        if spec.hash_centres:
+            centres = L.hash_centres(n_classes, bits, seed=CENTRE_SEED)
+            g = torch.Generator().manual_seed(CENTRE_SEED + 1)
+            ties = torch.randint(0, 2, (bits,), generator=g).float() * 2 - 1
+        self.register_buffer("centres", centres)
+        self.register_buffer("centre_ties", ties)
 
     def features(self, x: torch.Tensor, source: int = 0) -> torch.Tensor:
         """Descriptors of the input: the (source's) backbone output, or ``x`` itself if cached."""
@@ -286,7 +356,11 @@ def method_loss(
     feats = net.features(x)
     h = net.head(feats)
     h2 = None
-    if spec.two_sources:
+    if spec.two_views:
+        if x2 is None:
+            raise ValueError(f"method {spec.name!r} needs a second augmented view (x2)")
+        h2 = net.head(net.features(x2))
+    elif spec.two_sources:
         if x2 is None or net.head2 is None:
             raise ValueError(f"method {spec.name!r} needs the second source's view (x2)")
         h2 = net.head2(net.features(x2, source=1))
@@ -345,6 +419,28 @@ def method_loss(
                 else (h.sum() * 0)
             )
         terms["cross_entropy"] = ce
+    if "central" in w or "orthohash" in w:
+        assert net.centres is not None, f"method {spec.name!r} needs hash centres"
+        hl, yl = h[mask], labels[mask]
+        if "central" in w:  # CSQ: the class's centre, or the multi-label centre of its labels
+            target = (
+                net.centres[yl.long()]
+                if yl.ndim == 1
+                else L.multilabel_centres(yl, net.centres, net.centre_ties)
+            )
+            terms["central"] = L.csq_loss(hl, target) if mask.any() else h.sum() * 0
+        if "orthohash" in w:
+            terms["orthohash"] = (
+                L.orthohash_loss(
+                    hl, yl, net.centres, scale=spec.extra.get("scale", 8.0), margin=spec.margin
+                )
+                if mask.any()
+                else h.sum() * 0
+            )
+    if "csq_quantization" in w:
+        terms["csq_quantization"] = sum(
+            L.csq_quantization_loss(hb, form="squared") for hb in branches
+        )
     if "reconstruction" in w:
         assert net.decoder is not None
         terms["reconstruction"] = L.reconstruction_loss(feats.detach(), net.decoder(h))

@@ -13,10 +13,17 @@ import torch
 from stac_rscbir.data.bigearthnet import BandStats, BenPatches
 from stac_rscbir.data.imagefolder import read_labels_csv
 from stac_rscbir.models.augment import Augment, InUnits
-from stac_rscbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from stac_rscbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneTail, build_backbone
 from stac_rscbir.models.checkpoint import ModelConfig, SourceConfig
 from stac_rscbir.models.encoder import HashEncoder
 from stac_rscbir.models.features import cached_features
+from stac_rscbir.models.finetune import (
+    Finetune,
+    full_backbone,
+    train_finetuned,
+    training_augment,
+    training_inputs,
+)
 from stac_rscbir.models.methods import METHODS
 from stac_rscbir.models.training import TrainConfig, TrainResult, train_hashing
 
@@ -36,20 +43,36 @@ def train_on_folder(
     config: TrainConfig | None = None,
     model_id: str | None = None,
     version: str = "1.0.0",
+    finetune: Finetune | None = None,
+    tta: bool = False,
 ) -> tuple[HashEncoder, TrainResult]:
-    """Train ``method`` on frozen-backbone features of every listed image and save the encoder.
+    """Train ``method`` on every listed image and save the encoder.
 
+    By default the head trains on cached frozen-backbone descriptors; ``finetune`` also trains
+    the last blocks of the ImageNet EfficientNet-Lite0 (from cached activations) or all of it.
     The checkpoint holds the backbone and the head; its config carries the bands, the
-    normalisation in raw 8-bit pixel units and the input size, so it encodes raw RGB chips.
+    normalisation in raw 8-bit pixel units, the input size and ``tta`` (encode with the mean
+    relaxed code of the 8 dihedral views), so it encodes raw RGB chips as it was evaluated.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
     if METHODS[method].two_sources:
         raise ValueError(f"method {method!r} needs paired sources; an RGB folder has one")
+    if finetune is not None and backbone != "efficientnet-lite0":
+        raise ValueError("fine-tuning starts from the ImageNet efficientnet-lite0 backbone")
     cfg = config or TrainConfig()
     data = read_labels_csv(images, labels_csv)
     feats, _ = cached_features(data, backbone, input_size, cache_dir, cfg.device)
-    result = train_hashing(METHODS[method], feats, data.labels, bits, cfg)
+    if finetune is None:
+        result = train_hashing(METHODS[method], feats, data.labels, bits, cfg)
+    else:  # a head trained on the frozen features first, as long as --iterations says
+        inputs, _ = training_inputs(data, finetune, input_size, cache_dir, cfg.device)
+        probe = TrainConfig(
+            iterations=cfg.iterations, seed=cfg.seed, device=cfg.device, progress=cfg.progress
+        )
+        result, _ = train_finetuned(
+            METHODS[method], inputs, feats, data.labels, bits, cfg, finetune, probe
+        )
     model_config = ModelConfig(
         method=method,
         bits=bits,
@@ -62,9 +85,19 @@ def train_on_folder(
         input_size=input_size,
         descriptor_dim=bits,
         head={"n_classes": len(data.classes), "classes": data.classes},
-        extra={"trained_on": str(labels_csv), "iterations": cfg.iterations, "seed": cfg.seed},
+        tta=tta,
+        extra={
+            "trained_on": str(labels_csv),
+            "iterations": cfg.steps(len(data)),
+            "seed": cfg.seed,
+            "finetune": finetune.label() if finetune is not None else "frozen",
+        },
     )
-    encoder = HashEncoder.build(model_config, head_state=result.net.state_dict(), pretrained=True)
+    if finetune is None:
+        encoder = HashEncoder.build(model_config, head_state=result.net.state_dict())
+    else:
+        result.net.backbone = full_backbone(result.net)
+        encoder = HashEncoder(model_config, result.net.cpu().eval())
     encoder.save(out)
     return encoder, result
 
@@ -171,3 +204,49 @@ def fit_itq_encoder(
         layer.weight.copy_(torch.from_numpy(itq.projection_.T.astype(np.float32)))
         layer.bias.copy_(torch.from_numpy(-(itq.mean_ @ itq.projection_).astype(np.float32)))
     return encoder.eval()
+
+
+def fit_contrastive_encoder(
+    config: ModelConfig,
+    pixels: npt.NDArray[np.floating],
+    finetune: Finetune | None = None,
+    train: TrainConfig | None = None,
+) -> tuple[HashEncoder, TrainResult]:
+    """An encoder trained without labels by the ``contrastive`` preset on raw-unit chips
+    (N, bands, H, W) of ``config``'s bands: two augmented views of each chip, NT-Xent between
+    their relaxed codes, quantization and bit balance.
+
+    ``finetune`` (default: the last 2 blocks) says what of the ImageNet EfficientNet-Lite0
+    trains with the head; the views are dihedral transforms and random crops of the cached
+    activations (partial) or of the chips (whole network, with optical jitter in raw units).
+    """
+    if config.method != "contrastive":
+        raise ValueError(
+            f"fit_contrastive_encoder needs method 'contrastive', got {config.method!r}"
+        )
+    if config.backbone != "efficientnet-lite0":
+        raise ValueError("fitting starts from the ImageNet efficientnet-lite0 backbone")
+    finetune = finetune or Finetune(2)
+    cfg = train or TrainConfig.finetuning(epochs=10)
+    encoder = HashEncoder.build(config, pretrained=True)
+    backbone = encoder.net.backbone
+    x = encoder.normalise(torch.from_numpy(np.asarray(pixels, np.float32)))
+    if finetune.whole:
+        inputs, tail = x, backbone
+    else:
+        with torch.inference_mode():
+            acts = [backbone.activations(b, finetune.cache_block) for b in x.split(64)]
+        inputs = torch.cat(acts).clone()
+        tail = BackboneTail(backbone, finetune.cache_block, finetune.train_from)
+    augment = training_augment(finetune, cfg.seed, config.mean, config.std, crops=True)
+    result = train_hashing(
+        METHODS["contrastive"],
+        inputs,
+        np.zeros(len(inputs), dtype=np.int64),
+        config.bits,
+        cfg,
+        backbone=tail,
+        augment=augment,
+    )
+    result.net.backbone = full_backbone(result.net)
+    return HashEncoder(config, result.net.cpu().eval()), result
