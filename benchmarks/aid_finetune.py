@@ -127,7 +127,7 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """mAP@20 (A) of every row against its training seconds."""
+    """mAP@20 (A) of every row against its training seconds (probe + fine-tuning)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -135,7 +135,7 @@ def plot(rows: list[dict], path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for r in rows:
-        seconds = max(1.0, r.get("train_only_seconds", 1.0))
+        seconds = max(1.0, r.get("train_only_seconds", 1.0) + r.get("probe_seconds", 0.0))
         ax.scatter(seconds, r["map_at_20"], s=30)
         ax.annotate(
             r["row"],
