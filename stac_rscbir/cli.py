@@ -384,8 +384,9 @@ def fit(
 
     from tqdm.auto import tqdm
 
+    from stac_rscbir.data.bigearthnet import BandStats
     from stac_rscbir.data.profiles import profile_for_bands
-    from stac_rscbir.data.samples import band_stats, folder_images, item_chips
+    from stac_rscbir.data.samples import folder_images, item_chips
     from stac_rscbir.ingest.sources import SourceError, items_from_file
     from stac_rscbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD
     from stac_rscbir.models.finetune import Finetune
@@ -454,7 +455,8 @@ def fit(
             if not len(sample):
                 detail = "; ".join(sample.skipped[:3]) or "the source has no items"
                 raise fail(f"no chips of {', '.join(band_names)} in {source}: {detail}", 1)
-            mean, std = band_stats(sample.pixels)
+            stats = BandStats.fit(sample.pixels, band_names)
+            mean, std = list(stats.mean), list(stats.std)
             norm = "per-band mean/std of the sample"
             what = f"{sample.available} chips of {sample.sources} items of {source}"
         else:

@@ -199,12 +199,14 @@ def fit_model(
     ITQ fits on the 8 flips/rotations of each chip (ground scenes have no preferred orientation,
     and small archives still give PCA more samples than code bits); contrastive training makes
     its own augmented views of the chips."""
-    from stac_rscbir.data.samples import band_stats, item_chips
+    from stac_rscbir.data.bigearthnet import BandStats
+    from stac_rscbir.data.samples import item_chips
     from stac_rscbir.models.fit import fit_encoder
 
     settings = fit_settings(fit)
     sample = item_chips(items, bands, CHIP, max_chips=max_chips, views=settings.views)
-    mean, std = band_stats(sample.pixels)
+    stats = BandStats.fit(sample.pixels, bands)
+    mean, std = list(stats.mean), list(stats.std)
     model_id = f"{collection}-{backbone}-{fit}-{BITS}"
     result = fit_encoder(
         sample.pixels,

@@ -15,7 +15,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stac_rscbir.cli import app
-from stac_rscbir.data.samples import band_stats, folder_images, item_chips
+from stac_rscbir.data.bigearthnet import BandStats
+from stac_rscbir.data.samples import folder_images, item_chips
 from stac_rscbir.extension import CBIRExtension
 from stac_rscbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from stac_rscbir.models.encoder import HashEncoder
@@ -134,8 +135,9 @@ def test_fit_on_a_stac_catalog_and_ingest_with_it(tmp_path: Path):
     assert (config.method, config.input_size, config.extra["labels"]) == ("contrastive", 32, "none")
     # the sample's statistics, in the scenes' units
     items = list(pystac.read_file(str(catalog)).get_items(recursive=True))  # type: ignore[attr-defined]
-    mean, std = band_stats(item_chips(items, ("red", "green", "blue"), 32).pixels)
-    assert config.mean == pytest.approx(mean) and config.std == pytest.approx(std)
+    rgb = ("red", "green", "blue")
+    stats = BandStats.fit(item_chips(items, rgb, 32).pixels, rgb)
+    assert config.mean == pytest.approx(stats.mean) and config.std == pytest.approx(stats.std)
 
     # ingest and serve take it like any other checkpoint
     ingested = runner.invoke(
@@ -203,9 +205,9 @@ def test_a_short_seeded_fit_learns_view_invariant_codes(images: Path):
     sample = folder_images(images, 48)
     pixels = np.concatenate([sample.pixels, sample.pixels[:, :, ::-1]])  # 32 chips
     settings = FitSettings(bits=32, finetune=Finetune(2), epochs=8, batch_size=16, progress=False)
-    fit = fit_encoder(
-        pixels, ["red", "green", "blue"], *band_stats(pixels), settings, model_id="t", input_size=48
-    )
+    rgb = ["red", "green", "blue"]
+    stats = BandStats.fit(pixels, rgb)
+    fit = fit_encoder(pixels, rgb, stats.mean, stats.std, settings, model_id="t", input_size=48)
     assert fit.losses is not None and fit.losses[1] < 0.75 * fit.losses[0]  # ~0.5 measured
 
     def unit(x: np.ndarray) -> np.ndarray:

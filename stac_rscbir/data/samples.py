@@ -4,7 +4,7 @@ What ``stac-rscbir fit``, the demo and ``examples/index_public_stac.py`` fit the
 
 >>> sample = item_chips(items, ("red", "green", "blue"), size=120, max_chips=600, views=True)
 >>> sample.pixels.shape  # (N, bands, 120, 120) float32 in the items' physical units
->>> mean, std = band_stats(sample.pixels)
+>>> stats = BandStats.fit(sample.pixels, bands)  # per-band mean/std for the model config
 
 Chips are cut as ``ingest`` cuts them (:func:`~stac_rscbir.data.chips.make_chips`: full-size
 windows with at least 90 % valid pixels, nodata set to 0), so a model sees at fit time what it
@@ -31,7 +31,6 @@ from stac_rscbir.data.reader import read_item
 __all__ = [
     "IMAGE_SUFFIXES",
     "ChipSample",
-    "band_stats",
     "folder_images",
     "image_files",
     "item_chips",
@@ -186,11 +185,3 @@ def folder_images(
     for row, (i, view) in enumerate(kept):
         pixels[row] = _view(np.moveaxis(images[i], -1, 0), view)
     return ChipSample(pixels, len(files), len(images), skipped)
-
-
-def band_stats(pixels: npt.NDArray[np.floating]) -> tuple[list[float], list[float]]:
-    """Per-band mean and std of (N, bands, H, W) pixels (a constant band gets std 1)."""
-    mean = pixels.mean(axis=(0, 2, 3), dtype=np.float64)
-    std = pixels.std(axis=(0, 2, 3), dtype=np.float64)
-    std = np.where(std > 0, std, 1.0)
-    return [float(v) for v in mean], [float(v) for v in std]

@@ -37,7 +37,7 @@ from stac_rscbir.models.backbones import (
     extract_features,
     freeze,
 )
-from stac_rscbir.models.features import cached_activations, cached_features, load_images
+from stac_rscbir.models.features import cached_activations, load_images
 from stac_rscbir.models.methods import HashingNet, MethodSpec
 from stac_rscbir.models.training import TrainConfig, TrainResult, encode, train_hashing
 
@@ -89,26 +89,30 @@ class Finetune:
 
 def training_inputs(
     data: LabelledImages,
-    finetune: Finetune | None,
+    finetune: Finetune,
     input_size: int,
     cache_dir: Path,
     device: str | None = None,
 ) -> tuple[torch.Tensor, float]:
-    """What the training loop feeds the network for ``finetune`` (descriptors, cached
-    activations or images) of every image of ``data``, and the seconds it took."""
-    if finetune is None:
-        return cached_features(data, "efficientnet-lite0", input_size, cache_dir, device)
+    """What the training loop feeds the network for ``finetune`` (cached activations or
+    images) of every image of ``data``, and the seconds it took."""
     if finetune.whole:
         return load_images(data, input_size)
-    acts, seconds = cached_activations(data, input_size, finetune.cache_block, cache_dir)
+    acts, seconds = cached_activations(
+        data, input_size, finetune.cache_block, cache_dir, device=device
+    )
     return acts[:, 0], seconds
 
 
-def trainable_backbone(finetune: Finetune | None) -> nn.Module | None:
-    """The backbone the training loop updates (None: cached frozen descriptors)."""
+def trainable_backbone(
+    finetune: Finetune | None, net: EfficientNetLite0 | None = None
+) -> nn.Module | None:
+    """The backbone the training loop updates (None: cached frozen descriptors): ``net``
+    (default: a fresh ImageNet RGB EfficientNet-Lite0), or its tail after the cached block."""
     if finetune is None:
         return None
-    net = EfficientNetLite0(3, pretrained=True)
+    if net is None:
+        net = EfficientNetLite0(3, pretrained=True)
     if finetune.whole:
         return net
     return BackboneTail(net, finetune.cache_block, finetune.train_from)

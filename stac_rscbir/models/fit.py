@@ -13,7 +13,8 @@ Two ways, both from the ImageNet EfficientNet-Lite0, both saved as ordinary chec
   fast fallback.
 
 >>> sample = item_chips(items, bands, 120, max_chips=600, views=settings.views)
->>> fit = fit_encoder(sample.pixels, bands, *band_stats(sample.pixels), settings,
+>>> stats = BandStats.fit(sample.pixels, bands)
+>>> fit = fit_encoder(sample.pixels, bands, stats.mean, stats.std, settings,
 ...                   model_id="my-model", input_size=120)
 >>> fit.encoder.save(out); print(fit.summary())
 """

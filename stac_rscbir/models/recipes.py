@@ -13,7 +13,7 @@ import torch
 from stac_rscbir.data.bigearthnet import BandStats, BenPatches
 from stac_rscbir.data.imagefolder import read_labels_csv
 from stac_rscbir.models.augment import Augment, InUnits
-from stac_rscbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD, BackboneTail, build_backbone
+from stac_rscbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from stac_rscbir.models.checkpoint import ModelConfig, SourceConfig
 from stac_rscbir.models.encoder import HashEncoder
 from stac_rscbir.models.features import cached_features
@@ -21,6 +21,7 @@ from stac_rscbir.models.finetune import (
     Finetune,
     full_backbone,
     train_finetuned,
+    trainable_backbone,
     training_augment,
     training_inputs,
 )
@@ -231,13 +232,11 @@ def fit_contrastive_encoder(
     encoder = HashEncoder.build(config, pretrained=True)
     backbone = encoder.net.backbone
     x = encoder.normalise(torch.from_numpy(np.asarray(pixels, np.float32)))
-    if finetune.whole:
-        inputs, tail = x, backbone
-    else:
+    inputs = x
+    if not finetune.whole:
         with torch.inference_mode():
             acts = [backbone.activations(b, finetune.cache_block) for b in x.split(64)]
         inputs = torch.cat(acts).clone()
-        tail = BackboneTail(backbone, finetune.cache_block, finetune.train_from)
     augment = training_augment(finetune, cfg.seed, config.mean, config.std, crops=True)
     result = train_hashing(
         METHODS["contrastive"],
@@ -245,7 +244,7 @@ def fit_contrastive_encoder(
         np.zeros(len(inputs), dtype=np.int64),
         config.bits,
         cfg,
-        backbone=tail,
+        backbone=trainable_backbone(finetune, backbone),
         augment=augment,
     )
     result.net.backbone = full_backbone(result.net)
