@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from shapely.geometry import box, mapping
 
-from stac_rscbir.extension.cbir import Descriptor, HashCode
+from stac_rscbir.extension.cbir import CBIRModel, Descriptor, HashCode
 from stac_rscbir.store.base import ItemStore
 
 MODEL = "test-64"
@@ -57,9 +57,13 @@ def _item(i: int, collection: str = "scenes", bits: np.ndarray | None = None) ->
 
 
 def _collection(cid: str = "scenes") -> dict[str, Any]:
+    """A collection declaring the model of ``_item``'s codes (API writes are checked against it)."""
+    model = CBIRModel.create(MODEL, "1.0.0", 64, ["red", "green", "blue"], descriptor_dim=64)
     return {
         "type": "Collection",
         "stac_version": "1.1.0",
+        "stac_extensions": ["https://stac-extensions.github.io/cbir/v1.0.0/schema.json"],
+        "cbir:models": [model.to_dict()],
         "id": cid,
         "description": "test scenes",
         "license": "other",

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from rasterio.io import MemoryFile
 
 from stac_rscbir.api.app import create_api
-from stac_rscbir.extension.cbir import HashCode
+from stac_rscbir.extension.cbir import CBIRModel, HashCode
 
 from .api_builders import MODEL, N, StoreFactory, _bits, _collection, _item, rgb_checkpoint
 
@@ -285,6 +285,9 @@ def test_model_defaults_to_the_only_one_and_is_required_among_several(
     assert ranked({"item": ITEM, "k": 5}) == ranked({"model": MODEL, "item": ITEM, "k": 5})
     item = _item(N)
     item["properties"]["cbir:codes"].append(HashCode.from_bits("other-64", "1", _bits(7)).to_dict())
+    collection = _collection()  # codes of a model its collection does not declare are a 400
+    collection["cbir:models"].append(CBIRModel.create("other-64", "1", 64, ["red"]).to_dict())
+    assert client.put("/collections/scenes", json=collection).status_code == 200
     r = client.post("/collections/scenes/items", json=item)
     assert r.status_code in (200, 201), r.text
     before = _state(store)

@@ -30,6 +30,7 @@ from stac_rscbir.store.base import (
     SearchPage,
     SearchQuery,
 )
+from stac_rscbir.store.models import check_item_codes
 
 # (collection, item or None when deleted, item id; "*": the collection was deleted, "": the
 # collection itself was written and no item changed)
@@ -342,6 +343,7 @@ class StoreTransactionsClient(BaseTransactionsClient):
     def _items(self, collection_id: str, item: Any) -> list[dict[str, Any]]:
         data = _body(item, "a STAC Item or an ItemCollection")
         items = data["features"] if data.get("type") == "FeatureCollection" else [data]
+        declared: dict[str, Any] = {}  # the collection's cbir:models, read once
         for i in items:
             if i.get("collection", collection_id) != collection_id:
                 raise HTTPException(
@@ -350,6 +352,7 @@ class StoreTransactionsClient(BaseTransactionsClient):
                     f"the path says {collection_id!r}",
                 )
             i["collection"] = collection_id
+            check_item_codes(self.store, i, declared)
         return items
 
     @store_errors

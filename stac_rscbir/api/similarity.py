@@ -35,6 +35,7 @@ from stac_rscbir.extension.codec import CBIRFieldError, decode_code, decode_desc
 from stac_rscbir.index.feedback import ALPHA, BETA, GAMMA, rocchio
 from stac_rscbir.index.hashindex import HashIndex, open_or_rebuild
 from stac_rscbir.store.base import InvalidQueryError, ItemStore, SearchPage, SearchQuery
+from stac_rscbir.store.models import served_model
 
 log = logging.getLogger(__name__)
 
@@ -274,14 +275,23 @@ class SimilarityService:
                 self._save(model)
             return idx
 
+    def _served(self, model: str) -> tuple[str | None, int | None]:
+        """(version, bits) the model's index serves: its declaration in the collections
+        (:func:`~stac_rscbir.store.models.served_model`), or (None, None) when none declares
+        it: every version, the most common bit length."""
+        spec = served_model(self.store, model)
+        return (None, None) if spec is None else (spec.version, spec.bits)
+
     def _open(self, model: str) -> HashIndex:
         """Load the saved index if current, else build it from the store (no service lock)."""
         with self._lock:
             stale_on_disk = model in self._disk_stale
+        version, bits = self._served(model)
         if not stale_on_disk:
-            return open_or_rebuild(self.index_path(model), self.store, model)
+            return open_or_rebuild(self.index_path(model), self.store, model, version, bits)
         generation = self.store.generation()  # before the codes, as in open_or_rebuild
-        return HashIndex(model).build(self.store.iter_codes(model), generation=generation)
+        index = HashIndex(model, bits, version=version)
+        return index.build(self.store.iter_codes(model, version), generation=generation)
 
     def _drop(self, model: str) -> None:
         """Forget the model's index (rebuilt at its next use) and its saved copy, which may
@@ -414,13 +424,29 @@ class SimilarityService:
                     if item_id == "*" or idx.generation not in (generation - 1, generation):
                         self._drop(model)  # a collection went, or another writer: rebuild
                         continue
-                    if not item_id:  # the collection was written: no codes changed
+                    if not item_id:  # the collection was written: no codes changed, but
+                        # its cbir:models may change the version or bit length the index serves
+                        version, bits = self._served(model)
+                        if version != idx.version or bits not in (None, idx.bits):
+                            self._drop(model)
+                            continue
                         idx.advance(generation)
                         changed.append(model)
                         continue
                     try:
                         key = (collection, item_id)
-                        code = _code_of(item, model) if item else None
+                        code = _code_of(item, model, idx.version) if item else None
+                        if code is not None and idx.bits not in (None, code.bits):
+                            log.warning(
+                                "hash index of %s: %s/%s has a %d-bit code, the index serves %d "
+                                "bits: left out",
+                                model,
+                                collection,
+                                item_id,
+                                code.bits,
+                                idx.bits,
+                            )
+                            code = None
                         if code is None:
                             idx.remove(key, generation=generation)
                         else:
@@ -531,10 +557,13 @@ class SimilarityService:
         """(packed code, descriptor or None, the query item's key or None)."""
         if sim.item is not None:
             item = self.store.get_item(sim.item.collection, sim.item.id)
-            code = _code_of(item, model)
-            if code is None:
+            idx = self.index(model)
+            code = _code_of(item, model, idx.version)
+            version = "" if idx.version is None else f" version {idx.version!r}"
+            if code is None or idx.bits not in (None, code.bits):
                 raise InvalidQueryError(
                     f"item {sim.item.collection}/{sim.item.id} has no code of model {model!r}"
+                    f"{version}" + ("" if idx.bits is None else f" with {idx.bits} bits")
                 )
             desc = code.descriptor.array() if code.descriptor else None
             return code.packed().tobytes(), desc, (sim.item.collection, sim.item.id)
@@ -729,7 +758,9 @@ class SimilarityService:
                 key = (ref.collection, ref.id)
                 vec = idx.descriptor(key) if key in idx else None
                 if key not in idx:
-                    code = _code_of(self.store.get_item(ref.collection, ref.id), model)  # 404
+                    code = _code_of(
+                        self.store.get_item(ref.collection, ref.id), model, idx.version
+                    )  # 404
                     if code is None:
                         raise InvalidQueryError(f"{where} has no code of model {model!r}")
                     vec = code.descriptor.array() if code.descriptor else None
@@ -792,11 +823,18 @@ def _refs(value: str | None, name: str) -> list[ItemRef]:
     return refs
 
 
-def _code_of(item: dict[str, Any] | None, model: str) -> HashCode | None:
-    """The item's code of ``model`` (the last entry if several versions), validated."""
+def _code_of(
+    item: dict[str, Any] | None, model: str, version: str | None = None
+) -> HashCode | None:
+    """The item's code of ``model`` at ``version`` (any version when None: the last entry if
+    several), validated."""
     found = None
     for i, entry in enumerate((item or {}).get("properties", {}).get("cbir:codes") or []):
-        if isinstance(entry, dict) and entry.get("model") == model:
+        if (
+            isinstance(entry, dict)
+            and entry.get("model") == model
+            and version in (None, entry.get("model_version"))
+        ):
             found = HashCode.from_dict(entry, f"cbir:codes[{i}]")
     return found
 

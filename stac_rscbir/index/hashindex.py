@@ -77,6 +77,7 @@ import logging
 import math
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -454,16 +455,42 @@ class HashIndex:
 
     @_writes
     def build(self, codes: Iterable[StoredCode], generation: int) -> HashIndex:
-        """Replace the content with ``codes`` (a later duplicate key wins), train and add."""
+        """Replace the content with ``codes`` (a later duplicate key wins), train and add.
+
+        Codes of another bit length than the index's (the most common one when ``bits`` is not
+        set) and descriptors of another dimension than the most common one are left out with a
+        warning: data written behind the API's checks must not make every search fail.
+        """
         rows: dict[ItemKey, tuple[bytes, bytes | None]] = {}
         for sc in codes:
             rows[sc.key] = (bytes(sc.code), sc.descriptor)
         if rows and self.bits is None:
-            self.bits = len(next(iter(rows.values()))[0]) * 8
-        nbytes = self.nbytes
-        bad = [k for k, (c, _) in rows.items() if len(c) != nbytes]
+            self.bits = Counter(len(c) for c, _ in rows.values()).most_common(1)[0][0] * 8
+        bad = [k for k, (c, _) in rows.items() if len(c) != self.nbytes]
         if bad:
-            raise ValueError(f"{len(bad)} codes are not {self.bits} bits long (first: {bad[0]!r})")
+            log.warning(
+                "hash index of %s: %d codes are not %d bits long, left out (first: %s/%s)",
+                self.model,
+                len(bad),
+                self.bits,
+                *bad[0],
+            )
+            for key in bad:
+                del rows[key]
+        dims = Counter(len(d) for _, d in rows.values() if d is not None)
+        if len(dims) > 1:
+            size = dims.most_common(1)[0][0]
+            odd = [k for k, (_, d) in rows.items() if d is not None and len(d) != size]
+            log.warning(
+                "hash index of %s: %d descriptors are not of dim %d, left out (first: %s/%s)",
+                self.model,
+                len(odd),
+                size // 4,
+                *odd[0],
+            )
+            for key in odd:
+                rows[key] = (rows[key][0], None)
+        nbytes = self.nbytes
         arr = np.frombuffer(b"".join(c for c, _ in rows.values()), dtype=np.uint8)
         descs = [d for _, d in rows.values()]
         return self.build_arrays(
@@ -1069,14 +1096,16 @@ def open_or_rebuild(
     store: CodeStore,
     model: str,
     version: str | None = None,
+    bits: int | None = None,
     **options: Any,
 ) -> HashIndex:
     """Load the index saved in ``directory`` if it is current, else rebuild it from the store.
 
-    Current means readable, consistent, of the same model/version, and saved at the store's
-    present ``generation()``. Otherwise the codes are read again from ``store.iter_codes`` and the
-    new index saved; a corrupt or half-written set only costs a logged warning and the rebuild.
-    ``options`` go to :class:`HashIndex` on rebuild.
+    Current means readable, consistent, of the same model/version/bit length (``bits`` None:
+    any), and saved at the store's present ``generation()``. Otherwise the codes of ``version``
+    (every version when None) are read again from ``store.iter_codes`` and the new index saved;
+    a corrupt or half-written set only costs a logged warning and the rebuild. ``options`` go
+    to :class:`HashIndex` on rebuild.
     """
     path = Path(directory)
     generation = int(store.generation())  # read before the codes: a write during the rebuild
@@ -1089,7 +1118,12 @@ def open_or_rebuild(
         elif any(path.glob(f"{VERSION_PREFIX}*")):
             log.warning("hash index in %s has no current version (invalidated): rebuilding", path)
     else:
-        if index.model == model and index.version == version and index.generation == generation:
+        if (
+            index.model == model
+            and index.version == version
+            and bits in (None, index.bits)
+            and index.generation == generation
+        ):
             return index
         log.info(
             "hash index in %s is stale (model %s/%s generation %s, store %s): rebuilding",
@@ -1099,7 +1133,7 @@ def open_or_rebuild(
             index.generation,
             generation,
         )
-    index = HashIndex(model, version=version, **options)
+    index = HashIndex(model, bits, version=version, **options)
     index.build(store.iter_codes(model, version), generation=generation)
     try:
         index.save(path)

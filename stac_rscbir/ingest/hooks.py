@@ -113,6 +113,9 @@ class _Notifying:
     def is_encoded(self, item: pystac.Item, model: str, version: str) -> bool:
         return self.sink.is_encoded(item, model, version)
 
+    def begin(self, model: Any) -> None:
+        self.sink.begin(model)
+
     def write(self, scene: pystac.Item, chips: Any) -> None:
         with self.scope():
             self.sink.write(scene, chips)

@@ -227,6 +227,9 @@ class PgstacSink:
             (Jsonb(coll),),
         )
 
+    def begin(self, model: CBIRModel) -> None:
+        """Nothing to declare up front: ``finalize`` describes the model."""
+
     def finalize(self, model: CBIRModel) -> None:
         """Describe ``model`` in ``cbir:models`` of every collection written; chip collections
         also get their extent from pgstac's partition statistics."""

@@ -29,6 +29,11 @@ class Sink(Protocol):
         """True when this sink already holds ``item`` encoded by ``model`` ``version``."""
         ...
 
+    def begin(self, model: CBIRModel) -> None:
+        """Called before the first write of a run: a sink whose target checks codes against
+        the declared models (a Transactions API) declares ``model`` where it writes."""
+        ...
+
     def write(self, scene: pystac.Item, chips: Sequence[pystac.Item]) -> None:
         """Commit one encoded scene (or patch) and its chip items."""
         ...
@@ -134,6 +139,9 @@ class CatalogSink:
     def _managed(self) -> list[Path]:
         """Collection folders this sink created (in any process: Dask workers share the disk)."""
         return sorted(p.parent for p in self.root.glob(f"*/{MANAGED}"))
+
+    def begin(self, model: CBIRModel) -> None:
+        """Nothing to declare up front: ``finalize`` describes the model."""
 
     def finalize(self, model: CBIRModel) -> None:
         for folder in self._managed():
@@ -304,6 +312,9 @@ class GeoParquetSink:
         )
         self._buffer, self._scenes_buffered = [], 0
 
+    def begin(self, model: CBIRModel) -> None:
+        """Nothing to declare: the files carry the codes, not the model descriptions."""
+
     def finalize(self, model: CBIRModel) -> None:
         self._flush()
 
@@ -320,6 +331,7 @@ class ApiSink:
         self.timeout = timeout
         self.token = token if token is not None else os.environ.get("RSCBIR_WRITE_TOKEN") or None
         self._collections: set[str] = set()
+        self._model: CBIRModel | None = None
 
     def _client(self) -> Any:
         import httpx
@@ -338,23 +350,33 @@ class ApiSink:
     def _ensure_collection(self, client: Any, collection_id: str, example: pystac.Item) -> None:
         if collection_id in self._collections:
             return
-        if client.get(f"/collections/{collection_id}").status_code == 404:
+        r = client.get(f"/collections/{collection_id}")
+        if r.status_code == 404:
             coll = pystac.Collection(
                 id=collection_id,
                 description=f"Chips encoded by stac-rscbir ({collection_id})",
                 extent=_extent([example.to_dict()]),
                 license="other",
-            )
-            client.post(
-                "/collections", json=coll.to_dict(include_self_link=False)
-            ).raise_for_status()
+            ).to_dict(include_self_link=False)
+            body = coll if self._model is None else _add_model(coll, self._model)
+            client.post("/collections", json=body).raise_for_status()
+        else:
+            r.raise_for_status()
+            current = r.json()
+            described = current if self._model is None else _add_model(current, self._model)
+            if described != current:  # the API adds its own links again
+                described["links"] = [
+                    link
+                    for link in described.get("links", [])
+                    if link.get("rel") not in ("self", "root", "parent", "items")
+                ]
+                client.put(f"/collections/{collection_id}", json=described).raise_for_status()
         self._collections.add(collection_id)
 
     def write(self, scene: pystac.Item, chips: Sequence[pystac.Item]) -> None:
         with self._client() as client:
             for it in [*chips, scene]:
-                if it is not scene:
-                    self._ensure_collection(client, it.collection_id or "", it)
+                self._ensure_collection(client, it.collection_id or "", it)
                 body = it.to_dict(include_self_link=False, transform_hrefs=False)
                 path = f"/collections/{it.collection_id}/items"
                 r = client.put(f"{path}/{it.id}", json=body)
@@ -362,8 +384,13 @@ class ApiSink:
                     r = client.post(path, json=body)
                 r.raise_for_status()
 
+    def begin(self, model: CBIRModel) -> None:
+        """Remember ``model``: every collection written to gets it in ``cbir:models`` before
+        its first item (the API refuses codes of a model the collection does not declare)."""
+        self._model = model
+
     def finalize(self, model: CBIRModel) -> None:
-        """Nothing buffered; the model description is the API operator's to publish."""
+        """Nothing buffered; the model was declared before the first write."""
 
 
 def open_sink(spec: str, source: str | None = None) -> Sink:
@@ -418,6 +445,10 @@ class StoreSink:
         scene_dict = scene.to_dict(include_self_link=False, transform_hrefs=False)
         self.store.upsert_items([*dicts, scene_dict])
         self._written.update(d["collection"] for d in [*dicts, scene_dict])
+
+    def begin(self, model: CBIRModel) -> None:
+        """Nothing to declare up front: the store takes items as they are (the hash index
+        serves the declared model only, and follows ``finalize``'s collection writes)."""
 
     def finalize(self, model: CBIRModel) -> None:
         """Describe the model in the collections this sink wrote to."""

@@ -336,6 +336,7 @@ class Ingestor:
             wall = time.perf_counter() - start
             bar.set_postfix(chips_s=f"{report.chips_encoded / wall:.1f}", errors=len(report.errors))
 
+        sink.begin(self.model_description())
         with ThreadPoolExecutor(self.options.readers, thread_name_prefix="reader") as pool:
             inflight: deque[Future[tuple[_Prepared | ItemError, float, float]]] = deque()
             todo = self._todo(items, sink, report)
