@@ -447,8 +447,8 @@ class StoreSink:
         self._written.update(d["collection"] for d in [*dicts, scene_dict])
 
     def begin(self, model: CBIRModel) -> None:
-        """Nothing to declare up front: the store takes items as they are (the hash index
-        serves the declared model only, and follows ``finalize``'s collection writes)."""
+        """Nothing to declare up front: the store takes items as they are and ``finalize``
+        describes the model; the hash index is rebuilt when that changes what it serves."""
 
     def finalize(self, model: CBIRModel) -> None:
         """Describe the model in the collections this sink wrote to."""
