@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
+import zlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,26 @@ def _truncated(pixels: np.ndarray) -> str:
     return base64.b64encode(base64.b64decode(_image(pixels))[:200]).decode()
 
 
+def _png_with_extra_rows(pixels: np.ndarray) -> str:
+    """A 16-bit RGB PNG of ``pixels`` whose image data holds twice the rows its header says:
+    GDAL reads it with only a warning (libpng: "Too much image data")."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    rows, cols = pixels.shape[1:]
+    lines = [b"\0" + row.astype(">u2").tobytes() for row in np.moveaxis(pixels, 0, -1)]
+    header = struct.pack(">IIBBBBB", cols, rows, 16, 2, 0, 0, 0)
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"".join(lines * 2)))
+        + chunk(b"IEND", b"")
+    )
+    return base64.b64encode(data).decode()
+
+
 #: name -> (the upload, made from the chips; words the 400 must contain)
 BAD_UPLOADS: dict[str, tuple[Any, list[str]]] = {
     # GDAL decodes an 8-bit PNG whole, and filled a truncated one with garbage without a word
@@ -118,6 +140,10 @@ BAD_UPLOADS: dict[str, tuple[Any, list[str]]] = {
         ["truncated or corrupt", "libpng"],
     ),
     "truncated 16-bit PNG": (lambda c: _truncated(c[4]), ["truncated or corrupt", "libpng"]),
+    "corrupt PNG read with a GDAL warning": (
+        lambda c: _png_with_extra_rows(c[4]),
+        ["damaged", "Too much image data"],
+    ),
     "truncated GeoTIFF": (
         lambda c: base64.b64encode(base64.b64decode(_image(c[4], "GTiff"))[:3000]).decode(),
         ["truncated or corrupt", "TIFF"],
