@@ -10,7 +10,6 @@ transaction, rebuilt when the store moved on behind its back (another process wr
 
 import base64
 import hashlib
-import io
 import json
 import logging
 import threading
@@ -89,7 +88,15 @@ class SimilarityQuery(BaseModel):
         None, description="Query by a float32 little-endian descriptor, base64."
     )
     image: str | None = Field(
-        None, description="Query by an image (base64 PNG or GeoTIFF), encoded with `model`."
+        None,
+        description="Query by an image (base64 PNG or GeoTIFF), encoded with `model`. It must "
+        "fit the model's `input` (checkpoint config and `cbir:models` entry): a band count the "
+        "model (or one of its branches) takes, at least `min_size` pixels a side, values in the "
+        "model's units (an integer type that holds `value_range`, values within one range "
+        "width of it, no NaN); else 400 naming the mismatch, e.g. an 8-bit PNG for a model of "
+        "uint16 reflectance. Truncated or corrupt files are a 400. Conversions: GeoTIFF "
+        "scale/offset tags are applied; the image is resized (bilinear) to the model's input "
+        "size. An 8-bit rendering is not stretched back to reflectance: send the chip's values.",
     )
     k: int = Field(
         100,
@@ -629,10 +636,10 @@ class SimilarityService:
         return np.packbits(bits.astype(np.uint8)).tobytes()
 
     def _encode_image(self, model: str, data: str) -> tuple[np.ndarray, np.ndarray]:
-        """Bits and relaxed code of an uploaded image (PNG or GeoTIFF, base64)."""
+        """Bits and relaxed code of an uploaded image (PNG or GeoTIFF, base64), checked against
+        what the model takes (bands, pixel values, size: see :class:`InputSpec`)."""
         import torch
         import torch.nn.functional as F
-        from rasterio.io import MemoryFile
 
         if len(data) > (self.max_image_bytes + 2) // 3 * 4:  # checked before decoding
             raise HTTPException(
@@ -645,29 +652,15 @@ class SimilarityService:
             raw = base64.b64decode(data, validate=True)
         except ValueError as exc:
             raise InvalidQueryError(f"similarity.image is not valid base64: {exc}") from exc
-        try:
-            with MemoryFile(io.BytesIO(raw)) as mem, mem.open(driver=IMAGE_DRIVERS) as src:
-                # the header only: a decompression bomb is refused before any pixel is read
-                size = src.width * src.height * src.count
-                if size > self.max_image_pixels:
-                    raise HTTPException(
-                        413,
-                        f"similarity.image is too large: {src.width} x {src.height} pixels x "
-                        f"{src.count} band(s) = {size} values, this server takes at most "
-                        f"{self.max_image_pixels}",
-                    )
-                try:  # a cross-modal model encodes the image with the branch of its sensor
-                    source = encoder.config.source_for_band_count(src.count)
-                except ValueError as exc:
-                    raise InvalidQueryError(f"similarity.image: {exc}") from exc
-                pixels = src.read().astype(np.float32)
-        except (HTTPException, InvalidQueryError):
-            raise
-        except Exception as exc:  # GDAL's errors on a file it cannot read are many: all are 400s
-            raise InvalidQueryError(
-                f"similarity.image is not a PNG or GeoTIFF image: {exc}"
-            ) from exc
-        x = torch.from_numpy(pixels)[None]
+        image = _read_image(raw, self.max_image_pixels)
+        try:  # a cross-modal model encodes the image with the branch of its sensor
+            source = encoder.config.source_for_band_count(image.pixels.shape[0])
+            encoder.config.input_of(source).check(
+                model, image.what, image.dtype, image.pixels.shape[1:], image.values
+            )
+        except ValueError as exc:
+            raise InvalidQueryError(f"similarity.image: {exc}") from exc
+        x = torch.from_numpy(image.pixels)[None]
         size = encoder.config.input_size
         if size and x.shape[-2:] != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear")
@@ -808,6 +801,100 @@ class SimilarityService:
         if fp != self._fingerprint(query, sim):
             raise InvalidQueryError("token belongs to a different similarity search")
         return value
+
+
+@attr.s(auto_attribs=True, frozen=True)
+class UploadedImage:
+    """An uploaded image, decoded: its pixels and what they are."""
+
+    pixels: np.ndarray  # (bands, rows, cols) float32, GeoTIFF scale/offset applied
+    dtype: str  # the pixel type of the values (float32 once a scale/offset was applied)
+    what: str  # e.g. "8-bit PNG", for messages
+    values: tuple[float, float]  # finite min, max
+
+
+@contextmanager
+def _gdal_warnings() -> Iterator[list[str]]:
+    """The warnings GDAL reports in this thread while the block runs (rasterio logs them)."""
+    seen: list[str] = []
+    me = threading.get_ident()
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.thread == me and record.levelno >= logging.WARNING:
+                seen.append(record.getMessage())
+
+    handler = _Collect()
+    logger = logging.getLogger("rasterio")
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The first error of a chain (GDAL's own message under rasterio's 'Read failed')."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
+
+
+def _read_image(raw: bytes, max_pixels: int) -> UploadedImage:
+    """Decode an upload strictly: every pixel is read, and a GDAL error or warning on the way
+    (a truncated or corrupt file) is a 400; more than ``max_pixels`` values a 413, before any
+    pixel is read. GDAL's whole-image PNG path is off: it fills a truncated PNG with garbage
+    without a word; the row by row path reports libpng's read errors."""
+    import rasterio
+    from rasterio.io import MemoryFile
+
+    def unreadable(exc: BaseException) -> InvalidQueryError:
+        return InvalidQueryError(
+            f"similarity.image is not a readable PNG or GeoTIFF image (truncated or corrupt?): "
+            f"{_root_cause(exc)}"
+        )
+
+    try:
+        with (
+            rasterio.Env(GDAL_PNG_WHOLE_IMAGE_OPTIM="NO"),
+            MemoryFile(raw) as mem,
+            mem.open(driver=IMAGE_DRIVERS) as src,
+        ):
+            # the header only: a decompression bomb is refused before any pixel is read
+            size = src.width * src.height * src.count
+            if size > max_pixels:
+                raise HTTPException(
+                    413,
+                    f"similarity.image is too large: {src.width} x {src.height} pixels x "
+                    f"{src.count} band(s) = {size} values, this server takes at most "
+                    f"{max_pixels}",
+                )
+            with _gdal_warnings() as warnings:
+                pixels = src.read()
+            if warnings:
+                raise InvalidQueryError(
+                    f"similarity.image is damaged (truncated or corrupt?): GDAL: {warnings[0]}"
+                )
+            dtype, driver = src.dtypes[0], src.driver
+            scales, offsets = src.scales, src.offsets
+    except (HTTPException, InvalidQueryError):
+        raise
+    except Exception as exc:  # GDAL's errors on a file it cannot read are many: all are 400s
+        raise unreadable(exc) from exc
+    kind = "bit float" if np.dtype(dtype).kind == "f" else "bit"
+    what = f"{np.dtype(dtype).itemsize * 8}-{kind} {'GeoTIFF' if driver == 'GTiff' else driver}"
+    values = pixels.astype(np.float32)
+    if any(sc != 1 for sc in scales) or any(off != 0 for off in offsets):  # physical units
+        scale = np.asarray(scales, np.float32)[:, None, None]
+        values = values * scale + np.asarray(offsets, np.float32)[:, None, None]
+        dtype = "float32"
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise InvalidQueryError(
+            f"similarity.image: {what} has {int((~finite).sum())} NaN or infinite value(s); "
+            "the model takes finite values only"
+        )
+    return UploadedImage(values, dtype, what, (float(values.min()), float(values.max())))
 
 
 def _refs(value: str | None, name: str) -> list[ItemRef]:

@@ -7,6 +7,7 @@ back is decoded strictly, so a bad field raises :class:`CBIRFieldError` naming i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
@@ -290,6 +291,33 @@ class HashCode:
         return f"<HashCode model={self.model}@{self.model_version} bits={self.bits}>"
 
 
+#: Pixel types a model's ``input.dtype`` may name.
+INPUT_DTYPES: tuple[str, ...] = ("uint8", "uint16", "int16", "float32")
+
+
+def _check_input(value: object, field: str) -> None:
+    """A model's (or branch's) ``input``: chip size, resolution and the pixel values it takes."""
+    if not isinstance(value, dict):
+        raise CBIRFieldError(field, "must be an object")
+    if "dtype" in value:
+        check_choice(value["dtype"], INPUT_DTYPES, f"{field}.dtype")
+    if "min_size" in value:
+        _check_int(value["min_size"], f"{field}.min_size", 1)
+    if "units" in value:
+        _check_str(value["units"], f"{field}.units", 200)
+    if "value_range" in value:
+        vr = value["value_range"]
+        ok = (
+            isinstance(vr, list)
+            and len(vr) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in vr)
+            and all(math.isfinite(v) for v in vr)
+            and vr[0] <= vr[1]
+        )
+        if not ok:
+            raise CBIRFieldError(f"{field}.value_range", f"must be finite [min, max], got {vr!r}")
+
+
 class CBIRModel:
     """A model described once (Collection or model Item): what its codes look like and consume."""
 
@@ -318,12 +346,15 @@ class CBIRModel:
         href: str | None = None,
         description: str | None = None,
         tta: bool = False,
+        values: dict[str, Any] | None = None,
     ) -> CBIRModel:
         """Describe a model; optional parts are left out of the stored object.
 
         ``branches`` (cross-modal models) lists every input branch as ``{"bands": [...],
-        "backbone": ...}``, the first reading ``bands``. ``tta``: the codes are the model's
-        binarisation of the mean relaxed code over the 8 dihedral views (stored only when true).
+        "backbone": ..., "input": {...}}``, the first reading ``bands``. ``tta``: the codes are
+        the model's binarisation of the mean relaxed code over the 8 dihedral views (stored
+        only when true). ``values``: the pixel values the (first branch of the) model takes,
+        ``{"dtype", "value_range", "units", "min_size"}``, stored in ``input``.
         """
         props: dict[str, Any] = {
             "id": id,
@@ -349,6 +380,7 @@ class CBIRModel:
         model_input = {
             "chip_size": list(chip_size) if chip_size else None,
             "resolution": resolution,
+            **(values or {}),
         }
         if any(v is not None for v in model_input.values()):
             props["input"] = {k: v for k, v in model_input.items() if v is not None}
@@ -382,11 +414,15 @@ class CBIRModel:
                 if not isinstance(branch, dict):
                     raise CBIRFieldError(where, "must be an object")
                 _check_bands(_require(branch, "bands", where), f"{where}.bands")
+                if "input" in branch:
+                    _check_input(branch["input"], f"{where}.input")
             if branches[0]["bands"] != bands:
                 raise CBIRFieldError(
                     f"{field}.branches[0].bands",
                     f"{branches[0]['bands']} differs from the model's bands {bands}",
                 )
+        if "input" in d:
+            _check_input(d["input"], f"{field}.input")
         if not isinstance(d.get("tta", False), bool):
             raise CBIRFieldError(f"{field}.tta", f"must be true or false, got {d['tta']!r}")
         desc = d.get("descriptor")

@@ -126,7 +126,14 @@ class Ingestor:
             c.bits,
             list(c.bands),
             branches=(
-                [{"bands": list(s.bands), "backbone": s.backbone} for s in c.sources]
+                [
+                    {
+                        "bands": list(s.bands),
+                        "backbone": s.backbone,
+                        "input": c.input_of(i).to_stac(),
+                    }
+                    for i, s in enumerate(c.sources)
+                ]
                 if len(c.sources) > 1
                 else None
             ),
@@ -137,6 +144,7 @@ class Ingestor:
             chip_size=(self.chip_size, self.chip_size),
             resolution=self.options.resolution or self.branches[0].profile.resolution,
             tta=c.tta,
+            values=c.input_of(0).to_stac(),
         )
 
     # ------------------------------------------------------------------ stages

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from stac_rscbir.models.checkpoint import ModelConfig
+from stac_rscbir.models.checkpoint import InputSpec, ModelConfig, default_min_size
 from stac_rscbir.models.encoder import HashEncoder
 from stac_rscbir.models.finetune import Finetune
 
@@ -172,6 +172,7 @@ def fit_encoder(
         input_size=input_size,
         descriptor_dim=settings.bits,
         extra=meta,
+        input=InputSpec.of_sample(pixels, default_min_size(input_size)),
     )
     start = time.perf_counter()
     if settings.method == "itq":

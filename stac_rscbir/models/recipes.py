@@ -14,7 +14,7 @@ from stac_rscbir.data.bigearthnet import BandStats, BenPatches
 from stac_rscbir.data.imagefolder import read_labels_csv
 from stac_rscbir.models.augment import Augment, InUnits
 from stac_rscbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
-from stac_rscbir.models.checkpoint import ModelConfig, SourceConfig
+from stac_rscbir.models.checkpoint import InputSpec, ModelConfig, SourceConfig, default_min_size
 from stac_rscbir.models.encoder import HashEncoder
 from stac_rscbir.models.features import cached_features
 from stac_rscbir.models.finetune import (
@@ -87,6 +87,7 @@ def train_on_folder(
         descriptor_dim=bits,
         head={"n_classes": len(data.classes), "classes": data.classes},
         tta=tta,
+        input=InputSpec((0, 255), default_min_size(input_size), "uint8", "8-bit RGB"),
         extra={
             "trained_on": str(labels_csv),
             "iterations": cfg.steps(len(data)),
@@ -159,16 +160,19 @@ def train_crossmodal(
         augment=augments[0],
         augment2=augments[1],
     )
+    size = int(first.images.shape[-1])
+    inputs = [InputSpec.of_sample(p.images, default_min_size(size)) for p in (first, second)]
     model_config = ModelConfig(
         method=method,
         bits=bits,
         backbone=backbone,
         version=version,
         model_id=model_id,
-        input_size=int(first.images.shape[-1]),
+        input_size=size,
         descriptor_dim=bits,
         head={"n_classes": int(first.labels.shape[1])},
-        second_source=SourceConfig(backbone=backbone, **stats[1].to_config()),
+        second_source=SourceConfig(backbone=backbone, input=inputs[1], **stats[1].to_config()),
+        input=inputs[0],
         extra={
             "trained_on": f"{len(first)} co-registered {first.sensor}/{second.sensor} pairs",
             "iterations": cfg.iterations,
