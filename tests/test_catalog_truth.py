@@ -6,7 +6,11 @@ is a URL it answers (chip thumbnails are PNGs); no file outside the asset roots 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
+import os
+import subprocess
+import sys
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +19,7 @@ from typing import Any
 import pystac
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from shapely.geometry import box, mapping, shape
 
 from stac_rscbir.api.app import create_api
@@ -23,6 +28,7 @@ from stac_rscbir.ingest.worker import Ingestor
 from stac_rscbir.store.base import ItemStore, SearchQuery
 
 from .api_builders import StoreFactory, _collection, _item
+from .conftest import ROOT
 from .ingest_builders import OPTIONS, _scene
 from .stac_builders import raster_item
 
@@ -210,6 +216,8 @@ def test_every_served_link_resolves_and_thumbnails_are_pngs(
         assert thumb["type"] == "image/png" and "thumbnail" in thumb["roles"]
         png = pages[thumb["href"]]
         assert png.startswith(PNG_MAGIC)
+        assert Image.open(io.BytesIO(png)).size == (32, 32)  # the chip, not its scene
+    assert len({pages[c["assets"]["thumbnail"]["href"]] for c in chips}) == len(chips)
     # the scenes' files are served from the asset root: the bytes of the file itself
     scene = client.get("/collections/scenes/items/scene-a").json()
     href = scene["assets"]["image"]["href"]
@@ -338,3 +346,22 @@ def test_queryables_follow_writes(store_factory: StoreFactory) -> None:
     assert "platform" not in client.get("/queryables").json()["properties"]
     assert client.post("/collections/scenes/items", json=_item(1)).status_code == 201
     assert "platform" in client.get("/queryables").json()["properties"]
+
+
+# ------------------------------------------------------------------------------ landing page
+
+
+def test_the_landing_page_names_the_service_and_start_up_does_not_warn(tmp_path: Path) -> None:
+    from stac_rscbir.api.app import create_app
+
+    landing = TestClient(create_app(tmp_path / "stac.db")).get("/").json()
+    assert (landing["id"], landing["title"]) == ("stac-rscbir", "stac-rscbir")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    started = subprocess.run(
+        [sys.executable, "-c", "import stac_rscbir.api.app"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    assert "Using default values" not in started.stderr, started.stderr

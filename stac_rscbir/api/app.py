@@ -244,7 +244,12 @@ def create_api(
                 route_dependencies=guard,
             )
         )
-    client = StoreCoreClient(store=store, similarity=service, hrefs=hrefs)
+    client = StoreCoreClient(
+        store=store,
+        similarity=service,
+        hrefs=hrefs,
+        landing_page_id=settings.stac_fastapi_landing_id,
+    )
     api = StacApi(
         settings=settings,
         title=title,

@@ -13,16 +13,15 @@ point nowhere. The rule
   allowed ``asset_roots`` (symlinks resolved) is served by the API at
   ``/collections/{c}/items/{i}/assets/{key}``; any other asset is dropped. Nothing outside the
   roots is ever served: the file is found from the stored item, never from the request path.
-* a chip item gets a ``thumbnail`` asset: ``/collections/{c}/items/{i}/thumbnail``, a PNG of its
-  window of the scene (the scene's red, green and blue bands, stretched 2-98 %), rendered from
-  the scene's files under the asset roots (so only when roots are configured).
+* a chip item gets a ``thumbnail`` asset: ``/collections/{c}/items/{i}/thumbnail``, a PNG of the
+  scene's red, green and blue bands under the chip (one 2-98 % stretch), read from the scene's
+  files under the asset roots (so only when roots are configured) over the chip's bbox only.
 """
 
 from __future__ import annotations
 
-import functools
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -33,8 +32,6 @@ from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.responses import FileResponse, Response
 from stac_fastapi.types.extension import ApiExtension
 
-from stac_rscbir.extension.cbir import ChipWindow
-from stac_rscbir.extension.codec import CBIRFieldError
 from stac_rscbir.store.base import ItemStore, NotFoundError
 
 CHIP_SUFFIX = "-chips"  # stac_rscbir.data.chips.CHIP_SUFFIX (not imported: keeps rasterio out)
@@ -183,16 +180,16 @@ class Hrefs:
 
 
 def _stretch(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """(bands, H, W) to uint8 (H, W, bands), each band stretched from its 2nd to 98th percentile
-    of the valid pixels."""
-    out = np.zeros(data.shape, dtype=np.uint8)
-    for b, band in enumerate(data):
-        values = band[valid & np.isfinite(band)]
-        if values.size == 0:
-            continue
-        lo, hi = np.percentile(values, (2, 98))
-        scaled = (np.nan_to_num(band, nan=lo) - lo) / (hi - lo if hi > lo else 1.0)
-        out[b] = (np.clip(scaled, 0, 1) * 255).round().astype(np.uint8)
+    """(bands, H, W) to uint8 (H, W, bands), stretched from the 2nd to the 98th percentile of
+    the valid pixels of all bands together (one scale keeps the colours' balance); invalid
+    pixels are black."""
+    mask = valid & np.isfinite(data).all(axis=0)
+    values = data[:, mask]
+    if values.size == 0:
+        return np.zeros((*data.shape[1:], data.shape[0]), dtype=np.uint8)
+    lo, hi = np.percentile(values, (2, 98))
+    scaled = (np.nan_to_num(data, nan=lo) - lo) / (hi - lo if hi > lo else 1.0)
+    out = (np.clip(scaled, 0, 1) * 255).round().astype(np.uint8) * mask
     return np.moveaxis(out, 0, -1)
 
 
@@ -253,63 +250,49 @@ class AssetsExtension(ApiExtension):
         return FileResponse(path, media_type=media, filename=path.name)
 
     def thumbnail(self, collection_id: str, item_id: str) -> Response:
-        """A PNG of a chip: its window of the scene's red, green and blue bands."""
+        """A PNG of a chip: the scene's red, green and blue bands over the chip's footprint."""
         chip = self._item(collection_id, item_id)
         scene_key = chip_source(chip)
         if scene_key is None:
             raise HTTPException(404, f"item {item_id!r} is not a chip: it has no thumbnail")
-        try:
-            window = ChipWindow.from_dict(chip["properties"]["cbir:chip"])
-        except CBIRFieldError as exc:
-            raise HTTPException(404, f"item {item_id!r} has no usable chip window: {exc}") from exc
         scene = self._item(*scene_key)
         try:
-            data, valid = _scene_rgb(
-                scene_key, self.store.generation(), _freeze(scene), self.hrefs.asset_roots
-            )
+            data, valid = chip_rgb(chip, scene, self.hrefs)
         except Exception as exc:  # unreadable rasters, no RGB bands: the reader says which
             raise HTTPException(
                 404, f"the thumbnail of {item_id!r} cannot be rendered: {exc}"
             ) from exc
-        col_off, row_off, width, height = window.window
-        rows, cols = data.shape[-2:]
-        src_rows, src_cols = window.properties.get("source_shape") or (rows, cols)
-        fy, fx = rows / src_rows, cols / src_cols  # the window's grid to the read grid
-        r0, r1 = round(row_off * fy), round((row_off + height) * fy)
-        c0, c1 = round(col_off * fx), round((col_off + width) * fx)
-        if r1 > rows or c1 > cols or r1 - r0 < 1 or c1 - c0 < 1:
-            raise HTTPException(404, f"the window of {item_id!r} is not inside its scene")
-        tile = _stretch(data[:, r0:r1, c0:c1], valid[r0:r1, c0:c1])
-        return Response(png(tile), media_type="image/png")
+        return Response(png(_stretch(data, valid)), media_type="image/png")
 
 
-def _freeze(value: Any) -> Any:
-    """A hashable stand-in for JSON (for the scene cache key)."""
-    import json
-
-    return json.dumps(value, sort_keys=True)
-
-
-@functools.lru_cache(maxsize=4)
-def _scene_rgb(
-    key: tuple[str, str], generation: int, scene_json: str, roots: Sequence[Path]
+def chip_rgb(
+    chip: dict[str, Any], scene: dict[str, Any], hrefs: Hrefs
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The scene's red, green and blue bands and validity mask (cached: chips of one scene are
-    usually asked for together). Only files under ``roots`` are read."""
-    import json
-
+    """The scene's red, green and blue bands (and validity) under the chip: read over the
+    chip's bbox only, then cut to its grid (``proj:transform``, ``proj:shape``) when it has one.
+    Only the scene's files under ``hrefs``' roots are read: never another server file, never a
+    remote URL."""
     import pystac
+    from affine import Affine
 
     from stac_rscbir.data.profiles import PROFILES
     from stac_rscbir.data.reader import read_item
 
-    del key, generation  # part of the cache key only
-    scene = json.loads(scene_json)
-    hrefs = Hrefs(roots)
+    scene = dict(scene)
     assets = scene.get("assets") if isinstance(scene.get("assets"), dict) else {}
-    # only files under the roots are read: never another server file, never a remote URL
     scene["assets"] = {
         k: a for k, a in assets.items() if isinstance(a, dict) and hrefs.local_file(a.get("href"))
     }
-    pixels = read_item(pystac.Item.from_dict(scene), PROFILES["rgb"])
-    return np.asarray(pixels.data, dtype=np.float32), np.asarray(pixels.valid, dtype=bool)
+    pixels = read_item(pystac.Item.from_dict(scene), PROFILES["rgb"], bbox=tuple(chip["bbox"]))
+    data, valid = pixels.data, pixels.valid
+    props = chip["properties"]
+    grid, shape = props.get("proj:transform"), props.get("proj:shape")
+    if grid and shape:  # the chip's corners in pixels of the grid read
+        xs, ys = Affine(*grid[:6]) @ (np.array([0, shape[1]]), np.array([0, shape[0]]))
+        cols, rows = ~pixels.transform @ (xs, ys)
+        rows_max, cols_max = data.shape[-2:]
+        r0, r1 = (int(np.clip(round(v), 0, rows_max)) for v in sorted(rows))
+        c0, c1 = (int(np.clip(round(v), 0, cols_max)) for v in sorted(cols))
+        if r1 > r0 and c1 > c0:
+            data, valid = data[:, r0:r1, c0:c1], valid[r0:r1, c0:c1]
+    return data, valid
