@@ -158,6 +158,17 @@ def test_an_open_interval_and_extra_boxes_are_kept(store_factory: StoreFactory) 
     assert_extent_covers(store.get_collection("scenes"), all_items(store, "scenes"))
 
 
+def test_a_collection_without_an_extent_gets_one(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    coll = _collection()
+    del coll["extent"]
+    store.create_collection(coll)
+    store.create_item(_item(7))
+    extent = store.get_collection("scenes")["extent"]
+    assert extent["temporal"]["interval"] == [["2021-01-08T00:00:00Z", "2021-01-08T00:00:00Z"]]
+    assert_extent_covers(store.get_collection("scenes"), all_items(store, "scenes"))
+
+
 @pytest.fixture
 def ingested(
     store_factory: StoreFactory, checkpoint: Path, tmp_path: Path

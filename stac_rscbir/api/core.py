@@ -183,11 +183,11 @@ def _drop_path(d: dict[str, Any], parts: list[str]) -> None:
         _drop_path(d[parts[0]], parts[1:])
 
 
-def item_links(item: dict[str, Any], base_url: str, hrefs: Hrefs | None = None) -> dict[str, Any]:
+def item_links(item: dict[str, Any], base_url: str, hrefs: Hrefs) -> dict[str, Any]:
     """The item with the API's own links (self, parent, collection, root), and its other
     links and assets as ``hrefs`` serves them (only hrefs a client can follow)."""
     inferred = ItemLinks(item["collection"], base_url, item["id"]).create_links()
-    item = (hrefs or Hrefs()).item(item, base_url)
+    item = hrefs.item(item, base_url)
     item["links"] = inferred + item["links"]
     return item
 
