@@ -651,6 +651,13 @@ def serve(
             help="Transactions open to anyone who can reach the server (trusted networks only).",
         ),
     ] = False,
+    asset_root: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Folder whose files items' local assets may be served from (and chip "
+            "thumbnails rendered from); repeatable. Other local assets are not served."
+        ),
+    ] = None,
 ) -> None:
     """Serve the STAC API with similarity search over the SQLite store (--db) or pgstac (--dsn).
 
@@ -718,6 +725,7 @@ def serve(
         encode_with=encode_with,
         write_token=write_token if transactions else None,
         transactions=transactions,
+        asset_roots=asset_root or (),
     )
     uvicorn.run(api.app, host=host, port=port)
 

@@ -246,15 +246,14 @@ def contact_sheet(rows: list[tuple[str, list[tuple[str, np.ndarray, float]]]], p
 
 def _rgb(store: Any, chip: dict[str, Any], cache: dict[str, Any]) -> np.ndarray:
     """Display RGB of a chip item: its window of the source scene, stretched 2-98 %."""
+    from stac_rscbir.api.assets import chip_source
     from stac_rscbir.data.profiles import PROFILES
     from stac_rscbir.data.reader import read_item
 
-    scene_id = next(
-        link["href"].split("/")[-1].removesuffix(".json")
-        for link in chip["links"]
-        if link["rel"] == "derived_from"
-    )
-    collection = chip["collection"].removesuffix("-chips")
+    source = chip_source(chip)
+    if source is None:
+        raise ValueError(f"{chip['id']} is not a chip (no cbir:chip and derived_from link)")
+    collection, scene_id = source
     if scene_id not in cache:
         px = read_item(pystac.Item.from_dict(store.get_item(collection, scene_id)), PROFILES["rgb"])
         data = np.nan_to_num(px.data)
@@ -328,7 +327,10 @@ def run_demo(
             f"in {report.wall_seconds:.1f} s"
         )
 
-    server = BackgroundServer(create_api(store, workdir / "index", models).app, port).start()
+    # the scenes' files are served (and chip thumbnails rendered) from their folders only
+    roots = sorted({Path(a.href).parent for i in items for a in i.assets.values()})
+    api = create_api(store, workdir / "index", models, asset_roots=roots)
+    server = BackgroundServer(api.app, port).start()
     url = server.url
     console.print(f"[bold]4. serving[/] STAC API with similarity search at {url}")
 

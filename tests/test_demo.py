@@ -75,6 +75,29 @@ def test_demo_runs_end_to_end_on_real_scenes(tmp_path: Path) -> None:
     assert all(i in in_range for i, _ in dated)  # the datetime filter
     assert dated == _brute_force(rgbn, first, in_range)
     assert results["contact_sheet"].stat().st_size > 50_000
+    _catalog_truth(tmp_path / "demo")
+
+
+def _catalog_truth(workdir: Path) -> None:
+    """The demo's collections cover their items, and served again (the scenes' files under the
+    shared folder their links resolve to) every link and asset href resolves, thumbnails are
+    PNGs."""
+    from fastapi.testclient import TestClient
+
+    from stac_rscbir.api.app import create_api
+
+    from .test_catalog_truth import PNG_MAGIC, all_items, assert_extent_covers, walk
+
+    store = SQLiteStore(workdir / "archive.db")
+    try:
+        for collection in store.all_collections():
+            assert_extent_covers(collection, all_items(store, collection["id"]))
+        api = create_api(store, workdir / "index", asset_roots=[SHARED])
+        pages = walk(TestClient(api.app), limit=250)
+    finally:
+        store.close()
+    pngs = [v for v in pages.values() if isinstance(v, bytes) and v.startswith(PNG_MAGIC)]
+    assert pngs, "no chip thumbnail was reached"
 
 
 def _chips(store: SQLiteStore, collection: str) -> dict[str, dict[str, Any]]:

@@ -10,7 +10,7 @@ stricter: without ``--write-token`` or ``--allow-anonymous-writes`` it serves re
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,12 +33,13 @@ from stac_fastapi.extensions import (
     TokenPaginationExtension,
     TransactionExtension,
 )
-from stac_fastapi.extensions.filter.client import BaseFiltersClient
 from stac_fastapi.types.config import ApiSettings
 from stac_fastapi.types.search import BaseSearchPostRequest
 
 from stac_rscbir import __version__
+from stac_rscbir.api.assets import AssetsExtension, Hrefs
 from stac_rscbir.api.core import StoreCoreClient, StoreTransactionsClient
+from stac_rscbir.api.queryables import StoreFiltersClient
 from stac_rscbir.api.similarity import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
@@ -172,6 +173,7 @@ def create_api(
     max_image_bytes: int = MAX_IMAGE_BYTES,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
     max_body_bytes: int = MAX_BODY_BYTES,
+    asset_roots: Sequence[Path] = (),
 ) -> StacApi:
     """A STAC API over ``store`` whose /search also ranks by similarity (hash codes).
 
@@ -188,6 +190,11 @@ def create_api(
     Limits (400/413 beyond them): ``max_k`` on ``similarity.k``, ``max_image_bytes`` and
     ``max_image_pixels`` (width x height x bands, from the header, before reading pixels) on an
     uploaded query image, ``max_body_bytes`` on any request body.
+
+    Served items and collections only carry hrefs a client can follow
+    (:mod:`stac_rscbir.api.assets`): local asset files under ``asset_roots`` are served by the
+    API (and chip thumbnails rendered from them), other local assets and relative links are
+    left out.
     """
     settings = ApiSettings(
         enable_response_models=False,
@@ -217,8 +224,9 @@ def create_api(
         )
         hooks.append(encode_queue.submit)
     similarity = SimilarityExtension(service=service)
+    hrefs = Hrefs(asset_roots)
     search_extensions = [
-        FilterExtension(client=BaseFiltersClient()),
+        FilterExtension(client=StoreFiltersClient(store=store)),
         SortExtension(),
         FieldsExtension(),
         TokenPaginationExtension(),
@@ -230,19 +238,28 @@ def create_api(
         write_extensions.append(
             TransactionExtension(
                 client=StoreTransactionsClient(
-                    store=store, on_item=hooks, write_scope=service.writing
+                    store=store, on_item=hooks, write_scope=service.writing, hrefs=hrefs
                 ),
                 settings=settings,
                 route_dependencies=guard,
             )
         )
-    client = StoreCoreClient(store=store, similarity=service)
+    client = StoreCoreClient(
+        store=store,
+        similarity=service,
+        hrefs=hrefs,
+        landing_page_id=settings.stac_fastapi_landing_id,
+    )
     api = StacApi(
         settings=settings,
         title=title,
         description="STAC API with query-by-example over deep hash codes (cbir extension)",
         client=client,
-        extensions=[*search_extensions, *write_extensions],
+        extensions=[
+            *search_extensions,
+            *write_extensions,
+            AssetsExtension(store=store, hrefs=hrefs),
+        ],
         search_get_request_model=create_get_request_model(search_extensions),
         search_post_request_model=create_post_request_model(
             search_extensions, base_model=SearchPostBody

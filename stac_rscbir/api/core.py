@@ -19,9 +19,10 @@ from fastapi import HTTPException, Request
 from stac_fastapi.extensions.transaction.client import BaseTransactionsClient
 from stac_fastapi.types.core import BaseCoreClient
 from stac_fastapi.types.errors import NotFoundError as ApiNotFoundError
-from stac_fastapi.types.links import CollectionLinks, ItemLinks, resolve_links
+from stac_fastapi.types.links import CollectionLinks, ItemLinks
 from stac_fastapi.types.requests import get_base_url
 
+from stac_rscbir.api.assets import Hrefs
 from stac_rscbir.store.base import (
     ConflictError,
     InvalidQueryError,
@@ -183,10 +184,12 @@ def _drop_path(d: dict[str, Any], parts: list[str]) -> None:
         _drop_path(d[parts[0]], parts[1:])
 
 
-def item_links(item: dict[str, Any], base_url: str) -> dict[str, Any]:
-    """The item with the API's own links (self, parent, collection, root) and its others."""
+def item_links(item: dict[str, Any], base_url: str, hrefs: Hrefs) -> dict[str, Any]:
+    """The item with the API's own links (self, parent, collection, root), and its other
+    links and assets as ``hrefs`` serves them (only hrefs a client can follow)."""
     inferred = ItemLinks(item["collection"], base_url, item["id"]).create_links()
-    item["links"] = inferred + resolve_links(item.get("links", []), base_url)
+    item = hrefs.item(item, base_url)
+    item["links"] = inferred + item["links"]
     return item
 
 
@@ -196,6 +199,7 @@ class StoreCoreClient(BaseCoreClient):
 
     store: ItemStore = attr.ib(kw_only=True)
     similarity: Any = attr.ib(default=None, kw_only=True)  # the similarity service, if any
+    hrefs: Hrefs = attr.ib(factory=Hrefs, kw_only=True)  # which stored links/assets are served
 
     @store_errors
     def all_collections(self, request: Request, **kwargs: Any) -> dict[str, Any]:
@@ -220,7 +224,8 @@ class StoreCoreClient(BaseCoreClient):
         }
         for link in inferred:  # best practice (stac-check): every collection link has a title
             link.setdefault("title", titles.get(link["rel"], link["rel"]))
-        collection["links"] = inferred + resolve_links(collection.get("links", []), base)
+        collection = self.hrefs.collection(collection, base)
+        collection["links"] = inferred + collection["links"]
         return collection
 
     @store_errors
@@ -229,7 +234,8 @@ class StoreCoreClient(BaseCoreClient):
 
     @store_errors
     def get_item(self, item_id: str, collection_id: str, request: Request, **kwargs: Any) -> dict:
-        return item_links(self.store.get_item(collection_id, item_id), get_base_url(request))
+        item = self.store.get_item(collection_id, item_id)
+        return item_links(item, get_base_url(request), self.hrefs)
 
     @store_errors
     def item_collection(
@@ -279,7 +285,7 @@ class StoreCoreClient(BaseCoreClient):
     ) -> dict[str, Any]:
         """An ItemCollection with self/root and, when there is more, a next link."""
         base = get_base_url(request)
-        features = [apply_fields(item_links(i, base), fields) for i in page.items]
+        features = [apply_fields(item_links(i, base, self.hrefs), fields) for i in page.items]
         url = str(request.url).split("?")[0]
         links: list[dict[str, Any]] = [
             {"rel": "root", "type": "application/json", "href": base},
@@ -335,12 +341,15 @@ class StoreTransactionsClient(BaseTransactionsClient):
     write_scope: Callable[[], AbstractContextManager[Any]] = attr.ib(
         default=nullcontext, kw_only=True
     )
+    hrefs: Hrefs = attr.ib(factory=Hrefs, kw_only=True)  # the serving rule, undone on writes
 
     def _notify(self, collection_id: str, item: dict[str, Any] | None, item_id: str) -> None:
         for hook in self.on_item:
             hook(collection_id, item, item_id)
 
-    def _items(self, collection_id: str, item: Any) -> list[dict[str, Any]]:
+    def _items(
+        self, collection_id: str, item: Any, request: Request | None
+    ) -> list[dict[str, Any]]:
         data = _body(item, "a STAC Item or an ItemCollection")
         items = data["features"] if data.get("type") == "FeatureCollection" else [data]
         declared: dict[str, Any] = {}  # the collection's cbir:models, read once
@@ -353,11 +362,19 @@ class StoreTransactionsClient(BaseTransactionsClient):
                 )
             i["collection"] = collection_id
             check_item_codes(self.store, i, declared)
+            if request is not None:  # an item read from this API keeps its stored hrefs
+                self.hrefs.taken_back(i, get_base_url(request), functools.partial(self._stored, i))
         return items
+
+    def _stored(self, item: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self.store.get_item(str(item["collection"]), str(item.get("id")))
+        except NotFoundError:
+            return None
 
     @store_errors
     def create_item(self, collection_id: str, item: Any, **kwargs: Any) -> dict | None:
-        items = self._items(collection_id, item)
+        items = self._items(collection_id, item, kwargs.get("request"))
         with self.write_scope():
             if len(items) == 1:
                 self.store.create_item(items[0])
@@ -369,7 +386,7 @@ class StoreTransactionsClient(BaseTransactionsClient):
 
     @store_errors
     def update_item(self, collection_id: str, item_id: str, item: Any, **kwargs: Any) -> dict:
-        (data,) = self._items(collection_id, item)
+        (data,) = self._items(collection_id, item, kwargs.get("request"))
         if data.get("id", item_id) != item_id:
             raise HTTPException(400, f"item id {data['id']!r} differs from the path's {item_id!r}")
         with self.write_scope():

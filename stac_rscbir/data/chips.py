@@ -23,8 +23,9 @@ Conventions:
 * A chip Item (:func:`chip_item`) has id ``<scene>-chip-r<row_off>-c<col_off>``, the chip's
   WGS84 footprint, the scene's datetime and common metadata, ``proj:`` fields of the chip grid,
   ``cbir:chip`` with its window, a ``derived_from`` link to the scene and no assets of its own:
-  its pixels are read from the scene through the window. Chip Items live in the collection
-  ``<scene collection>-chips`` (:func:`chip_collection`).
+  its pixels are read from the scene through the window (the API serves the link as its URL of
+  the scene and adds a rendered ``thumbnail`` asset: :mod:`stac_rscbir.api.assets`). Chip Items
+  live in the collection ``<scene collection>-chips`` (:func:`chip_collection`).
 """
 
 from __future__ import annotations

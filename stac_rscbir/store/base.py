@@ -89,6 +89,10 @@ class ItemStore(Protocol):
     ) -> list[ItemKey]: ...  # keys matching the query's filters (all matches when keys is None)
     def get_items(self, keys: Sequence[ItemKey]) -> list[dict[str, Any]]: ...  # in keys order
 
+    def property_types(
+        self, collection_id: str | None = None
+    ) -> dict[str, set[str]]: ...  # property -> JSON types its items hold (for /queryables)
+
     # codes, for the hash index
     def iter_codes(self, model: str, version: str | None = None) -> Iterator[StoredCode]: ...
     def generation(

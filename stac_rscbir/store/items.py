@@ -28,16 +28,19 @@ from stac_rscbir.extension.codec import CBIRFieldError
 from stac_rscbir.store.base import InvalidQueryError
 
 __all__ = [
+    "Coverage",
     "Geom",
     "InvalidItemError",
     "PreparedItem",
     "collection_json",
+    "coverage",
     "geometries",
     "geometry",
     "parse_bbox",
     "parse_datetime_query",
     "parse_filter",
     "parse_rfc3339",
+    "widen_extent",
 ]
 
 
@@ -331,3 +334,81 @@ class PreparedItem:
             parse_bbox(bbox)  # type: ignore[arg-type]
         except InvalidQueryError as exc:
             raise InvalidItemError(self.id, "bbox", str(exc).split(": ", 1)[-1]) from exc
+
+
+# ((minx, miny, maxx, maxy), start, end): what items span, times as sortable UTC text
+Coverage = tuple[tuple[float, float, float, float], str, str]
+
+
+def coverage(items: Sequence[PreparedItem]) -> Coverage:
+    """What ``items`` (one or more) span: the union of their geometries' bounds and their
+    time range."""
+    bounds = (
+        min(p.rtree[0] for p in items),
+        min(p.rtree[2] for p in items),
+        max(p.rtree[1] for p in items),
+        max(p.rtree[3] for p in items),
+    )
+    return bounds, min(p.start for p in items), max(p.end for p in items)
+
+
+def _rfc3339(sortable: str) -> str:
+    """RFC 3339 text of a sortable UTC time, without a zero fraction."""
+    return sortable.removesuffix(".000000Z").removesuffix("Z") + "Z"
+
+
+def _time(value: object) -> str | None:
+    """Sortable UTC text of an extent end (None: open, or not a time and so replaced)."""
+    try:
+        return _dt_text(parse_rfc3339(value, "interval"))
+    except ValueError:
+        return None
+
+
+def widen_extent(collection: dict[str, Any], cover: Coverage) -> dict[str, Any] | None:
+    """``collection`` with its overall extent (the first bbox and the first interval) grown to
+    cover ``cover``; None when it already does.
+
+    The rule every store applies in the transaction of each item write, so a collection's
+    extent always covers its items (it never shrinks: deleting items leaves it as wide). An
+    open (null) end of the interval already covers everything on its side; an extent that is
+    missing or malformed is replaced by one covering ``cover``.
+    """
+    (minx, miny, maxx, maxy), start, end = cover
+    extent = collection.get("extent")
+    spatial = extent.get("spatial") if isinstance(extent, dict) else None
+    temporal = extent.get("temporal") if isinstance(extent, dict) else None
+    boxes = spatial.get("bbox") if isinstance(spatial, dict) else None
+    intervals = temporal.get("interval") if isinstance(temporal, dict) else None
+    box = list(boxes[0]) if isinstance(boxes, list) and boxes else None
+    try:
+        x0, y0, x1, y1 = parse_bbox(box)  # type: ignore[arg-type]
+    except InvalidQueryError:
+        x0, y0, x1, y1, box = minx, miny, maxx, maxy, None
+    new_box = [min(x0, minx), min(y0, miny), max(x1, maxx), max(y1, maxy)]
+    if box is not None and len(box) == 6:  # keep the elevations
+        new_box = [*new_box[:2], box[2], *new_box[2:], box[5]]
+    first = intervals[0] if isinstance(intervals, list) and intervals else None
+    rest = intervals[1:] if isinstance(first, list) and len(first) == 2 else []
+    if not (isinstance(first, list) and len(first) == 2):
+        first = [_rfc3339(start), _rfc3339(end)]
+    lo, hi = (None if t is None else _time(t) for t in first)
+    new_first = [
+        None if first[0] is None else _rfc3339(min(lo or start, start)),
+        None if first[1] is None else _rfc3339(max(hi or end, end)),
+    ]
+    if new_box == box and new_first == first:
+        return None
+    out = dict(collection)
+    out["extent"] = {
+        **(extent if isinstance(extent, dict) else {}),
+        "spatial": {
+            **(spatial if isinstance(spatial, dict) else {}),
+            "bbox": [new_box, *(boxes[1:] if box is not None else [])],
+        },
+        "temporal": {
+            **(temporal if isinstance(temporal, dict) else {}),
+            "interval": [new_first, *rest],
+        },
+    }
+    return out

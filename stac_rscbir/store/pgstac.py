@@ -39,6 +39,7 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC
 from typing import Any
 
 import psycopg
@@ -58,13 +59,16 @@ from stac_rscbir.store.base import (
     StoreError,
 )
 from stac_rscbir.store.items import (
+    Coverage,
     InvalidItemError,
     PreparedItem,
     collection_json,
+    coverage,
     geometries,
     parse_bbox,
     parse_datetime_query,
     parse_filter,
+    widen_extent,
 )
 
 __all__ = ["PgstacStore", "PgstacStoreError", "install_generation"]
@@ -272,6 +276,24 @@ class PgstacStore:
         ).fetchone()
         return row is not None
 
+    @staticmethod
+    def _widen(conn: psycopg.Connection[Any], items: Sequence[PreparedItem]) -> None:
+        """Grow the extents of the items' collections to cover them (:func:`widen_extent`), in
+        the write's transaction (the row lock orders concurrent writers)."""
+        for cid in dict.fromkeys(p.collection for p in items):
+            PgstacStore._widen_to(conn, cid, coverage([p for p in items if p.collection == cid]))
+
+    @staticmethod
+    def _widen_to(conn: psycopg.Connection[Any], collection_id: str, cover: Coverage) -> None:
+        row = conn.execute(
+            "SELECT content FROM pgstac.collections WHERE id = %s FOR UPDATE", (collection_id,)
+        ).fetchone()
+        widened = widen_extent(row[0], cover) if row else None
+        if widened is not None:
+            conn.execute(
+                "SELECT pgstac.update_collection(%s::jsonb)", (collection_json(widened)[1],)
+            )
+
     # -- collections ----------------------------------------------------------------------
 
     def create_collection(self, collection: dict[str, Any]) -> None:
@@ -282,10 +304,20 @@ class PgstacStore:
             conn.execute("SELECT pgstac.create_collection(%s::jsonb)", (content,))
 
     def update_collection(self, collection: dict[str, Any]) -> None:
+        """Replace the collection; its extent is widened to cover the items it holds."""
         cid, content = collection_json(collection)
         with self._write() as conn:
             self._require_collections(conn, [cid])
             conn.execute("SELECT pgstac.update_collection(%s::jsonb)", (content,))
+            row = conn.execute(
+                "SELECT st_xmin(e), st_ymin(e), st_xmax(e), st_ymax(e), lo, hi FROM ("
+                "SELECT st_extent(geometry) AS e, min(datetime) AS lo, max(end_datetime) AS hi "
+                "FROM pgstac.items WHERE collection = %s) AS a",
+                (cid,),
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                times = [t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ") for t in row[4:]]
+                self._widen_to(conn, cid, (tuple(row[:4]), times[0], times[1]))
 
     def delete_collection(self, collection_id: str) -> None:
         """Delete the collection and all its items."""
@@ -318,6 +350,7 @@ class PgstacStore:
             if self._exists(conn, p.collection, p.id):
                 raise ConflictError(f"item {p.id!r} already exists in collection {p.collection!r}")
             conn.execute("SELECT pgstac.create_item(%s::jsonb)", (p.content,))
+            self._widen(conn, [p])
 
     def update_item(self, item: dict[str, Any]) -> None:
         """Replace an existing item (NotFoundError if it does not exist)."""
@@ -327,6 +360,7 @@ class PgstacStore:
             if not self._exists(conn, p.collection, p.id):
                 raise NotFoundError(f"item {p.id!r} not found in collection {p.collection!r}")
             conn.execute("SELECT pgstac.update_item(%s::jsonb)", (p.content,))
+            self._widen(conn, [p])
 
     def upsert_items(self, items: Sequence[dict[str, Any]]) -> None:
         """Create or replace all ``items`` in one transaction (all or nothing).
@@ -354,6 +388,7 @@ class PgstacStore:
                 "SELECT pgstac.upsert_items(%s::jsonb)",
                 (_json_array([p.content for p in prepared.values()]),),
             )
+            self._widen(conn, list(prepared.values()))
 
     def delete_item(self, collection_id: str, item_id: str) -> None:
         with self._write() as conn:
@@ -485,6 +520,25 @@ class PgstacStore:
             except psycopg.Error as exc:
                 raise _query_error(exc) from exc
         return [(r[0], r[1]) for r in rows]
+
+    def property_types(self, collection_id: str | None = None) -> dict[str, set[str]]:
+        """Each property name of the items (of ``collection_id``, or of all) -> the JSON types
+        (``string``, ``integer``, ``number``, ``boolean``, ``array``, ``object``, ``null``) of its
+        values. Scans the items (their own properties: never dehydrated)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT p.key, CASE WHEN jsonb_typeof(p.value) = 'number' "
+                "AND p.value::text ~ '^-?[0-9]+$' THEN 'integer' "  # as JSON wrote it
+                "ELSE jsonb_typeof(p.value) END "
+                "FROM pgstac.items i, jsonb_each(i.content->'properties') AS p(key, value) "
+                "WHERE jsonb_typeof(i.content->'properties') = 'object' "
+                "AND (%(c)s::text IS NULL OR i.collection = %(c)s) GROUP BY 1, 2",
+                {"c": collection_id},
+            ).fetchall()
+        out: dict[str, set[str]] = {}
+        for key, kind in rows:
+            out.setdefault(key, set()).add(kind)
+        return out
 
     # -- codes ---------------------------------------------------------------------------
 

@@ -65,14 +65,17 @@ from stac_rscbir.store.base import (
     StoreError,
 )
 from stac_rscbir.store.items import (
+    Coverage,
     InvalidItemError,
     PreparedItem,
     collection_json,
+    coverage,
     geometries,
     geometry,
     parse_bbox,
     parse_datetime_query,
     parse_filter,
+    widen_extent,
 )
 
 __all__ = ["InvalidItemError", "SQLiteStore", "StoreDatabaseError"]
@@ -486,11 +489,20 @@ class SQLiteStore:
             conn.execute("INSERT INTO collections (id, content) VALUES (?, ?)", (cid, content))
 
     def update_collection(self, collection: dict[str, Any]) -> None:
+        """Replace the collection; its extent is widened to cover the items it holds."""
         cid, content = collection_json(collection)
         with self._write() as conn:
             cur = conn.execute("UPDATE collections SET content = ? WHERE id = ?", (content, cid))
             if cur.rowcount == 0:
                 raise NotFoundError(f"collection {cid!r} not found")
+            row = conn.execute(
+                "SELECT min(r.minx), min(r.miny), max(r.maxx), max(r.maxy), "
+                "min(items.start_dt), max(items.end_dt) "
+                "FROM items JOIN items_rtree AS r ON r.id = items.rowid WHERE items.collection = ?",
+                (cid,),
+            ).fetchone()
+            if row is not None and row[0] is not None:
+                self._widen(conn, cid, (tuple(row[:4]), row[4], row[5]))
 
     def delete_collection(self, collection_id: str) -> None:
         """Delete the collection and all its items (and their codes)."""
@@ -525,9 +537,25 @@ class SQLiteStore:
                 raise NotFoundError(f"collection {cid!r} not found")
 
     @staticmethod
-    def _store(conn: sqlite3.Connection, items: Sequence[PreparedItem]) -> None:
-        """Insert or replace the rows of ``items`` (the rowid of an existing item is kept)."""
+    def _widen(conn: sqlite3.Connection, collection_id: str, cover: Coverage) -> None:
+        """Grow the collection's extent to ``cover`` (:func:`widen_extent`), in this transaction."""
+        row = conn.execute(
+            "SELECT content FROM collections WHERE id = ?", (collection_id,)
+        ).fetchone()
+        widened = widen_extent(json.loads(row[0]), cover) if row else None
+        if widened is not None:
+            conn.execute(
+                "UPDATE collections SET content = ? WHERE id = ?",
+                (collection_json(widened)[1], collection_id),
+            )
+
+    @classmethod
+    def _store(cls, conn: sqlite3.Connection, items: Sequence[PreparedItem]) -> None:
+        """Insert or replace the rows of ``items`` (the rowid of an existing item is kept) and
+        widen their collections' extents to cover them."""
         items = list({(p.collection, p.id): p for p in items}.values())  # the last one wins
+        for cid in dict.fromkeys(p.collection for p in items):
+            cls._widen(conn, cid, coverage([p for p in items if p.collection == cid]))
         conn.executemany(
             "INSERT INTO items (collection, id, dt, start_dt, end_dt, geom, content) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (collection, id) DO UPDATE SET "
@@ -716,6 +744,21 @@ class SQLiteStore:
         geoms = [r[gi] for r in rows] if gi is not None else [b""] * len(rows)
         mask = plan.keep(geoms, [r[ci] for r in rows] if ci is not None else None)
         return [(rows[i][0], rows[i][1]) for i in np.flatnonzero(mask)]
+
+    def property_types(self, collection_id: str | None = None) -> dict[str, set[str]]:
+        """Each property name of the items (of ``collection_id``, or of all) -> the JSON types
+        (``string``, ``integer``, ``number``, ``boolean``, ``array``, ``object``, ``null``) of its
+        values. Scans the items."""
+        rows = self._read(
+            "SELECT p.key, p.type FROM items, json_each(items.content, '$.properties') AS p "
+            "WHERE ? IS NULL OR items.collection = ? GROUP BY p.key, p.type",
+            (collection_id, collection_id),
+        )
+        names = {"text": "string", "real": "number", "true": "boolean", "false": "boolean"}
+        out: dict[str, set[str]] = {}
+        for key, kind in rows:
+            out.setdefault(key, set()).add(names.get(kind, kind))
+        return out
 
     # -- codes ---------------------------------------------------------------------------
 
