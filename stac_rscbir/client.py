@@ -17,12 +17,16 @@ work as for any search::
 from __future__ import annotations
 
 import base64
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pystac
 from pystac_client import Client, ItemSearch
+
+from stac_rscbir.extension.cbir import DEFAULT_K
 
 DISTANCE = "cbir:distance"
 
@@ -42,17 +46,22 @@ def search_similar(
     item: tuple[str, str] | pystac.Item | None = None,
     code: str | None = None,
     descriptor: str | None = None,
-    image: bytes | Path | None = None,
+    image: bytes | str | os.PathLike[str] | np.ndarray | None = None,
     model: str | None = None,
-    k: int = 10,
+    k: int = DEFAULT_K,
     max_distance: int | None = None,
     rerank: bool = False,
     relevant: Iterable[tuple[str, str] | pystac.Item] | None = None,
     not_relevant: Iterable[tuple[str, str] | pystac.Item] | None = None,
     **search: Any,
 ) -> SimilaritySearch:
-    """Items like the example (an item or ``(collection, id)``, a code, a descriptor, or image
-    bytes / a PNG or GeoTIFF file), ranked by Hamming distance, with any search filters.
+    """Items like the example (an item or ``(collection, id)``, a code, a descriptor, or an
+    image), ranked by Hamming distance, with any search filters.
+
+    ``image``: a PNG or GeoTIFF file (a path, as ``str`` or ``Path``), its content (``bytes``),
+    or pixels (a numpy array, ``(bands, height, width)`` or ``(height, width)``, sent as a
+    GeoTIFF of its dtype); the server encodes it with ``model``. ``k`` (the length of the
+    ranked list, the server's default when not given) also caps the items the search yields.
 
     ``relevant`` / ``not_relevant``: relevance feedback, items (or ``(collection, id)``) the
     user judged; the server refines the query descriptor with them (Rocchio) and ranks by the
@@ -77,8 +86,7 @@ def search_similar(
     if descriptor is not None:
         similarity["descriptor"] = descriptor
     if image is not None:
-        raw = Path(image).read_bytes() if isinstance(image, Path) else image
-        similarity["image"] = base64.b64encode(raw).decode()
+        similarity["image"] = base64.b64encode(_image_bytes(image)).decode()
     search.setdefault("limit", min(k, 100))
     search.setdefault("max_items", k)
     return SimilaritySearch(
@@ -87,6 +95,33 @@ def search_similar(
         stac_io=client._stac_io,
         client=client,
         **search,
+    )
+
+
+def _image_bytes(image: bytes | str | os.PathLike[str] | np.ndarray) -> bytes:
+    """The file content of a query image given as bytes, a path or a pixel array."""
+    if isinstance(image, bytes):
+        return image
+    if isinstance(image, np.ndarray):
+        from rasterio.io import MemoryFile
+
+        pixels = image[None] if image.ndim == 2 else image
+        if pixels.ndim != 3:
+            raise ValueError(
+                f"image: a pixel array must be (bands, height, width) or (height, width), "
+                f"got shape {image.shape}"
+            )
+        count, height, width = pixels.shape
+        with MemoryFile() as mem:
+            with mem.open(
+                driver="GTiff", width=width, height=height, count=count, dtype=pixels.dtype
+            ) as dst:
+                dst.write(pixels)
+            return bytes(mem.read())
+    if isinstance(image, (str, os.PathLike)):
+        return Path(image).read_bytes()
+    raise TypeError(
+        f"image must be a file path, bytes or a numpy array, not {type(image).__name__}"
     )
 
 

@@ -115,6 +115,7 @@ def test_feedback_moves_the_relevant_cluster_up(fb_client: TestClient) -> None:
         params={
             "model": MODEL,
             "k": 11,
+            "limit": 11,  # /similar pages like /search (10 items a page by default)
             "relevant": "scenes/item-000,scenes/item-001",
             "not_relevant": "scenes/item-010,scenes/item-011",
         },

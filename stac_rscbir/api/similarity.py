@@ -2,34 +2,41 @@
 
 Filters (bbox, intersects, datetime, collections, ids, CQL2) make the candidate set in the
 store; the model's hash index ranks the candidates by Hamming distance (ties by collection and
-id), optionally re-ranked by float descriptor; pages slice that ranked list, so paging is
-stable. Each returned item carries ``cbir:distance``; the response says whether the ranking was
-exact. The index is derived data: opened or rebuilt from the store, kept in step with every
-transaction, rebuilt when the store moved on behind its back (another process wrote to it).
+id), optionally re-ranked by float descriptor; pages slice that ranked list, the list of the
+first page even when the store changes between pages (paging tokens name the first page's
+store generation). Each returned item carries ``cbir:distance`` (and ``cbir:score`` when the
+order follows the descriptors); the response says whether the ranking was exact and which
+order applies. POST, GET /search and /similar take the same fields. The index is derived
+data: opened or rebuilt from the store, kept in step with every transaction, rebuilt when the
+store moved on behind its back (another process wrote to it).
 """
 
 import base64
 import hashlib
 import json
 import logging
+import math
+import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import attr
 import numpy as np
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from stac_fastapi.api.models import ItemUri
 from stac_fastapi.api.routes import create_async_endpoint
 from stac_fastapi.types.extension import ApiExtension
-from stac_fastapi.types.search import APIRequest
+from stac_fastapi.types.search import APIRequest, Limit
 
 from stac_rscbir.api.core import store_errors
-from stac_rscbir.extension.cbir import HashCode
+from stac_rscbir.extension.cbir import DEFAULT_K, HashCode
 from stac_rscbir.extension.codec import CBIRFieldError, decode_code, decode_descriptor
 from stac_rscbir.index.feedback import ALPHA, BETA, GAMMA, rocchio
 from stac_rscbir.index.hashindex import HashIndex, open_or_rebuild
@@ -45,6 +52,8 @@ MAX_IMAGE_PIXELS = 50_000_000  # default cap on width * height * bands of an upl
 IMAGE_DRIVERS = ["PNG", "GTiff"]  # the formats an uploaded image may have (no VRT & co.)
 MAX_FEEDBACK = 1000  # most items in each of feedback.relevant / feedback.not_relevant
 FEEDBACK_POOL = 100  # feedback re-ranks the top max(4 k, FEEDBACK_POOL) Hamming candidates
+_HEX = re.compile(r"[0-9a-fA-F]+")
+PAGING_CACHE_HITS = 200_000  # default cap on the hits of the ranked lists kept for paging
 
 
 class ItemRef(BaseModel):
@@ -98,13 +107,13 @@ class SimilarityQuery(BaseModel):
         "scale/offset tags are applied; the image is resized (bilinear) to the model's input "
         "size. An 8-bit rendering is not stretched back to reflectance: send the chip's values.",
     )
-    k: int = Field(
-        100,
+    k: StrictInt = Field(  # strict: `true` or `2.0` is a 400 naming the field, not k=1 or 2
+        DEFAULT_K,
         ge=1,
         description=f"Length of the ranked list to page through (at most the server's max_k, "
         f"{MAX_K} by default).",
     )
-    max_distance: int | None = Field(None, ge=0, description="Hamming radius.")
+    max_distance: StrictInt | None = Field(None, ge=0, description="Hamming radius.")
     rerank: bool = Field(False, description="Re-rank the Hamming candidates by descriptor.")
     feedback: FeedbackQuery | None = Field(
         None,
@@ -138,30 +147,58 @@ NotRelevantParam = Annotated[
     str | None,
     Query(description="Feedback: items judged not relevant, comma list of `<collection>/<id>`."),
 ]
+AlphaParam = Annotated[float | None, Query(description=f"Feedback: query weight ({ALPHA}).")]
+BetaParam = Annotated[float | None, Query(description=f"Feedback: relevant weight ({BETA}).")]
+GammaParam = Annotated[float | None, Query(description=f"Feedback: not relevant weight ({GAMMA}).")]
+KParam = Annotated[int | None, Query(ge=1, description=f"List length (default {DEFAULT_K}).")]
+MaxDistanceParam = Annotated[int | None, Query(ge=0, description="Hamming radius.")]
+
+# fields of the similarity object that GET takes as flat parameters (`similarity_<field>` on
+# /search, `<field>` on /similar); the image query is POST only (too large for a URL)
+_FLAT_FIELDS = (
+    "model",
+    "code",
+    "encoding",
+    "bit_order",
+    "descriptor",
+    "k",
+    "max_distance",
+    "rerank",
+)
+_FLAT_WEIGHTS = ("alpha", "beta", "gamma")  # of similarity.feedback
 
 
 @attr.s
 class SimilarityGetRequest(APIRequest):
-    """Merged into GET /search: the similarity object as flat query parameters."""
+    """Merged into GET /search: the similarity object as flat query parameters (all of its
+    fields but ``image``, which is too large for a URL: POST it)."""
 
     similarity_item: Annotated[
         str | None, Query(description="Query item as `<collection>/<item id>`.")
     ] = attr.ib(default=None)
-    similarity_code: Annotated[str | None, Query(description="Query code, base64.")] = attr.ib(
-        default=None
-    )
+    similarity_code: Annotated[
+        str | None, Query(description="Query code (packed bits, see similarity_encoding).")
+    ] = attr.ib(default=None)
+    similarity_encoding: Annotated[
+        Literal["base64", "hex"] | None, Query(description="Encoding of the code (base64).")
+    ] = attr.ib(default=None)
+    similarity_bit_order: Annotated[
+        Literal["big", "little"] | None, Query(description="Bit order of the code (big).")
+    ] = attr.ib(default=None)
+    similarity_descriptor: Annotated[
+        str | None, Query(description="Query descriptor: float32 little-endian, base64.")
+    ] = attr.ib(default=None)
     similarity_model: Annotated[str | None, Query(description="Model id.")] = attr.ib(default=None)
-    similarity_k: Annotated[int | None, Query(ge=1, description="List length.")] = attr.ib(
-        default=None
-    )
-    similarity_max_distance: Annotated[int | None, Query(ge=0, description="Hamming radius.")] = (
-        attr.ib(default=None)
-    )
+    similarity_k: KParam = attr.ib(default=None)
+    similarity_max_distance: MaxDistanceParam = attr.ib(default=None)
     similarity_rerank: Annotated[bool | None, Query(description="Re-rank by descriptor.")] = (
         attr.ib(default=None)
     )
     similarity_relevant: RelevantParam = attr.ib(default=None)
     similarity_not_relevant: NotRelevantParam = attr.ib(default=None)
+    similarity_alpha: AlphaParam = attr.ib(default=None)
+    similarity_beta: BetaParam = attr.ib(default=None)
+    similarity_gamma: GammaParam = attr.ib(default=None)
 
 
 @attr.s
@@ -169,10 +206,8 @@ class SimilarItemsRequest(ItemUri):
     """GET /collections/{collection_id}/items/{item_id}/similar."""
 
     model: Annotated[str | None, Query(description="Model id.")] = attr.ib(default=None)
-    k: Annotated[int, Query(ge=1, description="Number of similar items.")] = attr.ib(default=10)
-    max_distance: Annotated[int | None, Query(ge=0, description="Hamming radius.")] = attr.ib(
-        default=None
-    )
+    k: KParam = attr.ib(default=None)
+    max_distance: MaxDistanceParam = attr.ib(default=None)
     collections: Annotated[
         str | None,
         Query(
@@ -183,6 +218,15 @@ class SimilarItemsRequest(ItemUri):
     rerank: Annotated[bool, Query(description="Re-rank by descriptor.")] = attr.ib(default=False)
     relevant: RelevantParam = attr.ib(default=None)
     not_relevant: NotRelevantParam = attr.ib(default=None)
+    alpha: AlphaParam = attr.ib(default=None)
+    beta: BetaParam = attr.ib(default=None)
+    gamma: GammaParam = attr.ib(default=None)
+    limit: Annotated[
+        Limit | None, Query(description="Items per page (10); pages follow `next` links up to k.")
+    ] = attr.ib(default=10)
+    token: Annotated[str | None, Query(description="Paging token of a `next` link.")] = attr.ib(
+        default=None
+    )
 
 
 class SimilarityService:
@@ -199,8 +243,10 @@ class SimilarityService:
         max_image_bytes: int = MAX_IMAGE_BYTES,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         save_delay: float = 1.0,
+        paging_cache_hits: int = PAGING_CACHE_HITS,
     ) -> None:
         self.store = store
+        self._ranked_lists = RankedLists(paging_cache_hits)
         self.max_k = max_k
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
@@ -532,31 +578,14 @@ class SimilarityService:
 
     def from_get(self, params: dict[str, Any]) -> SimilarityQuery | None:
         """The similarity object of GET /search flat parameters (None when absent)."""
-        item, code = params.get("similarity_item"), params.get("similarity_code")
-        if not item and not code:
-            return None
+        item = params.get("similarity_item")
         ref = None
-        if item:
+        if item is not None:
             collection, sep, item_id = item.partition("/")
-            if not sep or not item_id:
+            if not sep or not collection or not item_id:
                 raise InvalidQueryError("similarity_item must be `<collection>/<item id>`")
             ref = ItemRef(collection=collection, id=item_id)
-        given: dict[str, Any] = {"k": params["similarity_k"]} if params.get("similarity_k") else {}
-        relevant = _refs(params.get("similarity_relevant"), "similarity_relevant")
-        not_relevant = _refs(params.get("similarity_not_relevant"), "similarity_not_relevant")
-        if relevant or not_relevant:
-            given["feedback"] = FeedbackQuery(relevant=relevant, not_relevant=not_relevant)
-        try:
-            return SimilarityQuery(
-                model=params.get("similarity_model"),
-                item=ref,
-                code=code,
-                max_distance=params.get("similarity_max_distance"),
-                rerank=bool(params.get("similarity_rerank")),
-                **given,
-            )
-        except ValueError as exc:
-            raise InvalidQueryError(str(exc)) from exc
+        return similarity_from_flat(params, "similarity_", ref)
 
     def _query_code(
         self, sim: SimilarityQuery, model: str
@@ -584,7 +613,17 @@ class SimilarityService:
             try:
                 packed = decode_code(sim.code, bits, sim.encoding, field="similarity.code")
             except CBIRFieldError as exc:
-                raise InvalidQueryError(str(exc)) from exc
+                hint = ""
+                if (
+                    sim.encoding == "base64"
+                    and len(sim.code) * 4 == bits
+                    and _HEX.fullmatch(sim.code)
+                ):
+                    hint = (
+                        f"; it looks like a {bits}-bit hex code: give encoding 'hex' "
+                        "(GET: similarity_encoding=hex)"
+                    )
+                raise InvalidQueryError(f"{exc}{hint}") from exc
             if sim.bit_order == "little":
                 packed = np.packbits(np.unpackbits(packed, bitorder="little"))
             return packed.tobytes(), None, None
@@ -668,10 +707,57 @@ class SimilarityService:
         return bits[0].numpy().astype(np.uint8), relaxed[0].numpy()
 
     def search(self, query: SearchQuery, sim: SimilarityQuery) -> SearchPage:
-        """One page of the ranked list of ``sim`` over the candidates of ``query``."""
-        model = sim.model or self._default_model()
+        """One page of the ranked list of ``sim`` over the candidates of ``query``.
+
+        A ``next`` token names the store generation of the first page: later pages slice the
+        list that page 1 sliced (kept in a bounded cache), whatever was written since; when
+        the list is gone (evicted, another replica) and the store has changed, 410 (rerun the
+        search) rather than a page that may repeat or skip items.
+        """
+        if query.sortby:
+            raise InvalidQueryError(
+                "sortby cannot be combined with similarity: a similarity search is ordered by "
+                "its ranking (cbir:similarity.order); drop sortby, or filter instead"
+            )
         if "k" not in sim.model_fields_set and sim.k > self.max_k:  # the default, over the cap
             sim = sim.model_copy(update={"k": self.max_k})
+        fingerprint = self._fingerprint(query, sim)
+        ranked = None
+        if query.token:
+            generation, offset = self._position(query.token, fingerprint)
+            ranked = self._ranked_lists.get((fingerprint, generation))
+            if ranked is None and generation != self.store.generation():
+                raise HTTPException(
+                    410,
+                    "token: the store has changed since the first page of this similarity "
+                    "search and its ranked list is no longer held here; run the search again",
+                )
+        else:
+            generation, offset = self.store.generation(), 0  # before ranking: see _position
+        if ranked is None:
+            ranked = self._rank(query, sim)
+        page_hits = ranked.hits[offset : offset + query.limit]
+        items = self.store.get_items([key for key, _, _ in page_hits])
+        by_key = {(i["collection"], i["id"]): i for i in items}
+        out = []
+        for key, distance, score in page_hits:
+            item = by_key.get(key)
+            if item is not None:
+                item["properties"]["cbir:distance"] = distance
+                if score is not None:
+                    item["properties"]["cbir:score"] = score
+                out.append(item)
+        end = offset + query.limit
+        token = None
+        if end < len(ranked.hits):
+            token = self._token(fingerprint, generation, end)
+            self._ranked_lists.put((fingerprint, generation), ranked)
+        info = {**ranked.info, "ranked": len(ranked.hits)}
+        return SearchPage(out, token, len(ranked.hits), extra={"cbir:similarity": info})
+
+    def _rank(self, query: SearchQuery, sim: SimilarityQuery) -> "Ranked":
+        """The ranked list of ``sim`` over the candidates of ``query``, and what made it."""
+        model = sim.model or self._default_model()
         self._check_model(model)
         self._check_limits(sim, None)
         idx = self.index(model)
@@ -696,31 +782,23 @@ class SimilarityService:
         candidates = self.store.filter_keys(query) if filtered else None
         pool = sim.k if feedback_info is None else max(4 * sim.k, FEEDBACK_POOL)
         result = idx.search(code, pool, max_distance=sim.max_distance, candidates=candidates)
-        hits = [(h.key, h.distance) for h in result]
+        hits: list[RankedHitOut] = [(h.key, int(h.distance), None) for h in result]
+        order = "hamming"
         if (sim.rerank or feedback_info is not None) and desc is not None:
-            hits = [(h.key, h.distance) for h in idx.rerank(desc, hits)]
-        hits = hits[: sim.k]
-        offset = self._offset(query, sim)
-        page_hits = hits[offset : offset + query.limit]
-        items = self.store.get_items([key for key, _ in page_hits])
-        by_key = {(i["collection"], i["id"]): i for i in items}
-        out = []
-        for key, distance in page_hits:
-            item = by_key.get(key)
-            if item is not None:
-                item["properties"]["cbir:distance"] = int(distance)
-                out.append(item)
-        end = offset + query.limit
-        token = self._token(query, sim, end) if end < len(hits) else None
+            order = "descriptor"
+            hits = [
+                (h.key, int(h.distance), _finite(h.descriptor_distance))
+                for h in idx.rerank(desc, [(key, d) for key, d, _ in hits])
+            ]
         info: dict[str, Any] = {
             "model": model,
             "exact": bool(result.exact),
             "k": sim.k,
-            "ranked": len(hits),
+            "order": order,
         }
         if feedback_info is not None:
             info["feedback"] = feedback_info
-        return SearchPage(out, token, len(hits), extra={"cbir:similarity": info})
+        return Ranked(hits[: sim.k], info)
 
     def _refine(
         self,
@@ -785,22 +863,95 @@ class SimilarityService:
         }
         return hashlib.sha1(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
-    def _token(self, query: SearchQuery, sim: SimilarityQuery, offset: int) -> str:
-        raw = f"sim:{self._fingerprint(query, sim)}:{offset}"
+    @staticmethod
+    def _token(fingerprint: str, generation: int, offset: int) -> str:
+        """The paging token: the search, the store generation of its first page, the offset."""
+        raw = f"sim:{fingerprint}:{generation}:{offset}"
         return base64.urlsafe_b64encode(raw.encode()).decode()
 
-    def _offset(self, query: SearchQuery, sim: SimilarityQuery) -> int:
-        if not query.token:
-            return 0
+    @staticmethod
+    def _position(token: str, fingerprint: str) -> tuple[int, int]:
+        """(generation of the first page, offset) of a paging token of this search; 400 if the
+        token is not one, or belongs to another search."""
         try:
-            kind, fp, offset = base64.urlsafe_b64decode(query.token).decode().split(":")
+            kind, fp, generation, offset = base64.urlsafe_b64decode(token).decode().split(":")
             assert kind == "sim"
-            value = int(offset)
+            position = int(generation), int(offset)
         except Exception as exc:
             raise InvalidQueryError("token is not a similarity paging token") from exc
-        if fp != self._fingerprint(query, sim):
+        if fp != fingerprint:
             raise InvalidQueryError("token belongs to a different similarity search")
-        return value
+        return position
+
+
+RankedHitOut = tuple[tuple[str, str], int, float | None]  # key, Hamming distance, score
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """A ranked list: (key, Hamming distance, descriptor distance when the order is by
+    descriptor) per hit, and the ``cbir:similarity`` facts of how it was made."""
+
+    hits: list[RankedHitOut]
+    info: dict[str, Any]
+
+
+class RankedLists:
+    """The ranked lists that paging tokens point into, so that every page of a search slices
+    the list of its first page; bounded by their total hits, least recently used go first."""
+
+    def __init__(self, max_hits: int) -> None:
+        self.max_hits = max_hits
+        self._lists: OrderedDict[tuple[str, int], Ranked] = OrderedDict()
+        self._hits = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int]) -> Ranked | None:
+        """The list of ``(fingerprint, generation)``, if still held."""
+        with self._lock:
+            ranked = self._lists.get(key)
+            if ranked is not None:
+                self._lists.move_to_end(key)
+            return ranked
+
+    def put(self, key: tuple[str, int], ranked: Ranked) -> None:
+        """Hold ``ranked`` (a list longer than the whole cache is not held)."""
+        with self._lock:
+            old = self._lists.pop(key, None)
+            self._hits -= len(old.hits) if old is not None else 0
+            if len(ranked.hits) > self.max_hits:
+                return
+            self._lists[key] = ranked
+            self._hits += len(ranked.hits)
+            while self._hits > self.max_hits:
+                _, dropped = self._lists.popitem(last=False)
+                self._hits -= len(dropped.hits)
+
+
+def _finite(value: float) -> float | None:
+    """A descriptor distance for ``cbir:score``; None (no field) for an item without one."""
+    return float(value) if math.isfinite(value) else None
+
+
+def similarity_from_flat(
+    params: dict[str, Any], prefix: str, item: ItemRef | None = None
+) -> SimilarityQuery | None:
+    """The similarity object of flat GET parameters ``<prefix><field>`` (None when none is
+    given): one owner for GET /search and /similar, so both take what POST takes."""
+    given = {f: params[prefix + f] for f in _FLAT_FIELDS if params.get(prefix + f) is not None}
+    judged = (
+        _refs(params.get(prefix + "relevant"), prefix + "relevant"),
+        _refs(params.get(prefix + "not_relevant"), prefix + "not_relevant"),
+    )
+    weights = {w: params[prefix + w] for w in _FLAT_WEIGHTS if params.get(prefix + w) is not None}
+    if any(judged) or weights:
+        given["feedback"] = FeedbackQuery(relevant=judged[0], not_relevant=judged[1], **weights)
+    if item is None and not given:
+        return None
+    try:
+        return SimilarityQuery(item=item, **given)
+    except ValueError as exc:
+        raise InvalidQueryError(str(exc)) from exc
 
 
 @attr.s(auto_attribs=True, frozen=True)
@@ -958,31 +1109,14 @@ class SimilarityExtension(ApiExtension):
         request: Request,
         collection_id: str,
         item_id: str,
-        model: str | None = None,
-        k: int = 10,
-        max_distance: int | None = None,
         collections: str | None = None,
-        rerank: bool = False,
-        relevant: str | None = None,
-        not_relevant: str | None = None,
+        limit: int | None = 10,
+        token: str | None = None,
+        **params: Any,
     ) -> dict[str, Any]:
-        judged = _refs(relevant, "relevant"), _refs(not_relevant, "not_relevant")
-        try:
-            sim = SimilarityQuery(
-                model=model,
-                item=ItemRef(collection=collection_id, id=item_id),
-                k=k,
-                max_distance=max_distance,
-                rerank=rerank,
-                feedback=(
-                    FeedbackQuery(relevant=judged[0], not_relevant=judged[1])
-                    if any(judged)
-                    else None
-                ),
-            )
-        except ValueError as exc:
-            raise InvalidQueryError(str(exc)) from exc
+        """The ranked list of the item, paged like /search (``limit``, ``next`` links up to k)."""
+        sim = similarity_from_flat(params, "", ItemRef(collection=collection_id, id=item_id))
         wanted = [c.strip() for c in (collections or "").split(",") if c.strip()]
-        query = SearchQuery(limit=k, collections=wanted or None)
-        page = self.service.search(query, sim)  # type: ignore[union-attr]
-        return self.client._page(page, request, "GET", {"k": k}, query)
+        query = SearchQuery(limit=limit or 10, token=token, collections=wanted or None)
+        page = self.service.search(query, sim)  # type: ignore[union-attr,arg-type]
+        return self.client._page(page, request, "GET", params, query)

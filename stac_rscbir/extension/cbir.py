@@ -48,6 +48,9 @@ MODELS_PROP: str = PREFIX + "models"
 CHIP_PROP: str = PREFIX + "chip"
 #: Link relation from an Item to the Collection or MLM model Item that describes a model.
 MODEL_REL: str = "cbir:model"
+#: Length of the ranked list of a similarity search that gives no ``k``: one default for
+#: ``POST /search``, ``GET /search``, ``/similar`` and :func:`stac_rscbir.client.search_similar`.
+DEFAULT_K: int = 100
 
 _MODEL_ID_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-")
 
