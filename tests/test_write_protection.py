@@ -73,7 +73,7 @@ def test_writes_without_the_token_are_401_and_change_nothing(
         r = client.request(method, path, json=body, headers=headers)
         assert r.status_code == 401, (method, path, r.status_code, r.text)
         assert r.headers["content-type"].startswith("application/json")
-        assert "token" in r.json()["detail"]
+        assert "token" in r.json()["description"]
         assert r.headers["www-authenticate"] == "Bearer"
     assert _state(store) == before
 

@@ -39,6 +39,8 @@ from stac_fastapi.types.search import BaseSearchPostRequest
 from stac_rscbir import __version__
 from stac_rscbir.api.assets import AssetsExtension, Hrefs
 from stac_rscbir.api.core import StoreCoreClient, StoreTransactionsClient
+from stac_rscbir.api.errors import error_response, install_error_handlers
+from stac_rscbir.api.openapi import install_openapi
 from stac_rscbir.api.queryables import StoreFiltersClient
 from stac_rscbir.api.similarity import (
     MAX_IMAGE_BYTES,
@@ -61,12 +63,12 @@ class SearchPostBody(BaseSearchPostRequest):
         return value
 
 
+DESCRIPTION = "STAC API with query-by-example over deep hash codes (cbir extension)"
+
+
 def _out_of_range(request: Request, exc: Exception) -> JSONResponse:
     """400 for values the parsers cannot represent (e.g. year 1 at UTC+14), not a 500."""
-    return JSONResponse(
-        {"code": "OutOfRange", "description": f"a value in the request is out of range: {exc}"},
-        status_code=400,
-    )
+    return error_response(400, f"a value in the request is out of range: {exc}", "OutOfRange")
 
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # default cap on a request body (create_api(max_body_bytes=))
@@ -117,13 +119,8 @@ class BodySizeLimit:
         self.max_bytes = max_bytes
 
     def _response(self) -> JSONResponse:
-        return JSONResponse(
-            {
-                "code": "PayloadTooLarge",
-                "description": f"the request body is over this server's limit, "
-                f"{self.max_bytes} bytes",
-            },
-            status_code=413,
+        return error_response(
+            413, f"the request body is over this server's limit, {self.max_bytes} bytes"
         )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -199,7 +196,7 @@ def create_api(
     settings = ApiSettings(
         enable_response_models=False,
         stac_fastapi_title=title,
-        stac_fastapi_description="STAC API with query-by-example over deep hash codes",
+        stac_fastapi_description=DESCRIPTION,
         stac_fastapi_landing_id="stac-rscbir",
         stac_fastapi_version=__version__,
     )
@@ -249,11 +246,13 @@ def create_api(
         similarity=service,
         hrefs=hrefs,
         landing_page_id=settings.stac_fastapi_landing_id,
+        title=title,
+        description=DESCRIPTION,
     )
     api = StacApi(
         settings=settings,
         title=title,
-        description="STAC API with query-by-example over deep hash codes (cbir extension)",
+        description=DESCRIPTION,
         client=client,
         extensions=[
             *search_extensions,
@@ -277,6 +276,8 @@ def create_api(
     api.app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     api.app.state.encode_queue = encode_queue
     api.app.state.write_protected = transactions and write_token is not None
+    install_error_handlers(api.app)
+    install_openapi(api.app, write_protected=api.app.state.write_protected)
     return api
 
 

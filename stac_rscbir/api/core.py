@@ -31,6 +31,7 @@ from stac_rscbir.store.base import (
     SearchPage,
     SearchQuery,
 )
+from stac_rscbir.store.items import parse_bbox
 from stac_rscbir.store.models import check_item_codes
 
 # (collection, item or None when deleted, item id; "*": the collection was deleted, "": the
@@ -91,6 +92,22 @@ def _check_rings(geometry: Any) -> None:
                 )
 
 
+def _check_lonlat(bounds: tuple[float, float, float, float], field: str) -> None:
+    """400 unless the bounds (minx, miny, maxx, maxy) are WGS84 longitudes and latitudes: a
+    longitude of 1e308 is finite, and matched nothing without a word."""
+    minx, miny, maxx, maxy = bounds
+    for name, value, limit in (
+        ("longitude", minx, 180),
+        ("latitude", miny, 90),
+        ("longitude", maxx, 180),
+        ("latitude", maxy, 90),
+    ):
+        if not -limit <= value <= limit:
+            raise InvalidQueryError(
+                f"{field}: {name} {value!r} is outside [-{limit}, {limit}] (WGS84 degrees)"
+            )
+
+
 def _check_geometry(geometry: Any) -> None:
     """400 naming the problem when ``intersects`` is not a valid (OGC simple features) geometry:
     a self-intersecting ring, an unclosed or too short ring, a NaN coordinate..."""
@@ -108,6 +125,7 @@ def _check_geometry(geometry: Any) -> None:
         raise InvalidQueryError("intersects is an empty geometry")
     if not geom.is_valid:
         raise InvalidQueryError(f"intersects is not a valid geometry: {explain_validity(geom)}")
+    _check_lonlat(geom.bounds, "intersects")
 
 
 def query_from_request(search: Any) -> SearchQuery:
@@ -130,6 +148,8 @@ def query_from_request(search: Any) -> SearchQuery:
         _check_geometry(intersects)
     if intersects is not None and get("bbox"):
         raise InvalidQueryError("bbox and intersects cannot be used together: give one of them")
+    if get("bbox"):
+        _check_lonlat(parse_bbox(get("bbox")), "bbox")
     sortby = get("sortby")
     if sortby and isinstance(sortby[0], str):  # GET: "+field,-field"
         sortby = [

@@ -201,10 +201,41 @@ def geometry(value: object, field: str) -> shapely.Geometry:
     return geom[0]
 
 
+# The operators and functions of CQL2 (OGC 21-065), lower case. cql2 parses any other name as a
+# call of a custom function, which no store here has: evaluated, it matched nothing (a silent
+# empty answer), so an unknown name is refused instead.
+CQL2_OPERATORS = frozenset(
+    {"and", "or", "not", "=", "<>", "<", "<=", ">", ">=", "like", "between", "in", "isnull"}
+    | {"casei", "accenti", "+", "-", "*", "/", "%", "^", "div"}
+    | {f"s_{op}" for op in ("intersects", "equals", "disjoint", "touches", "within")}
+    | {f"s_{op}" for op in ("overlaps", "crosses", "contains")}
+    | {f"a_{op}" for op in ("equals", "contains", "containedby", "overlaps")}
+    | {f"t_{op}" for op in ("after", "before", "contains", "disjoint", "during", "equals")}
+    | {f"t_{op}" for op in ("finishedby", "finishes", "intersects", "meets", "metby")}
+    | {f"t_{op}" for op in ("overlappedby", "overlaps", "startedby", "starts")}
+)
+
+
+def _check_operators(node: Any) -> None:
+    """ValueError naming the first operator of a CQL2 JSON tree that CQL2 does not define."""
+    if isinstance(node, list):
+        for value in node:
+            _check_operators(value)
+    elif isinstance(node, dict):
+        op = node.get("op")
+        if isinstance(op, str) and op.lower() not in CQL2_OPERATORS:
+            raise ValueError(
+                f"unknown operator or function {op!r} (this server has the CQL2 operators and "
+                "functions only, no custom functions)"
+            )
+        _check_operators(node.get("args"))
+
+
 @functools.lru_cache(maxsize=256)
 def _cached_filter(key: str, is_json: bool) -> cql2.Expr:
     expr = cql2.Expr(json.loads(key) if is_json else key)
     expr.validate()  # JSON-schema validation: ~20 ms, hence the cache
+    _check_operators(expr.to_json())
     return expr
 
 
