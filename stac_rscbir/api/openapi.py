@@ -1,7 +1,7 @@
 """The OpenAPI document says what the API answers: its error responses and similarity results.
 
 FastAPI documents a 200 and a 422 per operation; the API answers validation errors with 400
-(see :mod:`stac_rscbir.api.errors`) and also 401, 404, 405, 409 and 413. This adds each where it
+(see :mod:`stac_rscbir.api.errors`) and also 401, 404, 405, 409, 410 and 413. This adds each where it
 applies, with the ``{code, description}`` body, and the ``cbir:`` fields of a similarity search's
 ItemCollection, so that clients and schemathesis can check responses against the document.
 """
@@ -27,6 +27,7 @@ ERRORS = {
     404: "No such collection or item.",
     405: "Not supported here (PATCH: PUT the whole document).",
     409: "It exists already.",
+    410: "The paging token's ranked list is gone and the catalog changed since: search again.",
     413: "The body (or the uploaded image) is over this server's limit.",
 }
 
@@ -102,6 +103,8 @@ def _statuses(path: str, method: str, operation: dict[str, Any], protected: bool
         statuses.append(405)
     if method == "post" and path in CREATE_PATHS:
         statuses.append(409)
+    if path in SIMILARITY_PATHS:  # a similarity paging token outlived its ranked list
+        statuses.append(410)
     if operation.get("requestBody"):
         statuses.append(413)
     return statuses
