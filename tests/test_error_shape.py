@@ -250,8 +250,8 @@ def test_openapi_documents_errors_and_similarity(client: TestClient) -> None:
     error = {"$ref": "#/components/schemas/ErrorResponse"}
     assert spec["components"]["schemas"]["ErrorResponse"]["required"] == ["code", "description"]
     expected = {
-        ("post", "/search"): {"200", "400", "404", "413"},
-        ("get", "/search"): {"200", "400", "404"},
+        ("post", "/search"): {"200", "400", "404", "410", "413"},
+        ("get", "/search"): {"200", "400", "404", "410"},
         ("get", "/collections/{collection_id}"): {"200", "400", "404"},
         ("post", "/collections"): {"201", "400", "401", "409", "413"},
         ("post", "/collections/{collection_id}/items"): {
@@ -272,7 +272,12 @@ def test_openapi_documents_errors_and_similarity(client: TestClient) -> None:
         },
         ("patch", "/collections/{collection_id}"): {"200", "400", "401", "404", "405", "413"},
         ("delete", "/collections/{collection_id}/items/{item_id}"): {"204", "400", "401", "404"},
-        ("get", "/collections/{collection_id}/items/{item_id}/similar"): {"200", "400", "404"},
+        ("get", "/collections/{collection_id}/items/{item_id}/similar"): {
+            "200",
+            "400",
+            "404",
+            "410",
+        },
         ("get", "/"): {"200"},
     }
     for (method, path), statuses in expected.items():

@@ -130,7 +130,7 @@ def earth_search(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     )
     store.create_collection(collection.to_dict(include_self_link=False))
     store.upsert_items([i.to_dict(include_self_link=False) for i in items])
-    srv = BackgroundServer(create_api(store, tmp / "remote-index").app).start()
+    srv = BackgroundServer(create_api(store, tmp / "remote-index", asset_roots=[tmp]).app).start()
     boxes = [i.bbox for i in items if i.id in INSIDE]
     assert all(b is not None for b in boxes)
     area = [

@@ -1,9 +1,10 @@
 """The OpenAPI document says what the API answers: its error responses and similarity results.
 
 FastAPI documents a 200 and a 422 per operation; the API answers validation errors with 400
-(see :mod:`stac_rscbir.api.errors`) and also 401, 404, 405, 409, 410 and 413. This adds each where it
-applies, with the ``{code, description}`` body, and the ``cbir:`` fields of a similarity search's
-ItemCollection, so that clients and schemathesis can check responses against the document.
+(see :mod:`stac_rscbir.api.errors`) and also 401, 404, 405, 409, 410 and 413. This adds each
+where it applies, with the ``{code, description}`` body, and the ``cbir:`` fields of a
+similarity search's ItemCollection, so that clients and schemathesis can check
+responses against the document.
 """
 
 from __future__ import annotations
