@@ -581,10 +581,7 @@ class SimilarityService:
         item = params.get("similarity_item")
         ref = None
         if item is not None:
-            collection, sep, item_id = item.partition("/")
-            if not sep or not collection or not item_id:
-                raise InvalidQueryError("similarity_item must be `<collection>/<item id>`")
-            ref = ItemRef(collection=collection, id=item_id)
+            ref = _ref(item, "similarity_item must be `<collection>/<item id>`")
         return similarity_from_flat(params, "similarity_", ref)
 
     def _query_code(
@@ -1048,17 +1045,19 @@ def _read_image(raw: bytes, max_pixels: int) -> UploadedImage:
     return UploadedImage(values, dtype, what, (float(values.min()), float(values.max())))
 
 
+def _ref(text: str, problem: str) -> ItemRef:
+    """The item reference ``<collection>/<item id>`` (a GET parameter); 400 saying ``problem``
+    when it is not one."""
+    collection, sep, item_id = text.partition("/")
+    if not sep or not collection or not item_id:
+        raise InvalidQueryError(problem)
+    return ItemRef(collection=collection, id=item_id)
+
+
 def _refs(value: str | None, name: str) -> list[ItemRef]:
     """Item references of a comma list of ``<collection>/<item id>`` (GET parameters)."""
-    refs = []
-    for part in (value or "").split(","):
-        if not part.strip():
-            continue
-        collection, sep, item_id = part.strip().partition("/")
-        if not sep or not collection or not item_id:
-            raise InvalidQueryError(f"{name} must be a comma list of `<collection>/<item id>`")
-        refs.append(ItemRef(collection=collection, id=item_id))
-    return refs
+    problem = f"{name} must be a comma list of `<collection>/<item id>`"
+    return [_ref(part.strip(), problem) for part in (value or "").split(",") if part.strip()]
 
 
 def _code_of(

@@ -33,7 +33,7 @@ __all__ = [
     "InvalidItemError",
     "PreparedItem",
     "collection_json",
-    "coverage",
+    "coverages",
     "geometries",
     "geometry",
     "parse_bbox",
@@ -371,16 +371,25 @@ class PreparedItem:
 Coverage = tuple[tuple[float, float, float, float], str, str]
 
 
-def coverage(items: Sequence[PreparedItem]) -> Coverage:
-    """What ``items`` (one or more) span: the union of their geometries' bounds and their
-    time range."""
-    bounds = (
-        min(p.rtree[0] for p in items),
-        min(p.rtree[2] for p in items),
-        max(p.rtree[1] for p in items),
-        max(p.rtree[3] for p in items),
-    )
-    return bounds, min(p.start for p in items), max(p.end for p in items)
+def coverages(items: Sequence[PreparedItem]) -> dict[str, Coverage]:
+    """What ``items`` span in each of their collections: the union of their geometries' bounds
+    and their time range, by collection id (the extents a write must widen)."""
+    by_collection: dict[str, list[PreparedItem]] = {}
+    for p in items:
+        by_collection.setdefault(p.collection, []).append(p)
+    return {
+        cid: (
+            (
+                min(p.rtree[0] for p in group),
+                min(p.rtree[2] for p in group),
+                max(p.rtree[1] for p in group),
+                max(p.rtree[3] for p in group),
+            ),
+            min(p.start for p in group),
+            max(p.end for p in group),
+        )
+        for cid, group in by_collection.items()
+    }
 
 
 def _rfc3339(sortable: str) -> str:

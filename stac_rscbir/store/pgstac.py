@@ -63,7 +63,7 @@ from stac_rscbir.store.items import (
     InvalidItemError,
     PreparedItem,
     collection_json,
-    coverage,
+    coverages,
     geometries,
     parse_bbox,
     parse_datetime_query,
@@ -280,8 +280,8 @@ class PgstacStore:
     def _widen(conn: psycopg.Connection[Any], items: Sequence[PreparedItem]) -> None:
         """Grow the extents of the items' collections to cover them (:func:`widen_extent`), in
         the write's transaction (the row lock orders concurrent writers)."""
-        for cid in dict.fromkeys(p.collection for p in items):
-            PgstacStore._widen_to(conn, cid, coverage([p for p in items if p.collection == cid]))
+        for cid, cover in coverages(items).items():
+            PgstacStore._widen_to(conn, cid, cover)
 
     @staticmethod
     def _widen_to(conn: psycopg.Connection[Any], collection_id: str, cover: Coverage) -> None:

@@ -69,7 +69,7 @@ from stac_rscbir.store.items import (
     InvalidItemError,
     PreparedItem,
     collection_json,
-    coverage,
+    coverages,
     geometries,
     geometry,
     parse_bbox,
@@ -554,8 +554,8 @@ class SQLiteStore:
         """Insert or replace the rows of ``items`` (the rowid of an existing item is kept) and
         widen their collections' extents to cover them."""
         items = list({(p.collection, p.id): p for p in items}.values())  # the last one wins
-        for cid in dict.fromkeys(p.collection for p in items):
-            cls._widen(conn, cid, coverage([p for p in items if p.collection == cid]))
+        for cid, cover in coverages(items).items():
+            cls._widen(conn, cid, cover)
         conn.executemany(
             "INSERT INTO items (collection, id, dt, start_dt, end_dt, geom, content) "
             "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (collection, id) DO UPDATE SET "
