@@ -1,5 +1,6 @@
-"""The coded STAC items and collection of the API tests, their brute-force ranking, and the
-store factory behind the ``store_factory`` fixture (tests/conftest.py)."""
+"""The coded STAC items and collection of the API tests, their brute-force ranking, the store
+factory behind the ``store_factory`` fixture and the deployments behind the ``deployment``
+fixture (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastapi import FastAPI
 from shapely.geometry import box, mapping
 
 from stac_rscbir.extension.cbir import CBIRModel, Descriptor, HashCode
@@ -92,6 +94,67 @@ class StoreFactory:
     def close(self) -> None:
         for store in self._stores:
             store.close()  # type: ignore[attr-defined]
+
+
+DEPLOYMENTS = ("sqlite", "pgstac", "plugin")
+
+
+class Deployment(StoreFactory):
+    """One of the three deployments the shared API suite runs on: our app over SQLite, our app
+    over pgstac, stac-fastapi-pgstac with the similarity plugin (over pgstac). Calling it opens
+    a store on its database (to fill it, or for our apps to serve); :meth:`app` builds the API
+    (a new one is a server restart)."""
+
+    def __init__(
+        self,
+        kind: str,
+        open_store: Callable[[], ItemStore],
+        index_dir: Path,
+        dsn: str | None = None,
+    ) -> None:
+        super().__init__(open_store, index_dir)
+        self.kind = kind
+        self.dsn = dsn
+
+    def app(self, models: dict[str, Path] | None = None) -> FastAPI:
+        """The deployment's API over its database, with checkpoints ``models`` for image
+        queries."""
+        if self.kind != "plugin":
+            from stac_rscbir.api.app import create_api
+
+            return create_api(self(), self.index_dir, models or {}).app
+        from stac_fastapi.pgstac.config import Settings
+
+        from stac_rscbir.api.pgstac_plugin import instantiate_similarity_api
+
+        assert self.dsn is not None
+        return instantiate_similarity_api(
+            index_dir=self.index_dir,
+            models=models,
+            settings=Settings(enable_transactions_extensions=True),
+            postgres_settings=postgres_settings(self.dsn),
+        ).app
+
+
+def postgres_settings(dsn: str) -> Any:
+    """stac-fastapi-pgstac's PostgresSettings of a test cluster's DSN."""
+    from stac_fastapi.pgstac.config import PostgresSettings
+
+    return PostgresSettings(**pg_environ(dsn))  # type: ignore[arg-type]
+
+
+def pg_environ(dsn: str) -> dict[str, str]:
+    """The PG* environment stac-fastapi-pgstac reads, of a test cluster's DSN (trust login)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    parts = conninfo_to_dict(dsn)
+    return {
+        "pguser": str(parts.get("user") or "postgres"),
+        "pgpassword": str(parts.get("password") or "unused"),
+        "pghost": str(parts.get("host") or "127.0.0.1"),
+        "pgport": str(parts.get("port") or 5432),
+        "pgdatabase": str(parts["dbname"]),
+    }
 
 
 def _hamming(a: np.ndarray, b: np.ndarray) -> int:

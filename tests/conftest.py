@@ -13,7 +13,7 @@ import pytest
 from hypothesis import settings
 
 if TYPE_CHECKING:
-    from .api_builders import StoreFactory
+    from .api_builders import Deployment, StoreFactory
 
 ROOT = Path(__file__).resolve().parents[1]
 # Timing varies with machine load (CI shares 2 cores); correctness, not speed, is tested here.
@@ -129,22 +129,57 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
         factory.close()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The URL of a real server (uvicorn on a free loopback port) over a SQLite store holding the
-    ``scenes`` collection and its N coded items (api_builders.py); one per module."""
-    from stac_rscbir.api.app import create_api
-    from stac_rscbir.api.server import BackgroundServer
+@contextmanager
+def open_deployment(kind: str, tmp: Path, request: pytest.FixtureRequest) -> Iterator[Deployment]:
+    """A deployment (api_builders.Deployment) over an empty database of its own: a SQLite file,
+    or a fresh pgstac database for our app on pgstac and for stac-fastapi-pgstac + plugin."""
     from stac_rscbir.store.sqlite import SQLiteStore
+
+    from .api_builders import Deployment
+
+    if kind == "sqlite":
+        deployment = Deployment(kind, lambda: SQLiteStore(tmp / "stac.db"), tmp / "index")
+        try:
+            yield deployment
+        finally:
+            deployment.close()
+        return
+    from stac_rscbir.store.pgstac import PgstacStore
+
+    pgstac_dsn = request.getfixturevalue("pgstac_dsn")
+    request.getfixturevalue("pgstac_template")
+    with fresh_pgstac_db(pgstac_dsn) as dsn:
+        deployment = Deployment(kind, lambda: PgstacStore(dsn), tmp / "index", dsn)
+        try:
+            yield deployment
+        finally:
+            deployment.close()
+
+
+@pytest.fixture(params=["sqlite", "pgstac", "plugin"])
+def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deployment]:
+    """An empty deployment of each kind: our app on SQLite, our app on pgstac,
+    stac-fastapi-pgstac with the similarity plugin."""
+    with open_deployment(request.param, tmp_path, request) as d:
+        yield d
+
+
+@pytest.fixture(scope="module", params=["sqlite", "pgstac", "plugin"])
+def server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The URL of a real server (uvicorn on a free loopback port) of each deployment, holding
+    the ``scenes`` collection and its N coded items (api_builders.py); one per module."""
+    from stac_rscbir.api.server import BackgroundServer
 
     from .api_builders import N, _collection, _item
 
-    tmp = tmp_path_factory.mktemp("server")
-    store = SQLiteStore(tmp / "stac.db")
-    store.create_collection(_collection())
-    store.upsert_items([_item(i) for i in range(N)])
-    with BackgroundServer(create_api(store, tmp / "index").app) as srv:
-        yield srv.url
+    with open_deployment(request.param, tmp_path_factory.mktemp("server"), request) as d:
+        store = d()
+        store.create_collection(_collection())
+        store.upsert_items([_item(i) for i in range(N)])
+        with BackgroundServer(d.app()) as srv:
+            yield srv.url
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""The STAC API with the similarity extension, over both stores: the embedded SQLite store
-and pgstac (a fresh database per test); every test runs on each."""
+"""The STAC API with the similarity extension, on the three deployments: our app over the
+embedded SQLite store, our app over pgstac, and stac-fastapi-pgstac with the similarity plugin
+(a fresh database per test); every test runs on each."""
 
 from __future__ import annotations
 
@@ -14,15 +15,14 @@ from fastapi.testclient import TestClient
 from rasterio.io import MemoryFile
 from shapely.geometry import box, shape
 
-from stac_rscbir.api.app import create_api
 from stac_rscbir.api.similarity import CONFORMANCE
 from stac_rscbir.extension.cbir import Descriptor, HashCode
 from stac_rscbir.models.encoder import HashEncoder
 
 from .api_builders import (
     MODEL,
+    Deployment,
     N,
-    StoreFactory,
     _bits,
     _collection,
     _item,
@@ -32,21 +32,20 @@ from .api_builders import (
 
 
 @pytest.fixture
-def db(store_factory: StoreFactory) -> StoreFactory:
-    """The store factory, its store holding the ``scenes`` collection and N items."""
-    store = store_factory()
+def db(deployment: Deployment) -> Deployment:
+    """The deployment, its database holding the ``scenes`` collection and N items."""
+    store = deployment()
     store.create_collection(_collection())
     store.upsert_items([_item(i) for i in range(N)])
-    return store_factory
+    return deployment
 
 
-def _client(db: StoreFactory, models: dict[str, Path] | None = None) -> TestClient:
-    api = create_api(db(), db.index_dir, models or {})
-    return TestClient(api.app)
+def _client(db: Deployment, models: dict[str, Path] | None = None) -> TestClient:
+    return TestClient(db.app(models))
 
 
 @pytest.fixture
-def client(db: StoreFactory) -> Iterator[TestClient]:
+def client(db: Deployment) -> Iterator[TestClient]:
     with _client(db) as c:
         yield c
 
@@ -276,7 +275,7 @@ def test_transactions_update_the_index(client: TestClient) -> None:
     assert "item-500" not in {f["id"] for f in page["features"]}
 
 
-def test_restart_and_lost_index_lose_nothing(db: StoreFactory) -> None:
+def test_restart_and_lost_index_lose_nothing(db: Deployment) -> None:
     body = {
         "similarity": {"model": MODEL, "item": {"collection": "scenes", "id": "item-033"}, "k": 12},
         "limit": 12,
@@ -314,13 +313,13 @@ def test_bad_similarity_requests_are_400_or_404(client: TestClient) -> None:
     assert r.status_code == 400
 
 
-def test_query_by_uploaded_image(store_factory: StoreFactory, tmp_path: Path) -> None:
+def test_query_by_uploaded_image(deployment: Deployment, tmp_path: Path) -> None:
     ckpt = rgb_checkpoint(tmp_path / "model", "rgb-img-64")
     encoder = HashEncoder.load(ckpt)
     rng = np.random.default_rng(3)
     images = rng.integers(0, 255, size=(12, 3, 32, 32), dtype=np.uint8)
     bits, relaxed = encoder.encode_numpy(images.astype(np.float32))
-    store = store_factory()
+    store = deployment()
     store.create_collection(_collection("img"))
     items = []
     for i in range(12):
@@ -336,8 +335,7 @@ def test_query_by_uploaded_image(store_factory: StoreFactory, tmp_path: Path) ->
         with mem.open(driver="PNG", width=32, height=32, count=3, dtype="uint8") as dst:
             dst.write(images[4])
         png = base64.b64encode(mem.read()).decode()
-    api = create_api(store, store_factory.index_dir, {"rgb-img-64": ckpt})
-    with TestClient(api.app) as c:
+    with _client(deployment, {"rgb-img-64": ckpt}) as c:
         page = _search(c, {"similarity": {"model": "rgb-img-64", "image": png, "k": 3}})
         assert page["features"][0]["id"] == "item-004"
         assert page["features"][0]["properties"]["cbir:distance"] == 0

@@ -1,6 +1,6 @@
-"""Relevance feedback (Rocchio, survey refs [11], [19]): the math, the API on both stores, the
-client. A constructed case: cluster A (codes ~all ones), cluster B (~all zeros) and a query
-half way between; marking A relevant and B not relevant moves A up."""
+"""Relevance feedback (Rocchio, survey refs [11], [19]): the math, the API on the three
+deployments, the client. A constructed case: cluster A (codes ~all ones), cluster B (~all zeros)
+and a query half way between; marking A relevant and B not relevant moves A up."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ import pytest
 from fastapi.testclient import TestClient
 from pystac_client import Client
 
-from stac_rscbir.api.app import create_api
 from stac_rscbir.client import distances, search_similar
 from stac_rscbir.extension.cbir import Descriptor, HashCode
 from stac_rscbir.index.feedback import rocchio
 
-from .api_builders import MODEL, StoreFactory, _collection, _item
+from .api_builders import MODEL, Deployment, _collection, _item
 
 A = [f"item-{i:03d}" for i in range(10)]
 B = [f"item-{i:03d}" for i in range(10, 20)]
@@ -45,11 +44,11 @@ def _clusters() -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def fb_client(store_factory: StoreFactory) -> Any:
-    store = store_factory()
+def fb_client(deployment: Deployment) -> Any:
+    store = deployment()
     store.create_collection(_collection())
     store.upsert_items(_clusters())
-    with TestClient(create_api(store_factory(), store_factory.index_dir, {}).app) as c:
+    with TestClient(deployment.app()) as c:
         yield c
 
 

@@ -9,8 +9,8 @@ Search: ``pgstac.search(jsonb)`` with the STAC body built from :class:`SearchQue
 filter is converted to CQL2 JSON), ``conf.context = on`` for an exact ``numberMatched`` and
 pgstac's own ``next:`` paging tokens. The store's connections set ``pgstac.readonly``, which only
 turns off pgstac's caches of searches (``pgstac.searches``, ``search_wheres``): every distinct
-search would otherwise add a row there. :meth:`PgstacStore.filter_keys` asks pgstac for the
-WHERE clause of the body (``stac_search_to_where``, a pure function) and selects the keys
+search would otherwise add a row there. :meth:`PgstacStore.keys_matching` asks pgstac for the
+WHERE clause of a search body (``stac_search_to_where``, a pure function) and selects the keys
 itself, so the similarity layer's candidate queries neither page nor cache anything.
 
 Codes: ``pgstac.items.content`` is *dehydrated* (what equals the collection's base item is
@@ -489,18 +489,28 @@ class PgstacStore:
     def filter_keys(
         self, query: SearchQuery, keys: Sequence[ItemKey] | None = None
     ) -> list[ItemKey]:
-        """The keys of the items matching the query's filters (limit, token, sortby ignored).
+        """The keys of the items matching the query's filters (limit, token, sortby ignored);
+        :meth:`keys_matching` of the query's pgstac search body."""
+        return self.keys_matching(self._body(query), keys)
+
+    def keys_matching(
+        self, body: dict[str, Any], keys: Sequence[ItemKey] | None = None
+    ) -> list[ItemKey]:
+        """The keys of the items a pgstac search body selects (its filters: collections, ids,
+        bbox, intersects, datetime, filter, query...; paging and sorting fields are ignored).
 
         With ``keys``: the matching subset, in the order given (repeats kept). Without: every
-        matching item, by (collection, id). pgstac's WHERE clause of the filters, run here:
-        no ``pgstac.searches`` row, no paging.
+        matching item, by (collection, id). pgstac's own WHERE clause of the body
+        (``stac_search_to_where``), run here: no ``pgstac.searches`` row, no paging. A body
+        pgstac refuses is an InvalidQueryError naming pgstac's reason.
         """
         if keys is not None and not keys:
             return []
-        body = json.dumps(self._body(query))
         with self._read() as conn:
             try:
-                where = conn.execute("SELECT pgstac.stac_search_to_where(%s::jsonb)", (body,))
+                where = conn.execute(
+                    "SELECT pgstac.stac_search_to_where(%s::jsonb)", (json.dumps(body),)
+                )
                 clause = sql.SQL(where.fetchone()[0].replace("%", "%%"))  # type: ignore[index]
                 if keys is None:
                     stmt = sql.SQL(
