@@ -135,6 +135,30 @@ class Deployment(StoreFactory):
             postgres_settings=postgres_settings(self.dsn),
         ).app
 
+    def stock_app(self) -> FastAPI:
+        """The stock stac-fastapi-pgstac app (no plugin) over the plugin deployment's database,
+        with its default lifespan's pools (given the test cluster's settings, not the
+        environment's)."""
+        from contextlib import asynccontextmanager
+
+        from stac_fastapi.pgstac.app import instantiate_api
+        from stac_fastapi.pgstac.config import Settings
+        from stac_fastapi.pgstac.db import close_db_connection, connect_to_db
+        from stac_fastapi.pgstac.models.extensions import Extensions
+
+        assert self.dsn is not None
+        pg = postgres_settings(self.dsn)
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI) -> Any:
+            await connect_to_db(app, postgres_settings=pg, add_write_connection_pool=True)
+            yield
+            await close_db_connection(app)
+
+        settings = Settings(enable_transactions_extensions=True)
+        extensions = Extensions(settings=settings)  # instantiate_api's own reads the environment
+        return instantiate_api(settings=settings, extensions=extensions, lifespan=lifespan).app
+
 
 def postgres_settings(dsn: str) -> Any:
     """stac-fastapi-pgstac's PostgresSettings of a test cluster's DSN."""

@@ -321,6 +321,10 @@ def _similarity_client(
     from stac_rscbir.store.pgstac import PgstacStore
 
     service = SimilarityClient(PgstacStore(dsn), Path(index_dir), models, **limits)
+    # no write of this process calls the index's hook (stac-fastapi-pgstac's Transactions
+    # know nothing of it): a store ahead of the index was moved by a write the index must
+    # catch up with from the store, so a search need not wait for a hook first
+    service.indexes.catch_up_wait = 0.0
     service.indexes.open()
     return service
 
