@@ -357,3 +357,17 @@ def test_serve_takes_exactly_one_store(
     assert result.exit_code == 0, result.output
     with TestClient(served[0]) as client:
         assert client.get("/collections").json()["collections"] == []
+
+
+def test_an_item_of_a_datetime_range_keeps_its_null_datetime(store: PgstacStore) -> None:
+    """pgstac strips JSON nulls on write; STAC requires ``datetime`` (null for a range)."""
+    store.create_collection(_collection())
+    item = _item(1)
+    props = item["properties"]
+    props["start_datetime"], props["end_datetime"] = props["datetime"], props["datetime"]
+    props["datetime"] = None
+    store.create_item(item)
+    assert store.get_item("scenes", item["id"])["properties"]["datetime"] is None
+    assert store.get_items([("scenes", item["id"])])[0]["properties"]["datetime"] is None
+    (found,) = store.search(SearchQuery(ids=[item["id"]])).items
+    assert found["properties"]["datetime"] is None

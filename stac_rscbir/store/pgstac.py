@@ -176,6 +176,16 @@ def _query_error(exc: psycopg.Error) -> StoreError:
     return PgstacStoreError(f"pgstac search failed: {exc}")
 
 
+def _null_datetime(item: dict[str, Any]) -> dict[str, Any]:
+    """The item with ``properties.datetime`` present: pgstac strips JSON nulls when it stores
+    an item, so an item of a datetime range (``"datetime": null``, ``start_datetime`` and
+    ``end_datetime``) comes back without the field STAC requires."""
+    properties = item.get("properties")
+    if isinstance(properties, dict) and "datetime" not in properties:
+        properties["datetime"] = None
+    return item
+
+
 def _json_array(texts: Sequence[str]) -> str:
     return "[" + ",".join(texts) + "]"
 
@@ -409,7 +419,7 @@ class PgstacStore:
             if row is None:
                 self._require_collections(conn, [collection_id])
                 raise NotFoundError(f"item {item_id!r} not found in collection {collection_id!r}")
-        return row[0]
+        return _null_datetime(row[0])
 
     def get_items(self, keys: Sequence[ItemKey]) -> list[dict[str, Any]]:
         """The items of ``keys``, in that order; keys without an item are skipped."""
@@ -423,7 +433,7 @@ class PgstacStore:
                 "ORDER BY k.n",
                 _keys_params(keys),
             ).fetchall()
-        return [r[0] for r in rows]
+        return [_null_datetime(r[0]) for r in rows]
 
     # -- search -------------------------------------------------------------------------
 
@@ -481,7 +491,7 @@ class PgstacStore:
             if link.get("rel") == "next":
                 next_token = link["href"].split("token=", 1)[1]
         return SearchPage(
-            items=result.get("features") or [],
+            items=[_null_datetime(i) for i in result.get("features") or []],
             next_token=next_token,
             matched=result.get("numberMatched"),
         )
