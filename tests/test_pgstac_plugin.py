@@ -337,3 +337,22 @@ def test_plugin_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("RSCBIR_MODELS", "no-path")
     with pytest.raises(ValueError, match="RSCBIR_MODELS"):
         PluginSettings()  # type: ignore[call-arg]
+
+
+def test_the_example_app_serves_similarity(
+    apps: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """examples/pgstac_plugin.py (the Python form of the README section) over the same
+    database, configured by the same environment."""
+    import runpy
+
+    monkeypatch.setenv("RSCBIR_INDEX_DIR", str(tmp_path / "index"))
+    app = runpy.run_path(str(ROOT / "examples" / "pgstac_plugin.py"))["app"]
+    with TestClient(app) as client:
+        assert client.get("/").json()["title"] == "My STAC API, with similarity search"
+        r = client.get(
+            "/collections/scenes/items/item-005/similar",
+            params={"model": MODEL, "k": 5, "collections": "scenes"},
+        )
+        assert r.status_code == 200, r.text
+        assert _dists(r.json()) == _ranking(_bits(5))[:5]
