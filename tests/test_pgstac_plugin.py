@@ -356,3 +356,19 @@ def test_the_example_app_serves_similarity(
         )
         assert r.status_code == 200, r.text
         assert _dists(r.json()) == _ranking(_bits(5))[:5]
+
+
+def test_enabled_extensions_keep_their_choice_and_gain_similarity(tmp_path: Path) -> None:
+    """ENABLED_EXTENSIONS chooses stac-fastapi-pgstac's extensions as before; similarity is
+    added to the list (the app is built without a database: /conformance needs none)."""
+    from stac_fastapi.pgstac.config import Settings
+
+    from stac_rscbir.api.pgstac_plugin import instantiate_similarity_api
+
+    settings = Settings(enabled_extensions=["filter", "pagination"])
+    api = instantiate_similarity_api(index_dir=tmp_path, settings=settings)
+    conformance = TestClient(api.app).get("/conformance").json()["conformsTo"]
+    assert CONFORMANCE in conformance
+    assert any("filter" in c for c in conformance)
+    assert not any(c.endswith("/item-search#sort") or "#query" in c for c in conformance)
+    assert api.settings.enabled_extensions == ["filter", "pagination", "similarity"]

@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import attr
 from fastapi import FastAPI, HTTPException, Request
@@ -61,6 +61,7 @@ from stac_rscbir.api.similarity import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
     MAX_K,
+    RankedHit,
     SimilarityClient,
     SimilarityExtension,
     SimilarityQuery,
@@ -68,6 +69,9 @@ from stac_rscbir.api.similarity import (
     similarity_from_get,
 )
 from stac_rscbir.store.base import ItemKey
+
+if TYPE_CHECKING:
+    from stac_rscbir.store.pgstac import PgstacStore
 
 __all__ = [
     "PgstacCandidates",
@@ -97,7 +101,7 @@ class PgstacCandidates:
     """The candidates of a similarity search: the items pgstac's WHERE clause of the request's
     filters selects (:meth:`~stac_rscbir.store.pgstac.PgstacStore.keys_matching`)."""
 
-    store: Any  # a PgstacStore
+    store: PgstacStore
     body: dict[str, Any]
 
     @property
@@ -186,7 +190,7 @@ class SimilarityCoreClient(CoreCrudClient):
         }
 
     async def _hydrate(
-        self, search_request: PgstacSearch, hits: list[Any], request: Request
+        self, search_request: PgstacSearch, hits: list[RankedHit], request: Request
     ) -> list[dict[str, Any]]:
         """The hits' items through stac-fastapi-pgstac's own search (one per collection, the
         request's ``fields`` kept), in rank order and annotated; items gone since are left
