@@ -15,7 +15,6 @@ import pytest
 import rasterio
 from fastapi.testclient import TestClient
 
-from stac_rscbir.api.app import create_api
 from stac_rscbir.data.bigearthnet import S1_BANDS, S2_BANDS, BenPatches, load_ben, read_s1_patch
 from stac_rscbir.extension.cbir import CBIRModel, HashCode
 from stac_rscbir.ingest.sinks import StoreSink
@@ -24,9 +23,9 @@ from stac_rscbir.models.checkpoint import load_checkpoint
 from stac_rscbir.models.encoder import HashEncoder
 from stac_rscbir.models.recipes import train_crossmodal
 from stac_rscbir.models.training import TrainConfig
-from stac_rscbir.store.sqlite import SQLiteStore
 
-from .conftest import require
+from .api_builders import DEPLOYMENTS, Deployment
+from .conftest import open_deployment, require
 from .stac_builders import ben_item
 
 BEN = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "bigearthnet"
@@ -134,11 +133,19 @@ def _items() -> tuple[list[pystac.Item], dict[str, str]]:
     return items, pair
 
 
-@pytest.fixture(scope="module")
-def api(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, dict]]:
-    """One ingestion run of mixed S2 and S1 items into a SQLite store, and the API over it."""
+@pytest.fixture(scope="module", params=DEPLOYMENTS)
+def api(
+    model: Path, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TestClient, dict]]:
+    """One ingestion run of mixed S2 and S1 items into the store of each deployment, and the
+    deployment's API over it."""
     tmp = tmp_path_factory.mktemp("crossmodal-api")
-    store = SQLiteStore(tmp / "stac.db")
+    with open_deployment(request.param, tmp, request) as deployment:
+        yield from _ingested_api(model, deployment)
+
+
+def _ingested_api(model: Path, deployment: Deployment) -> Iterator[tuple[TestClient, dict]]:
+    store = deployment()
     for collection in ("ben-s2", "ben-s1"):
         store.create_collection(
             {
@@ -158,10 +165,8 @@ def api(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     options = IngestOptions(batch_size=4, progress=False, device="cpu")
     report = Ingestor.from_checkpoint(model, options).run(items, StoreSink(store))
     assert (report.items_encoded, report.chips_encoded, report.errors) == (12, 0, [])
-    api = create_api(store, tmp / "index", models={MODEL: model})
-    with TestClient(api.app) as client:
-        yield client, {"store": store, "pair": pair, "model": model}
-    store.close()
+    with TestClient(deployment.app(models={MODEL: model})) as client:
+        yield client, {"deployment": deployment, "pair": pair, "model": model}
 
 
 def _code(item: dict) -> HashCode:
@@ -302,8 +307,7 @@ def test_pystac_client_finds_s1_items_like_an_s2_item_over_http(
             f"/collections/ben-s2/items/{s2_id}/similar", params={"collections": "ben-s1", "k": 6}
         ).json()["features"]
     ]
-    app = create_api(ctx["store"], tmp_path / "index", models={MODEL: ctx["model"]}).app
-    with BackgroundServer(app) as server:
+    with BackgroundServer(ctx["deployment"].app(models={MODEL: ctx["model"]})) as server:
         stac = Client.open(server.url)
         search = search_similar(
             stac, item=("ben-s2", s2_id), model=MODEL, k=6, collections=["ben-s1"]
