@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 from pystac_client import Client
 from rasterio.io import MemoryFile
 
-from stac_rscbir.api.app import create_api
 from stac_rscbir.api.server import BackgroundServer
 from stac_rscbir.client import distances, search_similar
 from stac_rscbir.extension.cbir import DEFAULT_K, Descriptor, HashCode
@@ -24,8 +23,8 @@ from stac_rscbir.models.encoder import HashEncoder
 
 from .api_builders import (
     MODEL,
+    Deployment,
     N,
-    StoreFactory,
     _bits,
     _collection,
     _item,
@@ -38,21 +37,21 @@ ITEM = {"collection": "scenes", "id": "item-005"}
 
 
 @pytest.fixture
-def db(store_factory: StoreFactory) -> StoreFactory:
-    """The store factory, its store holding the ``scenes`` collection and N items."""
-    store = store_factory()
+def db(deployment: Deployment) -> Deployment:
+    """The deployment, its database holding the ``scenes`` collection and N items."""
+    store = deployment()
     store.create_collection(_collection())
     store.upsert_items([_item(i) for i in range(N)])
-    return store_factory
+    return deployment
 
 
-def _app(db: StoreFactory) -> TestClient:
-    """A new API process (replica) over the test's database."""
-    return TestClient(create_api(db(), db.index_dir).app)
+def _app(db: Deployment) -> TestClient:
+    """A new API process (replica) of the deployment over the test's database."""
+    return TestClient(db.app())
 
 
 @pytest.fixture
-def client(db: StoreFactory) -> Iterator[TestClient]:
+def client(db: Deployment) -> Iterator[TestClient]:
     with _app(db) as c:
         yield c
 
@@ -192,7 +191,7 @@ def test_sortby_with_similarity_is_refused(client: TestClient) -> None:
     assert _ok(client.post("/search", json={"sortby": body["sortby"]}))["features"]  # alone: fine
 
 
-def test_paging_survives_a_write_between_pages(db: StoreFactory) -> None:
+def test_paging_survives_a_write_between_pages(db: Deployment) -> None:
     """Page 1, a write of a distance-0 item, then `next`: the pages slice the ranked list of
     page 1 (no repeat, nothing skipped); another replica serves the next page while the store
     is unchanged, and answers 410 once it changed (it does not hold that list)."""
@@ -255,12 +254,12 @@ def _descriptor(i: int) -> np.ndarray:
 
 
 def test_search_similar_takes_a_path_bytes_or_pixels(
-    store_factory: StoreFactory, tmp_path: Path
+    deployment: Deployment, tmp_path: Path
 ) -> None:
     ckpt = rgb_checkpoint(tmp_path / "model", "rgb-img-64")
     images = np.random.default_rng(3).integers(0, 255, size=(12, 3, 32, 32), dtype=np.uint8)
     bits, relaxed = HashEncoder.load(ckpt).encode_numpy(images.astype(np.float32))
-    store = store_factory()
+    store = deployment()
     store.create_collection(_collection("img"))
     items = []
     for i in range(12):
@@ -276,8 +275,7 @@ def test_search_similar_takes_a_path_bytes_or_pixels(
         with mem.open(driver="PNG", width=32, height=32, count=3, dtype="uint8") as dst:
             dst.write(images[4])
         png.write_bytes(mem.read())
-    api = create_api(store, store_factory.index_dir, {"rgb-img-64": ckpt})
-    with BackgroundServer(api.app) as server:
+    with BackgroundServer(deployment.app({"rgb-img-64": ckpt})) as server:
         client = Client.open(server.url)
         answers = [
             [
