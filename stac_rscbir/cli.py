@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from stac_rscbir.extension import CODES_PROP, SUPPORTED_BITS, CBIRFieldError, HashCode
@@ -527,7 +528,7 @@ TTA_HELP = (
 def _switch_tta(model: Path) -> None:
     """``--tta``: switch the checkpoint's config to test-time augmentation (if not yet) and say
     so; the encoders loaded afterwards (ingest, listen, serve) read it from there."""
-    from stac_rscbir.models.checkpoint import CONFIG_NAME, enable_tta
+    from stac_rscbir.models.config import CONFIG_NAME, enable_tta
 
     try:
         config, before = enable_tta(model)
@@ -667,7 +668,8 @@ def serve(
     import uvicorn
 
     from stac_rscbir.api.app import create_api
-    from stac_rscbir.models.checkpoint import load_checkpoint
+    from stac_rscbir.extras import MissingExtraError, installed, require
+    from stac_rscbir.models.config import load_config
     from stac_rscbir.store.base import ItemStore, StoreError
 
     if (db is None) == (dsn is None):
@@ -697,13 +699,24 @@ def serve(
             "read-only: no --write-token (or RSCBIR_WRITE_TOKEN) nor --allow-anonymous-writes "
             "given, so no Transactions endpoints"
         )
+    if encode_with is not None:
+        try:
+            require("--encode-with (encoding items on write)", "ml", "ingest")
+        except MissingExtraError as err:
+            console.print(f"[red]{escape(str(err))}[/]")
+            raise typer.Exit(2) from err
     models = {}
     for path in model or []:
-        try:
-            models[load_checkpoint(path)[0].model_id] = path
+        try:  # the config alone: no torch until a request needs the model
+            models[load_config(path).model_id] = path
         except (FileNotFoundError, ValueError) as err:
             console.print(f"[red]{err}[/]")
             raise typer.Exit(1) from err
+    if models and not installed("ml"):
+        console.print(
+            "[yellow]warning: without the `ml` extra, image queries are refused "
+            "(pip install 'stac-rscbir\\[ml]'); queries by item or code are served[/]"
+        )
     store: ItemStore
     if db is not None:
         from stac_rscbir.store.sqlite import SQLiteStore
