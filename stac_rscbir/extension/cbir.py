@@ -298,6 +298,20 @@ class HashCode:
 INPUT_DTYPES: tuple[str, ...] = ("uint8", "uint16", "int16", "float32")
 
 
+def code_of(item: dict[str, Any] | None, model: str, version: str | None = None) -> HashCode | None:
+    """The code of ``model`` (at ``version``; any version when None) in an item dict's
+    ``cbir:codes``, validated: the last matching entry if several."""
+    found = None
+    for i, entry in enumerate((item or {}).get("properties", {}).get(CODES_PROP) or []):
+        if (
+            isinstance(entry, dict)
+            and entry.get("model") == model
+            and version in (None, entry.get("model_version"))
+        ):
+            found = HashCode.from_dict(entry, f"{CODES_PROP}[{i}]")
+    return found
+
+
 def _check_input(value: object, field: str) -> None:
     """A model's (or branch's) ``input``: chip size, resolution and the pixel values it takes."""
     if not isinstance(value, dict):
