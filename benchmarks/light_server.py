@@ -8,16 +8,21 @@ of ``stac-rscbir serve`` to its first answered similarity search at 10^5 items.
    torch / odc / rasterio / matplotlib each holds; the entry points imported in each venv.
 2. The API image: built with Docker where an engine answers; else its size is estimated as the
    ``python:3.11-slim`` base (``--base-image-mb``, Docker Hub's published size, NOT measured
-   here) plus the light venv (the image's /opt/venv holds the same wheels).
+   here) plus each venv (the image's /opt/venv holds the same wheels).
 3. Cold start: a SQLite store of ``--items`` coded items (benchmarks/service_bench.py's items)
    built once; then, per venv and per case (saved index present / index folder absent), the
-   wall time from starting ``<venv>/bin/stac-rscbir serve --db ...`` until ``POST /search``
-   with a similarity query by item answers 200 (polled every 20 ms), the server's resident
-   memory then, and the time until it first answered at all.
+   wall time from starting ``<venv>/bin/stac-rscbir serve --db ... --model CHECKPOINT`` until
+   ``POST /search`` with a similarity query by item answers 200 (polled every 20 ms until the
+   server accepts connections), and the server's resident memory then. Runs are interleaved
+   across installs and cases; the machine's load average is recorded.
+4. With ``--before GIT_REF``, the same for the project at that commit installed with
+   ``[pgstac]`` (before issue 16: torch and the rest were required, and ``serve --model``
+   loaded the checkpoint's weights with torch).
 
 Writes benchmarks/results/light/light_server.json.
 
-    .venv/bin/python benchmarks/light_server.py                  # 10^5 items, 3 runs per case
+    .venv/bin/python benchmarks/light_server.py                  # 10^5 items, 5 runs per case
+    .venv/bin/python benchmarks/light_server.py --before 301da11 # + the install before issue 16
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ OUT = ROOT / "benchmarks" / "results" / "light"
 TORCH_PIN = "torch==2.13.0"
 INSTALLS = {"light": "pgstac", "full": "pgstac,ml,ingest"}
 HEAVY = ("torch", "odc", "rasterio", "matplotlib", "pyarrow")
+CASES = ("index absent", "index present")
 ENTRY_POINTS = ("stac_rscbir.cli", "stac_rscbir.api.app", "stac_rscbir.api.pgstac_plugin")
 
 
@@ -61,17 +67,19 @@ def find_links() -> list[str]:
     return list(dict.fromkeys(out))
 
 
-def build_venv(venv: Path, extras: str) -> float:
-    """A fresh venv with this checkout and ``extras`` installed; seconds it took."""
+def build_venv(venv: Path, extras: str, source: Path = ROOT) -> float:
+    """A fresh venv with the project at ``source`` and ``extras`` installed (torch pinned to
+    the CPU build where it comes along); seconds it took."""
     uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
     assert uv, "uv not found (scripts/setup installs it into .venv)"
     shutil.rmtree(venv, ignore_errors=True)
     start = time.perf_counter()
     subprocess.run([uv, "venv", "-q", "-p", "python3.11", str(venv)], check=True)
     args = [a for d in find_links() for a in ("--find-links", d)]
-    pins = [TORCH_PIN] if "ml" in extras.split(",") else []
+    torch = "ml" in extras.split(",") or source != ROOT  # before issue 16 torch was required
+    pins = [TORCH_PIN] if torch else []
     python = str(venv / "bin" / "python")
-    install = [uv, "pip", "install", "-q", "-p", python, *args, *pins, f"{ROOT}[{extras}]"]
+    install = [uv, "pip", "install", "-q", "-p", python, *args, *pins, f"{source}[{extras}]"]
     subprocess.run(install, check=True)
     return time.perf_counter() - start
 
@@ -145,9 +153,9 @@ def docker_image(extras: str) -> dict[str, Any] | None:
 
 
 def cold_start(venv: Path, db: Path, index: Path, model: Path, query_id: str) -> dict[str, Any]:
-    """Start ``serve`` (with ``--model``: it reads the checkpoint's config); seconds until it
-    first answers, and until a similarity search is 200 (the same: the first request is the
-    search, answered once the app has started)."""
+    """Start ``serve`` (with ``--model``: it reads the checkpoint's config); seconds until a
+    similarity search by item answers 200 (polled until the server accepts connections: its
+    first answer is that search, once the app has started), and its resident memory then."""
     port = free_port()
     cmd = [str(venv / "bin" / "stac-rscbir"), "serve", "--db", str(db), "--index-dir", str(index)]
     cmd += ["--model", str(model)]
@@ -157,7 +165,6 @@ def cold_start(venv: Path, db: Path, index: Path, model: Path, query_id: str) ->
         "limit": 10,
         "similarity": {"model": MODEL, "item": {"collection": "bench", "id": query_id}, "k": 10},
     }
-    first_answer = None
     start = time.perf_counter()
     proc = subprocess.Popen(
         [*cmd, "--host", "127.0.0.1", "--port", str(port)],
@@ -175,13 +182,10 @@ def cold_start(venv: Path, db: Path, index: Path, model: Path, query_id: str) ->
                 except httpx.TransportError:
                     time.sleep(0.02)
                     continue
-                now = time.perf_counter() - start
-                first_answer = first_answer if first_answer is not None else now
-                if r.status_code == 200:
-                    assert r.json()["features"][0]["id"] == query_id, r.text[:300]
-                    ready = now
-                    break
-                time.sleep(0.02)
+                ready = time.perf_counter() - start
+                assert r.status_code == 200, r.text[:300]
+                assert r.json()["features"][0]["id"] == query_id, r.text[:300]
+                break
         rss = next(
             int(line.split()[1]) // 1024
             for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
@@ -190,18 +194,24 @@ def cold_start(venv: Path, db: Path, index: Path, model: Path, query_id: str) ->
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-    return {"first_answer_s": round(first_answer, 3), "ready_s": round(ready, 3), "rss_mb": rss}
+    return {"ready_s": round(ready, 3), "rss_mb": rss}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=100_000)
-    parser.add_argument("--runs", type=int, default=3, help="cold starts per venv and case")
+    parser.add_argument("--runs", type=int, default=5, help="cold starts per venv and case")
     parser.add_argument(
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "rscbir-light"
     )
     parser.add_argument("--reuse-venvs", action="store_true", help="keep venvs already built")
     parser.add_argument("--base-image-mb", type=float, default=131.0)
+    parser.add_argument(
+        "--before",
+        metavar="GIT_REF",
+        help="also measure the project at this commit (e.g. the one before issue 16: torch, "
+        "odc-stac, rasterio, matplotlib required) installed with [pgstac]",
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
@@ -210,11 +220,22 @@ def main() -> None:
         f"Python {platform.python_version()}",
         "installs": {},
     }
-    for name, extras in INSTALLS.items():
+    installs = {name: (extras, ROOT) for name, extras in INSTALLS.items()}
+    if args.before:
+        source = args.workdir / "before-src"
+        shutil.rmtree(source, ignore_errors=True)
+        source.mkdir()
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", args.before], capture_output=True, check=True
+        )
+        subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+        installs["before"] = ("pgstac", source)
+        result["before"] = args.before
+    for name, (extras, source) in installs.items():
         venv = args.workdir / name
         took = None
         if not (args.reuse_venvs and (venv / "bin" / "stac-rscbir").exists()):
-            took = round(build_venv(venv, extras), 1)
+            took = round(build_venv(venv, extras, source), 1)
         result["installs"][name] = {
             "extras": extras,
             "install_s": took,
@@ -224,18 +245,18 @@ def main() -> None:
         print(name, json.dumps(result["installs"][name]), flush=True)
 
     image = docker_image(INSTALLS["light"])
-    light = result["installs"]["light"]
-    full = result["installs"]["full"]
     result["api_image"] = image or {
         "measured": False,
         "note": "no Docker engine here: the image size is ESTIMATED as the python:3.11-slim base "
         f"({args.base_image_mb} MB, Docker Hub's published size, not measured here) plus the "
         "venv the image copies (/opt/venv: the same wheels as the venv measured here)",
-        "light_estimate_mb": round(args.base_image_mb + light["venv_mb"], 1),
-        "with_ml_estimate_mb": round(args.base_image_mb + full["venv_mb"], 1),
+        **{
+            f"{name}_estimate_mb": round(args.base_image_mb + got["venv_mb"], 1)
+            for name, got in result["installs"].items()
+        },
     }
 
-    db, index = args.workdir / "cold.db", args.workdir / "cold.index"
+    db = args.workdir / "cold.db"
     if not db.exists():
         from stac_rscbir.store.sqlite import SQLiteStore
 
@@ -253,22 +274,25 @@ def main() -> None:
 
         rgb_checkpoint(model, MODEL)
     query_id = f"i{args.items // 2:07d}"
-    cold: dict[str, Any] = {}
-    for name in INSTALLS:
-        venv = args.workdir / name
-        for case in ("index absent", "index present"):
-            runs = []
-            for _ in range(args.runs):
+    # interleaved (run, case, install), so that the load of the shared machine spreads evenly;
+    # each install keeps its own index folder (saved by its previous run's shutdown)
+    cold: dict[str, Any] = {f"{n}, {c}": {"runs": []} for n in installs for c in CASES}
+    result["load_average_before"] = os.getloadavg()
+    for _ in range(args.runs):
+        for case in CASES:
+            for name in installs:
+                index = args.workdir / f"cold-{name}.index"
                 if case == "index absent":
                     shutil.rmtree(index, ignore_errors=True)
                 else:
                     assert index.is_dir() and any(index.iterdir()), "no saved index to start from"
-                runs.append(cold_start(venv, db, index, model, query_id))
-                print(name, case, runs[-1], flush=True)
-            cold[f"{name}, {case}"] = {
-                "runs": runs,
-                "median_ready_s": sorted(r["ready_s"] for r in runs)[len(runs) // 2],
-            }
+                got = cold_start(args.workdir / name, db, index, model, query_id)
+                cold[f"{name}, {case}"]["runs"].append(got)
+                print(name, case, got, flush=True)
+    result["load_average_after"] = os.getloadavg()
+    for row in cold.values():
+        ready = sorted(r["ready_s"] for r in row["runs"])
+        row.update(median_ready_s=ready[len(ready) // 2], min_ready_s=ready[0])
     result["cold_start"] = cold
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "light_server.json").write_text(json.dumps(result, indent=2) + "\n")

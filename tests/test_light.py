@@ -180,3 +180,69 @@ def test_importtime_shows_no_ml_module(entry_point: str, tmp_path: Path) -> None
     }
     assert len(imported) > 50  # the report was read
     assert not imported & set(BLOCKED)
+
+
+def _requirement_closure(requirements: list[str]) -> set[str]:
+    """The distributions ``requirements`` install, transitively, as installed here (with the
+    extras each names; markers evaluated for this interpreter)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[tuple[str, frozenset[str]]] = set()
+    stack = [Requirement(r) for r in requirements]
+    while stack:
+        req = stack.pop()
+        key = (canonicalize_name(req.name), frozenset(req.extras))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            requires = metadata.requires(req.name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for text in requires:
+            sub = Requirement(text)
+            extras = req.extras or {""}
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in extras):
+                stack.append(sub)
+    return {name for name, _ in seen}
+
+
+def test_the_entry_points_need_only_the_base_install(tmp_path: Path) -> None:
+    """Every distribution whose modules the entry points import comes with the base install
+    (+ ``pgstac``): a module that only an extra brought in (pyproj came with rasterio) is
+    caught here, not in a light install."""
+    import tomllib
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    allowed = _requirement_closure(
+        project["dependencies"] + project["optional-dependencies"]["pgstac"]
+    )
+    code = (  # the modules the imports add to those of the interpreter's start
+        "import importlib, json, sys; start = set(sys.modules); "
+        f"[importlib.import_module(m) for m in {ENTRY_POINTS!r}]; "
+        "print(json.dumps(sorted({m.partition('.')[0] for m in set(sys.modules) - start})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    owners = metadata.packages_distributions()
+    used = {
+        canonicalize_name(dist)
+        for top in json.loads(done.stdout)
+        if top != "stac_rscbir"
+        for dist in owners.get(top, [])
+    }
+    assert used, "no distribution found for the imported modules"
+    assert sorted(used - allowed) == []
