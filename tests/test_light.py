@@ -85,7 +85,7 @@ from PIL import Image
 from fastapi.testclient import TestClient
 
 from stac_rscbir.api.app import create_api
-from stac_rscbir.extension.cbir import HashCode
+from stac_rscbir.extension.cbir import ChipWindow, HashCode
 from stac_rscbir.models.config import ModelConfig, save_config
 from stac_rscbir.store.sqlite import SQLiteStore
 from tests.api_builders import MODEL, N, _bits, _collection, _item
@@ -93,6 +93,11 @@ from tests.api_builders import MODEL, N, _bits, _collection, _item
 store = SQLiteStore(Path("light.db"))
 store.create_collection(_collection())
 store.upsert_items([_item(i) for i in range(N)])
+chip = _item(0, "scenes-chips")  # a chip of item-000: its thumbnail is read with odc-stac
+chip["properties"]["cbir:chip"] = ChipWindow.create(0, 0, 32, 32).properties
+chip["links"] = [{"rel": "derived_from", "href": "./item-000.json"}]
+store.create_collection(_collection("scenes-chips"))
+store.upsert_items([chip])
 ckpt = Path("ckpt")  # a checkpoint's config (read without torch) and a stand-in weights file
 ckpt.mkdir()
 save_config(ckpt, ModelConfig(method="dhnn", bits=64, bands=["red", "green", "blue"],
@@ -113,6 +118,8 @@ with TestClient(app, raise_server_exceptions=False) as client:
     by_item = search(client, {"item": {"collection": "scenes", "id": "item-011"}})
     by_code = search(client, {"code": HashCode.from_bits(MODEL, "1.0.0", _bits(11)).code})
     by_image = search(client, {"image": image})
+    thumbnail = client.get("/collections/scenes-chips/items/item-000/thumbnail")
+    thumbnail = thumbnail.status_code, thumbnail.json()
 store.close()
 heavy = sorted(m for m in sys.modules if m.partition(".")[0] in BLOCKED)
 
@@ -123,13 +130,14 @@ def ids(answer):
 
 def test_light_app_answers_similarity_and_names_the_ml_extra(tmp_path: Path) -> None:
     """Our app over SQLite ranks by item and by code without torch; an image query is a 400
-    that names the ``ml`` extra and how to install it."""
+    that names the ``ml`` extra and how to install it, a chip thumbnail a 404 naming
+    ``ingest``."""
     out = _run_light(
         "from pathlib import Path\n"
         f"BLOCKED = {BLOCKED!r}\n"
         + textwrap.dedent(LIGHT_APP)
         + 'print(json.dumps({"item": ids(by_item), "code": ids(by_code), '
-        '"image": by_image, "heavy": heavy}))',
+        '"image": by_image, "thumbnail": thumbnail, "heavy": heavy}))',
         tmp_path,
     )
     assert out["heavy"] == []
@@ -139,6 +147,9 @@ def test_light_app_answers_similarity_and_names_the_ml_extra(tmp_path: Path) -> 
     assert 400 <= status < 500, body
     assert "the `ml` extra" in body["description"]
     assert "pip install 'stac-rscbir[ml]'" in body["description"]
+    status, body = out["thumbnail"]  # a chip thumbnail needs the scene reader: a 404 that says so
+    assert status == 404, body
+    assert "the `ingest` extra: pip install 'stac-rscbir[ingest]'" in body["description"]
 
 
 def test_serve_encode_with_needs_the_extras(tmp_path: Path) -> None:
