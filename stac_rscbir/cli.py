@@ -143,6 +143,19 @@ TtaOpt = Annotated[
     typer.Option(help="Test-time augmentation: mean relaxed code over the 8 dihedral views."),
 ]
 
+
+def _require_extras(feature: str, *extras: str) -> None:
+    """Exit with code 2 and a message naming the extras ``feature`` needs that this install
+    lacks (the base install is the API; models and ingestion are extras)."""
+    from stac_rscbir.extras import MissingExtraError, require
+
+    try:
+        require(feature, *extras)
+    except MissingExtraError as err:
+        console.print(f"[red]{escape(str(err))}[/]")
+        raise typer.Exit(2) from err
+
+
 bench_app = typer.Typer(help="Benchmarks that write JSON results.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -168,6 +181,7 @@ def bench_retrieval(
     tta: TtaOpt = False,
 ) -> None:
     """Split 60/40 per class, train on 60 %, query each held-out image against the others."""
+    _require_extras("stac-rscbir bench retrieval", "ml")
     from stac_rscbir.eval import retrieval_bench as rb
 
     if method not in rb.method_names():
@@ -234,6 +248,7 @@ def train(
 ) -> None:
     """Train a preset on a labelled image folder (frozen backbone, or fine-tuned); save the
     encoder."""
+    _require_extras("stac-rscbir train", "ml")
     from stac_rscbir.models.finetune import Finetune
     from stac_rscbir.models.recipes import train_on_folder
     from stac_rscbir.models.training import TrainConfig
@@ -299,6 +314,7 @@ def train_crossmodal_cmd(
 ) -> None:
     """Train a cross-modal Sentinel-2 <-> Sentinel-1 model on co-registered BigEarthNet pairs
     (train + val splits); one checkpoint with both branches, for ingest and serve."""
+    _require_extras("stac-rscbir train-crossmodal", "ml")
     from stac_rscbir.data.bigearthnet import load_ben
     from stac_rscbir.models.recipes import train_crossmodal
     from stac_rscbir.models.training import TrainConfig
@@ -380,6 +396,7 @@ def fit(
 ) -> None:
     """Fit a hashing model on UNLABELLED chips (ImageNet efficientnet-lite0 + a hash head) and
     save a checkpoint for ingest and serve."""
+    _require_extras("stac-rscbir fit", "ml", "ingest")  # data.samples reads with odc-stac
     import re
     import time
 
@@ -577,6 +594,7 @@ def ingest(
     tta: Annotated[bool, typer.Option("--tta", help=TTA_HELP)] = False,
 ) -> None:
     """Encode items into hash codes and write them back (already-encoded items are skipped)."""
+    _require_extras("stac-rscbir ingest", "ml", "ingest")
     from stac_rscbir.ingest.sinks import open_sink
     from stac_rscbir.ingest.sources import SourceError, open_source
     from stac_rscbir.ingest.worker import IngestOptions, Ingestor
@@ -668,7 +686,7 @@ def serve(
     import uvicorn
 
     from stac_rscbir.api.app import create_api
-    from stac_rscbir.extras import MissingExtraError, installed, require
+    from stac_rscbir.extras import installed
     from stac_rscbir.models.config import load_config
     from stac_rscbir.store.base import ItemStore, StoreError
 
@@ -700,11 +718,7 @@ def serve(
             "given, so no Transactions endpoints"
         )
     if encode_with is not None:
-        try:
-            require("--encode-with (encoding items on write)", "ml", "ingest")
-        except MissingExtraError as err:
-            console.print(f"[red]{escape(str(err))}[/]")
-            raise typer.Exit(2) from err
+        _require_extras("--encode-with (encoding items on write)", "ml", "ingest")
     models = {}
     for path in model or []:
         try:  # the config alone: no torch until a request needs the model
@@ -762,6 +776,7 @@ def demo(
     ] = "itq",
 ) -> None:
     """The main job: real scenes -> catalog -> model -> codes -> API -> similarity queries."""
+    _require_extras("stac-rscbir demo", "ml", "ingest")
     from stac_rscbir.demo import run_demo
 
     try:
@@ -814,6 +829,7 @@ def listen(
 
     Then encodes each item announced, until --idle-timeout or SIGINT/SIGTERM; prints a summary.
     """
+    _require_extras("stac-rscbir listen", "ml", "ingest")
     import signal
     import threading
 

@@ -152,23 +152,46 @@ def test_light_app_answers_similarity_and_names_the_ml_extra(tmp_path: Path) -> 
     assert "the `ingest` extra: pip install 'stac-rscbir[ingest]'" in body["description"]
 
 
-def test_serve_encode_with_needs_the_extras(tmp_path: Path) -> None:
-    """``serve --encode-with`` without the extras: exit code 2 and a message naming them."""
+#: Commands of the CLI that need models or ingestion: (arguments, what the message names).
+MODEL_COMMANDS = (
+    (
+        ["serve", "--db", "x.db", "--encode-with", "ckpt", "--allow-anonymous-writes"],
+        "--encode-with (encoding items on write) needs the `ml` and `ingest` extras: "
+        "pip install 'stac-rscbir[ml,ingest]'",
+    ),
+    (
+        ["ingest", "catalog.json", "--model", "ckpt"],
+        "stac-rscbir ingest needs the `ml` and `ingest` extras: "
+        "pip install 'stac-rscbir[ml,ingest]'",
+    ),
+    (
+        ["listen", "--dsn", "postgresql://nowhere/x", "--model", "ckpt"],
+        "stac-rscbir listen needs the `ml` and `ingest` extras",
+    ),
+    (["demo"], "stac-rscbir demo needs the `ml` and `ingest` extras"),
+    (
+        ["train", "--images", ".", "--labels", "l.csv", "--method", "milan", "--out", "m"],
+        "stac-rscbir train needs the `ml` extra: pip install 'stac-rscbir[ml]'",
+    ),
+)
+
+
+def test_model_commands_name_their_extras(tmp_path: Path) -> None:
+    """``serve --encode-with``, ``ingest``, ``listen``, ``demo``, ``train`` without the
+    extras: exit code 2 and a message naming them, before anything is opened."""
     out = _run_light(
-        """
+        f"""
         from typer.testing import CliRunner
         from stac_rscbir.cli import app
-        r = CliRunner().invoke(app, ["serve", "--db", "x.db", "--encode-with", "ckpt",
-                                     "--allow-anonymous-writes"])
-        print(json.dumps({"code": r.exit_code, "output": r.output}))
+        runs = [CliRunner().invoke(app, args) for args, _ in {MODEL_COMMANDS!r}]
+        print(json.dumps([{{"code": r.exit_code, "output": r.output}} for r in runs]))
         """,
         tmp_path,
     )
-    assert out["code"] == 2, out["output"]
-    output = " ".join(out["output"].split())
-    assert "--encode-with" in output and "the `ml` and `ingest` extras" in output
-    assert "pip install 'stac-rscbir[ml,ingest]'" in output
-    assert not (tmp_path / "x.db").exists()  # refused before anything was opened
+    for (args, message), run in zip(MODEL_COMMANDS, out, strict=True):
+        assert run["code"] == 2, (args, run["output"])
+        assert message in " ".join(run["output"].split()), (args, run["output"])
+    assert not (tmp_path / "x.db").exists()  # serve refused before opening its store
 
 
 @pytest.mark.parametrize("entry_point", ENTRY_POINTS)
