@@ -119,6 +119,23 @@ def test_services_and_their_wiring(resolved: dict[str, Any]) -> None:
     assert {"pgdata", "indexes", "plugin-indexes"} <= set(resolved["volumes"])
 
 
+def test_plugin_service_configures_stac_fastapi_pgstac(
+    resolved: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stac-fastapi-pgstac's own settings classes read the api-pgstac service's environment."""
+    require(find_spec("stac_fastapi.pgstac") is not None, "stac-fastapi-pgstac (pgstac extra)")
+    from stac_fastapi.pgstac.config import PostgresSettings, Settings
+
+    for key in [k for k in os.environ if k.startswith(("PG", "ENABLE_", "DB_"))]:
+        monkeypatch.delenv(key)
+    for key, value in resolved["services"]["api-pgstac"]["environment"].items():
+        monkeypatch.setenv(key, str(value))
+    pg = PostgresSettings(_env_file=None)
+    assert (pg.pghost, pg.pgport, pg.pgdatabase) == ("pgstac", 5432, "pgstac")
+    assert (pg.pguser, pg.pgpassword) == ("postgres", "postgres")
+    assert Settings(_env_file=None).enable_transactions_extensions is False
+
+
 def test_configuration_comes_from_the_environment() -> None:
     run = _docker_compose(
         "config",
