@@ -120,6 +120,11 @@ with TestClient(app, raise_server_exceptions=False) as client:
     by_image = search(client, {"image": image})
     thumbnail = client.get("/collections/scenes-chips/items/item-000/thumbnail")
     thumbnail = thumbnail.status_code, thumbnail.json()
+app = create_api(store, Path("nomodel.index")).app  # feedback binarised by the stored codes' rule
+with TestClient(app, raise_server_exceptions=False) as client:
+    by_feedback = search(client, {"item": {"collection": "scenes", "id": "item-011"},
+                                  "feedback": {"relevant": [{"collection": "scenes",
+                                                             "id": "item-023"}]}})
 store.close()
 heavy = sorted(m for m in sys.modules if m.partition(".")[0] in BLOCKED)
 
@@ -129,7 +134,8 @@ def ids(answer):
 
 
 def test_light_app_answers_similarity_and_names_the_ml_extra(tmp_path: Path) -> None:
-    """Our app over SQLite ranks by item and by code without torch; an image query is a 400
+    """Our app over SQLite ranks by item, by code and with feedback without torch (feedback
+    without a checkpoint of the model binarises as the stored codes do); an image query is a 400
     that names the ``ml`` extra and how to install it, a chip thumbnail a 404 naming
     ``ingest``."""
     out = _run_light(
@@ -137,12 +143,14 @@ def test_light_app_answers_similarity_and_names_the_ml_extra(tmp_path: Path) -> 
         f"BLOCKED = {BLOCKED!r}\n"
         + textwrap.dedent(LIGHT_APP)
         + 'print(json.dumps({"item": ids(by_item), "code": ids(by_code), '
-        '"image": by_image, "thumbnail": thumbnail, "heavy": heavy}))',
+        '"feedback": ids(by_feedback), "image": by_image, "thumbnail": thumbnail, '
+        '"heavy": heavy}))',
         tmp_path,
     )
     assert out["heavy"] == []
     assert out["item"][0] == "item-011" and len(out["item"]) == 5
     assert out["code"][0] == "item-011" and len(out["code"]) == 5
+    assert isinstance(out["feedback"], list) and len(out["feedback"]) == 5, out["feedback"]
     status, body = out["image"]
     assert 400 <= status < 500, body
     assert "the `ml` extra" in body["description"]
