@@ -6,9 +6,14 @@ The lifecycle, in explicit phases:
 * **open**: :meth:`LiveIndexes.index` loads the saved index when it names the store's present
   generation, else rebuilds it from the store (one rebuild per model at a time, outside the
   lock, so searches of current indexes and writes never wait for it);
-* **catch up**: :meth:`LiveIndexes.on_item` (the transaction hook) applies each committed write
-  of this process; a search that finds the store ahead (another process wrote) waits a moment
-  for a hook under way, then rebuilds;
+* **catch up**: with a store that logs what each generation wrote (pgstac:
+  ``rscbir.changes``), the index follows the log, whoever wrote (this process, another replica,
+  stac-fastapi-pgstac's Transactions, ``pypgstac load``): the items written since its generation
+  are read again and applied; it is rebuilt only when the log does not reach back far enough,
+  a collection was deleted, the model's declaration changed, or more than a tenth of the items
+  changed. Without a log (SQLite), :meth:`LiveIndexes.on_item` (the transaction hook) applies
+  each committed write of this process, and a search that finds the store ahead (another
+  process wrote) waits a moment for a hook under way, then rebuilds;
 * **save**: writes schedule a coalesced background save (one per model at most every
   ``save_delay`` seconds); :meth:`flush` saves what is pending, :meth:`close` stops the saver
   and flushes (the app's shutdown). A lost save costs a rebuild at the next start: a saved copy
@@ -44,6 +49,10 @@ class LiveIndexes:
         self._indexes: dict[str, HashIndex] = {}
         self._lock = threading.RLock()  # guards _indexes, _disk_stale, _saved and the locks
         self._build_locks: dict[str, threading.Lock] = {}  # one (re)build per model at a time
+        self._follow_locks: dict[str, threading.Lock] = {}  # one follow of the log per model
+        # a store with a change log (pgstac) says what each generation wrote: indexes follow
+        # it (writes of other processes included) instead of being rebuilt
+        self._logged = callable(getattr(store, "changes_since", None))
         self._save_locks: dict[str, threading.Lock] = {}
         self._disk_stale: set[str] = set()  # models whose saved index must not be loaded
         self._saved: dict[str, tuple[HashIndex, int]] = {}  # what was saved last, at which gen
@@ -86,7 +95,12 @@ class LiveIndexes:
             return idx
         if idx is not None and self._writing and wanted - idx.generation <= 1:
             return idx  # the write under way is not acknowledged: its hook catches up
-        if idx is not None:  # most likely a write of this process whose hook is under way
+        if idx is not None and self._logged:  # another process wrote: read what it wrote
+            followed = self._follow_safely(model)
+            if followed is not None:
+                self._schedule_save(model)
+                return followed
+        elif idx is not None:  # most likely a write of this process whose hook is under way
             deadline = time.monotonic() + self.catch_up_wait
             with self._caught_up:
                 while (idx := self._indexes.get(model)) is not None:
@@ -246,11 +260,22 @@ class LiveIndexes:
 
         ``item_id`` "*" means the collection was deleted, "" that only the collection itself
         was written. Several items of one transaction each get a call at the same generation.
-        Never raises: the write is committed, the store is the source of truth. An index that
-        cannot follow (another writer came between, a collection went, an update failed) is
-        dropped and rebuilt at its next use; a failed save is logged and the index keeps
-        serving from memory.
+        With a store that logs its changes, each index follows the log (:meth:`_follow`);
+        otherwise the hook applies ``item`` itself. Never raises: the write is committed, the
+        store is the source of truth. An index that cannot follow (another writer came
+        between, a collection went, an update failed) is dropped and rebuilt at its next use;
+        a failed save is logged and the index keeps serving from memory.
         """
+        if self._logged:
+            loaded = list(self._indexes)
+            changed = [m for m in loaded if self._follow_safely(m) is not None]
+            with self._lock:
+                for model in set(loaded) - set(changed):
+                    self._drop(model)
+                self._caught_up.notify_all()
+            for model in changed:
+                self._schedule_save(model)
+            return
         changed = []
         try:
             with self._lock:
@@ -263,32 +288,14 @@ class LiveIndexes:
                         continue
                     if not item_id:  # the collection was written: no codes changed, but
                         # its cbir:models may change the version or bit length the index serves
-                        version, bits = self._served(model)
-                        if version != idx.version or bits not in (None, idx.bits):
+                        if not self._still_served(model, idx):
                             self._drop(model)
                             continue
                         idx.advance(generation)
                         changed.append(model)
                         continue
                     try:
-                        key = (collection, item_id)
-                        code = code_of(item, model, idx.version) if item else None
-                        if code is not None and idx.bits not in (None, code.bits):
-                            log.warning(
-                                "hash index of %s: %s/%s has a %d-bit code, the index serves %d "
-                                "bits: left out",
-                                model,
-                                collection,
-                                item_id,
-                                code.bits,
-                                idx.bits,
-                            )
-                            code = None
-                        if code is None:
-                            idx.remove(key, generation=generation)
-                        else:
-                            desc = code.descriptor.array() if code.descriptor else None
-                            idx.update(key, code.packed().tobytes(), desc, generation=generation)
+                        self._apply(idx, (collection, item_id), item, generation)
                     except Exception:
                         log.exception(
                             "hash index of %s: could not apply %s/%s; rebuilding it from the store",
@@ -308,6 +315,67 @@ class LiveIndexes:
             return
         for model in changed:
             self._schedule_save(model)
+
+    def _still_served(self, model: str, idx: HashIndex) -> bool:
+        """Whether the model's declaration still names the version and bits ``idx`` serves."""
+        version, bits = self._served(model)
+        return version == idx.version and bits in (None, idx.bits)
+
+    @staticmethod
+    def _apply(
+        idx: HashIndex, key: tuple[str, str], item: dict[str, Any] | None, generation: int
+    ) -> None:
+        """Put the item's code (as stored at ``generation``) in the index, or take the key out
+        when the item is gone or has no code of the index's version and bit length."""
+        code = code_of(item, idx.model, idx.version) if item else None
+        if code is not None and idx.bits not in (None, code.bits):
+            log.warning(
+                "hash index of %s: %s/%s has a %d-bit code, the index serves %d bits: left out",
+                idx.model,
+                *key,
+                code.bits,
+                idx.bits,
+            )
+            code = None
+        if code is None:
+            idx.remove(key, generation=generation)
+        else:
+            desc = code.descriptor.array() if code.descriptor else None
+            idx.update(key, code.packed().tobytes(), desc, generation=generation)
+
+    def _follow_safely(self, model: str) -> HashIndex | None:
+        """:meth:`_follow`, a failure logged (None: rebuild)."""
+        try:
+            return self._follow(model)
+        except Exception:
+            log.exception("hash index of %s: could not follow the store's change log", model)
+            return None
+
+    def _follow(self, model: str) -> HashIndex | None:
+        """Bring the model's loaded index up to the store by the store's change log: the items
+        written since the index's generation are read again and applied. None when it cannot:
+        the log does not reach back that far, a collection was deleted, the model's
+        declaration changed, or so many items changed that a rebuild is cheaper."""
+        with self._model_lock(self._follow_locks, model):
+            idx = self._indexes.get(model)
+            if idx is None:
+                return None
+            found = self.store.changes_since(idx.generation)  # type: ignore[attr-defined]
+            if found is None:
+                return None
+            generation, keys = found
+            if generation <= idx.generation:
+                return idx
+            items = [k for k in keys if k[1] not in ("", "*")]
+            if any(k[1] == "*" for k in keys) or len(items) > max(1000, idx.count // 10):
+                return None
+            if any(k[1] == "" for k in keys) and not self._still_served(model, idx):
+                return None
+            stored = {(i["collection"], i["id"]): i for i in self.store.get_items(items)}
+            for key in items:
+                self._apply(idx, key, stored.get(key), generation)
+            idx.advance(generation)
+            return idx
 
     def models_with_codes(self) -> set[str]:
         """The models whose loaded index holds codes (its bit length is known)."""
