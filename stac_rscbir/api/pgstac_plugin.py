@@ -18,8 +18,10 @@ pools, middlewares and extensions are left as they are. The plugin adds
   and saving their pending writes on shutdown.
 
 Index upkeep: writes through stac-fastapi-pgstac's Transactions (or ``pypgstac load``, or SQL)
-bump the store's generation triggers (installed by ``PgstacStore`` on first use); the index sees
-that the store moved on and catches up (:class:`~stac_rscbir.index.live.LiveIndexes`).
+fire the store's generation triggers (installed by ``PgstacStore`` on first use), which log the
+items each write touched; a search that finds the store ahead of its index applies those items
+to it (:class:`~stac_rscbir.index.live.LiveIndexes`, rebuilding only when the log does not reach
+back).
 
 Run it with stac-fastapi-pgstac's environment (PGHOST, PGUSER, PGPASSWORD, PGDATABASE, PGPORT,
 ENABLED_EXTENSIONS, ENABLE_TRANSACTIONS_EXTENSIONS...) plus RSCBIR_INDEX_DIR, RSCBIR_MODELS
@@ -325,10 +327,6 @@ def _similarity_client(
     from stac_rscbir.store.pgstac import PgstacStore
 
     service = SimilarityClient(PgstacStore(dsn), Path(index_dir), models, **limits)
-    # no write of this process calls the index's hook (stac-fastapi-pgstac's Transactions
-    # know nothing of it): a store ahead of the index was moved by a write the index must
-    # catch up with from the store, so a search need not wait for a hook first
-    service.indexes.catch_up_wait = 0.0
     service.indexes.open()
     return service
 
