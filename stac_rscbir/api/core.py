@@ -24,6 +24,7 @@ from stac_fastapi.types.requests import get_base_url
 
 from stac_rscbir.api.assets import Hrefs
 from stac_rscbir.api.similarity import (
+    SORTBY_REFUSED,
     SimilarityClient,
     SimilarityQuery,
     StoreCandidates,
@@ -319,10 +320,7 @@ class StoreCoreClient(BaseCoreClient):
         if self.similarity is None:
             raise InvalidQueryError("this server has no similarity search")
         if query.sortby:
-            raise InvalidQueryError(
-                "sortby cannot be combined with similarity: a similarity search is ordered by "
-                "its ranking (cbir:similarity.order); drop sortby, or filter instead"
-            )
+            raise InvalidQueryError(SORTBY_REFUSED)
         ranked = self.similarity.page(
             sim, StoreCandidates(self.store, query), query.limit, query.token
         )

@@ -63,6 +63,7 @@ from stac_rscbir.api.similarity import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
     MAX_K,
+    SORTBY_REFUSED,
     RankedHit,
     SimilarityClient,
     SimilarityExtension,
@@ -133,12 +134,6 @@ class SimilarityPagingLinks(PagingLinks):
                 "body": {**self._body, "token": self.next},
             }
         return {**link, "method": "GET", "href": merge_params(self.url, {"token": self.next})}
-
-
-SORTBY_REFUSED = (
-    "sortby cannot be combined with similarity: a similarity search is ordered by its ranking "
-    "(cbir:similarity.order); drop sortby, or filter instead"
-)
 
 
 @attr.s

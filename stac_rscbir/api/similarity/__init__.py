@@ -17,6 +17,7 @@ from stac_rscbir.api.similarity.queries import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
 from stac_rscbir.api.similarity.ranking import RankedHit, RankedPage, annotate
 from stac_rscbir.api.similarity.request import (
     MAX_K,
+    SORTBY_REFUSED,
     ItemRef,
     SimilarityQuery,
     similarity_from_get,
@@ -27,6 +28,7 @@ __all__ = [
     "MAX_IMAGE_BYTES",
     "MAX_IMAGE_PIXELS",
     "MAX_K",
+    "SORTBY_REFUSED",
     "Candidates",
     "ItemRef",
     "RankedHit",

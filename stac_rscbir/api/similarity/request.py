@@ -15,6 +15,10 @@ from stac_rscbir.store.base import InvalidQueryError
 
 MAX_K = 10_000  # default cap on ``similarity.k`` (create_api(max_k=...))
 MAX_FEEDBACK = 1000  # most items in each of feedback.relevant / feedback.not_relevant
+SORTBY_REFUSED = (  # the 400 of a search with both sortby and similarity, whichever core client
+    "sortby cannot be combined with similarity: a similarity search is ordered by its ranking "
+    "(cbir:similarity.order); drop sortby, or filter instead"
+)
 
 
 class ItemRef(BaseModel):
