@@ -36,7 +36,7 @@ from stac_fastapi.types.extension import ApiExtension
 from stac_fastapi.types.search import APIRequest, Limit
 
 from stac_rscbir.api.core import store_errors
-from stac_rscbir.extension.cbir import DEFAULT_K, HashCode
+from stac_rscbir.extension.cbir import DEFAULT_K, HashCode, code_of
 from stac_rscbir.extension.codec import CBIRFieldError, decode_code, decode_descriptor
 from stac_rscbir.index.feedback import ALPHA, BETA, GAMMA, rocchio
 from stac_rscbir.index.hashindex import HashIndex, open_or_rebuild
@@ -1063,17 +1063,10 @@ def _refs(value: str | None, name: str) -> list[ItemRef]:
 def _code_of(
     item: dict[str, Any] | None, model: str, version: str | None = None
 ) -> HashCode | None:
-    """The item's code of ``model`` at ``version`` (any version when None: the last entry if
-    several), validated."""
-    found = None
-    for i, entry in enumerate((item or {}).get("properties", {}).get("cbir:codes") or []):
-        if (
-            isinstance(entry, dict)
-            and entry.get("model") == model
-            and version in (None, entry.get("model_version"))
-        ):
-            found = HashCode.from_dict(entry, f"cbir:codes[{i}]")
-    return found
+    """The item's code of ``model`` at ``version`` (any version when None), validated: the
+    extension's rule (:func:`~stac_rscbir.extension.cbir.code_of`), as the index rebuild
+    applies it."""
+    return None if item is None else code_of(item, model, version)
 
 
 @attr.s
