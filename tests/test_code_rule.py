@@ -38,7 +38,7 @@ from .api_builders import StoreFactory, _collection, _item
 VERSIONS = ("1", "2", "3")
 # what a collection declares of the model: nothing (the index serves every version, the rule
 # picks among them), one version, or two (the index serves the one listed last)
-DECLARATIONS = ([], ["1"], ["1", "2"], ["2", "1"], ["3"])
+DECLARATIONS = ([], [], ["1"], ["1", "2"], ["2", "1"], ["3"])
 SLOTS = 4  # item ids the writes choose from, so that items are updated and deleted
 EXAMPLES = settings(
     max_examples=30,
@@ -89,13 +89,18 @@ def _contents(index: HashIndex) -> dict[tuple[str, str], bytes]:
     return {key: index.code(key) for key in index.keys()}  # noqa: SIM118 (no __iter__)
 
 
+@pytest.fixture
+def store(store_factory: StoreFactory) -> ItemStore:
+    """One store of each kind for all the examples of a test (each example its own model)."""
+    return store_factory()
+
+
 @given(data=st.data())
 @EXAMPLES
 def test_hook_and_rebuild_index_the_code_the_rule_picks(
-    store_factory: StoreFactory, tmp_path: Path, data: st.DataObject
+    store: ItemStore, tmp_path: Path, data: st.DataObject
 ) -> None:
     n = next(_examples)
-    store = store_factory()
     kind = "sqlite" if isinstance(store, SQLiteStore) else "pgstac"
     model, cid = f"rule-{n}", f"rule-{n}"
     versions = data.draw(st.sampled_from(DECLARATIONS), label="declared versions")
