@@ -3,11 +3,11 @@ used to assert or print (tests/test_concurrency.py, tests/test_store_sqlite.py),
 here (a busy machine slows them down without any bug).
 
 * ``readers_writer``: ``--readers`` threads run whole-list similarity searches (k = every
-  item) through ``SimilarityService`` over a SQLite store of ``--base`` items while one thread
-  adds ``--writes`` items one transaction at a time (``--write-interval`` seconds apart), the
-  index hook after each commit: as
+  item) through ``SimilarityClient.page`` (the ranking; no item fetch) over a SQLite store of
+  ``--base`` items while one thread adds ``--writes`` items one transaction at a time
+  (``--write-interval`` seconds apart), the index hook after each commit: as
   ``hook after commit`` (the hook called right after the store write, as a client of the store
-  would) and as ``writing() scope`` (write and hook inside ``SimilarityService.writing()``, as
+  would) and as ``writing() scope`` (write and hook inside ``LiveIndexes.writing()``, as
   the API's Transactions endpoints run them). Reports search latency (median / p95 / p99 /
   max), ms per write (store + index hook; saves run in the background), and rebuilds of the
   index (a search that finds the store ahead of the index waits ``catch_up_wait``, 0.25 s by
@@ -47,7 +47,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from service_bench import COLLECTION, MODEL, items  # noqa: E402
 
-from stac_rscbir.api.similarity import SimilarityQuery, SimilarityService  # noqa: E402
+from stac_rscbir.api.similarity import SimilarityClient, SimilarityQuery, StoreCandidates  # noqa: E402
 from stac_rscbir.extension.cbir import HashCode  # noqa: E402
 from stac_rscbir.store.base import SearchQuery  # noqa: E402
 from stac_rscbir.store.sqlite import SQLiteStore  # noqa: E402
@@ -83,19 +83,19 @@ def readers_writer(
     store = SQLiteStore(tmp / f"rw-{int(scoped)}.db")
     store.create_collection(COLLECTION)
     store.upsert_items(data[:base])
-    service = SimilarityService(store, tmp / f"rw-index-{int(scoped)}")
+    service = SimilarityClient(store, tmp / f"rw-index-{int(scoped)}")
     code = query_code(data[0])
     k = base + writes
     sim = SimilarityQuery(model=MODEL, code=code, k=k)
-    service.search(SearchQuery(limit=1), sim)  # build the index once
+    service.page(sim, StoreCandidates(store, SearchQuery()), 1)  # build the index once
     rebuilds: list[str] = []
-    original_open = service._open
+    original_open = service.indexes._open
 
     def counting_open(model: str):  # type: ignore[no-untyped-def]
         rebuilds.append(model)
         return original_open(model)
 
-    service._open = counting_open  # type: ignore[method-assign]
+    service.indexes._open = counting_open  # type: ignore[method-assign]
     stop = threading.Event()
     latencies: list[float] = []
     errors: list[BaseException] = []
@@ -104,9 +104,9 @@ def readers_writer(
         try:
             while not stop.is_set():
                 t0 = time.perf_counter()
-                page = service.search(SearchQuery(limit=k), sim)
+                page = service.page(sim, StoreCandidates(store, SearchQuery()), k)
                 latencies.append(time.perf_counter() - t0)
-                assert len(page.items) >= base
+                assert len(page.hits) >= base
         except BaseException as exc:
             errors.append(exc)
 
@@ -118,19 +118,19 @@ def readers_writer(
         for item in data[base:]:
             t0 = time.perf_counter()
             if scoped:
-                with service.writing():
+                with service.indexes.writing():
                     store.create_item(item)
-                    service.on_item("bench", item, item["id"])
+                    service.indexes.on_item("bench", item, item["id"])
             else:
                 store.create_item(item)
-                service.on_item("bench", item, item["id"])
+                service.indexes.on_item("bench", item, item["id"])
             write_times.append(time.perf_counter() - t0)
             time.sleep(interval)  # pacing: the reads run over the whole write phase
     finally:
         stop.set()
         for t in threads:
             t.join()
-    service.close()
+    service.indexes.close()
     store.close()
     if errors:
         raise errors[0]
@@ -144,7 +144,7 @@ def readers_writer(
         "search": ms(latencies),
         "write": ms(write_times),
         "rebuilds": len(rebuilds),
-        "catch_up_wait_s": service.catch_up_wait,
+        "catch_up_wait_s": service.indexes.catch_up_wait,
     }
 
 
@@ -158,10 +158,10 @@ def rebuild_other_model(tmp: Path, base: int, repeats: int) -> dict[str, Any]:
     store = SQLiteStore(tmp / "rebuild.db")
     store.create_collection(COLLECTION)
     store.upsert_items(data[:base])
-    service = SimilarityService(store, tmp / "rebuild-index")
+    service = SimilarityClient(store, tmp / "rebuild-index")
     sim = SimilarityQuery(model=MODEL, code=query_code(data[0]), k=10)
-    service.search(SearchQuery(limit=10), sim)
-    original_open = service._open
+    service.page(sim, StoreCandidates(store, SearchQuery()), 10)
+    original_open = service.indexes._open
     entered, release = threading.Event(), threading.Event()
 
     def slow_open(model: str):  # type: ignore[no-untyped-def]
@@ -170,27 +170,27 @@ def rebuild_other_model(tmp: Path, base: int, repeats: int) -> dict[str, Any]:
             release.wait(600)
         return original_open(model)
 
-    service._open = slow_open  # type: ignore[method-assign]
+    service.indexes._open = slow_open  # type: ignore[method-assign]
     times = []
     for item in data[base:]:
         entered.clear()
         release.clear()
-        slow = threading.Thread(target=service.index, args=(OTHER_MODEL,))
+        slow = threading.Thread(target=service.indexes.index, args=(OTHER_MODEL,))
         slow.start()
         try:
             if not entered.wait(60):
                 raise RuntimeError("the rebuild did not start")
             t0 = time.perf_counter()
-            service.search(SearchQuery(limit=10), sim)
+            service.page(sim, StoreCandidates(store, SearchQuery()), 10)
             store.create_item(item)
-            service.on_item("bench", item, item["id"])
+            service.indexes.on_item("bench", item, item["id"])
             times.append(time.perf_counter() - t0)
         finally:
             release.set()
             slow.join()
-        with service._lock:  # rebuild it from the store again next time
-            service._drop(OTHER_MODEL)
-    service.close()
+        with service.indexes._lock:  # rebuild it from the store again next time
+            service.indexes._drop(OTHER_MODEL)
+    service.indexes.close()
     store.close()
     return {"base_items": base, "search_and_write": ms(times)}
 

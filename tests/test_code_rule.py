@@ -2,7 +2,8 @@
 
 ``stac_rscbir.extension.cbir.code_of`` is the rule: of the item's ``cbir:codes`` entries of the
 model (at the version the index serves, when a Collection declares one) that decode, the one
-listed last. The transaction hook (``on_item``), a rebuild from the store (``iter_codes`` +
+listed last. The transaction hook (``LiveIndexes.on_item``: the written item on SQLite, the
+items the change log names, read back, on pgstac), a rebuild from the store (``iter_codes`` +
 ``HashIndex.build``) and ``CBIRExtension.get_code`` all apply it, so an index that followed the
 writes one by one and one rebuilt from the store hold identical codes, whatever the items
 carry: several versions of the model, other models, codes of another bit length and, where the
@@ -25,10 +26,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stac_rscbir.api.similarity import SimilarityService
 from stac_rscbir.extension.cbir import CBIRExtension, CBIRModel, Descriptor, HashCode, code_of
 from stac_rscbir.extension.codec import CBIRFieldError
 from stac_rscbir.index.hashindex import HashIndex
+from stac_rscbir.index.live import LiveIndexes
 from stac_rscbir.store.base import ItemStore
 from stac_rscbir.store.models import served_model
 from stac_rscbir.store.sqlite import SQLiteStore
@@ -112,20 +113,20 @@ def test_hook_and_rebuild_index_the_code_the_rule_picks(
     version = None if served is None else served.version
     assert version == (versions[-1] if versions else None)
 
-    service = SimilarityService(store, tmp_path / f"index-{n}")
+    indexes = LiveIndexes(store, tmp_path / f"index-{n}")
     try:
-        followed = service.index(model)  # built now, then kept in step by the hook alone
+        followed = indexes.index(model)  # built now, then kept in step by the hook alone
         live: dict[str, dict[str, Any]] = {}
         ops = st.tuples(st.sampled_from(["put", "put", "put", "delete"]), st.integers(0, SLOTS - 1))
         for op, slot in data.draw(st.lists(ops, min_size=1, max_size=8), label="writes"):
             item_id = f"item-{slot}"
-            with service.writing():
+            with indexes.writing():
                 if op == "delete":
                     if item_id not in live:
                         continue
                     store.delete_item(cid, item_id)
                     del live[item_id]
-                    service.on_item(cid, None, item_id)
+                    indexes.on_item(cid, None, item_id)
                     continue
                 item = _item(slot, collection=cid)
                 item["id"] = item_id
@@ -134,12 +135,12 @@ def test_hook_and_rebuild_index_the_code_the_rule_picks(
                 )
                 _write(store, kind, item)
                 live[item_id] = item
-                service.on_item(cid, item, item_id)
-        assert service.index(model) is followed, "a hook failed: the index was rebuilt"
+                indexes.on_item(cid, item, item_id)
+        assert indexes.index(model) is followed, "a hook failed: the index was rebuilt"
     finally:
-        service.close()
+        indexes.close()
 
-    rebuilt = SimilarityService(store, tmp_path / f"rebuilt-{n}")
+    rebuilt = LiveIndexes(store, tmp_path / f"rebuilt-{n}")
     try:
         again = rebuilt.index(model)  # from the store's iter_codes
     finally:

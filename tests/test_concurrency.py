@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stac_rscbir.api.similarity import SimilarityQuery, SimilarityService
+from stac_rscbir.api.similarity import SimilarityClient, SimilarityQuery, StoreCandidates
 from stac_rscbir.store.base import SearchQuery
 from stac_rscbir.store.sqlite import SQLiteStore
 
@@ -33,20 +33,22 @@ def test_sqlite_readers_and_one_writer_through_the_index(tmp_path: Path) -> None
     store = SQLiteStore(tmp_path / "stac.db")
     store.create_collection(_collection())
     store.upsert_items([_item(i) for i in range(n0)])
-    service = SimilarityService(store, tmp_path / "index")
+    service = SimilarityClient(store, tmp_path / "index")
     # A search that finds the store ahead of the index waits up to catch_up_wait for the write's
     # hook before rebuilding. Here every commit is followed by its hook, so with a deadline no
     # scheduling delay reaches, a correct service never rebuilds (the default 0.25 s can be
     # outlasted by a descheduled writer on a loaded machine: a rebuild there is no bug).
-    service.catch_up_wait = 120.0
+    service.indexes.catch_up_wait = 120.0
     query_bits = _bits(2)
     code = base64.b64encode(np.packbits(query_bits).tobytes()).decode()
     sim = SimilarityQuery(model=MODEL, code=code, k=k)
     all_bits = np.array([_bits(i) for i in range(n0 + n_new)])
     dist = (all_bits != query_bits).sum(axis=1)
     names = [f"item-{i:03d}" for i in range(n0 + n_new)]
-    service.search(SearchQuery(limit=1), sim)  # load the index (built and saved once)
-    loaded = service.index(MODEL)  # followed in place by every hook, never replaced
+    service.page(
+        sim, StoreCandidates(store, SearchQuery()), 1
+    )  # load the index (built and saved once)
+    loaded = service.indexes.index(MODEL)  # followed in place by every hook, never replaced
     opened = []  # a rebuild reads every code from the store again
     read_codes = store.iter_codes
     store.iter_codes = lambda model, version=None: (
@@ -63,8 +65,8 @@ def test_sqlite_readers_and_one_writer_through_the_index(tmp_path: Path) -> None
             while True:
                 last = stop.is_set()  # set after the last write: this search must see them all
                 before = done[0]
-                page = service.search(SearchQuery(limit=k), sim)
-                got = [(f["properties"]["cbir:distance"], f["id"]) for f in page.items]
+                page = service.page(sim, StoreCandidates(store, SearchQuery()), k)
+                got = [(h.distance, h.key[1]) for h in page.hits]
                 m = len(got) - n0
                 assert before <= m <= n_new, (before, m)
                 want = sorted(zip(dist[: n0 + m].tolist(), names[: n0 + m], strict=True))
@@ -84,7 +86,7 @@ def test_sqlite_readers_and_one_writer_through_the_index(tmp_path: Path) -> None
         for i in range(n0, n0 + n_new):
             item = _item(i)
             store.create_item(item)
-            service.on_item("scenes", item, item["id"])
+            service.indexes.on_item("scenes", item, item["id"])
             done[0] += 1
     finally:
         stop.set()
@@ -93,13 +95,13 @@ def test_sqlite_readers_and_one_writer_through_the_index(tmp_path: Path) -> None
     assert not errors, errors[0]
     assert last_seen == [n_new] * len(readers)
     assert opened == [], f"{len(opened)} rebuilds for {n_new} writes"
-    assert service.index(MODEL) is loaded, "the index was dropped and opened again"
+    assert service.indexes.index(MODEL) is loaded, "the index was dropped and opened again"
     # saves run in the background; closing the service (the app's shutdown) saves what is
     # pending, and the saved index is then the last state
     from stac_rscbir.index.hashindex import HashIndex
 
-    service.close()
-    saved = HashIndex.load(service.index_path(MODEL))
+    service.indexes.close()
+    saved = HashIndex.load(service.indexes.index_path(MODEL))
     assert saved.generation == store.generation() and saved.count == n0 + n_new
     store.close()
 
@@ -110,10 +112,10 @@ def test_a_rebuild_does_not_block_readers_of_other_models_or_writers(tmp_path: P
     store = SQLiteStore(tmp_path / "stac.db")
     store.create_collection(_collection())
     store.upsert_items([_item(i) for i in range(200)])
-    service = SimilarityService(store, tmp_path / "index")
+    service = SimilarityClient(store, tmp_path / "index")
     code = base64.b64encode(np.packbits(_bits(1)).tobytes()).decode()
     sim = SimilarityQuery(model=MODEL, code=code, k=10)
-    service.search(SearchQuery(limit=10), sim)
+    service.page(sim, StoreCandidates(store, SearchQuery()), 10)
     entered, release = threading.Event(), threading.Event()
     read_codes = store.iter_codes
 
@@ -127,16 +129,18 @@ def test_a_rebuild_does_not_block_readers_of_other_models_or_writers(tmp_path: P
 
     def other_work() -> None:  # a search of the other model, then a transaction and its hook
         try:
-            results["found"] = len(service.search(SearchQuery(limit=10), sim).items)
+            results["found"] = len(
+                service.page(sim, StoreCandidates(store, SearchQuery()), 10).hits
+            )
             item = _item(200)
             store.create_item(item)
-            service.on_item("scenes", item, item["id"])
-            results["count"] = service.index(MODEL).count
+            service.indexes.on_item("scenes", item, item["id"])
+            results["count"] = service.indexes.index(MODEL).count
         except BaseException as exc:
             results["error"] = exc
 
     store.iter_codes = slow_read  # type: ignore[method-assign]
-    slow = threading.Thread(target=service.index, args=("slow-model",))
+    slow = threading.Thread(target=service.indexes.index, args=("slow-model",))
     worker = threading.Thread(target=other_work)
     slow.start()
     try:
@@ -223,7 +227,7 @@ def test_concurrent_api_writes_are_followed_by_the_index_without_rebuilds(
     # a search that finds a write committed but its hook not yet run waits this long for the
     # hook before rebuilding: generous, so that a rebuild means a hook that never came, not a
     # descheduled writer thread
-    api.client.similarity.catch_up_wait = 120.0
+    api.client.similarity.indexes.catch_up_wait = 120.0
     with BackgroundServer(api.app) as server:
         url = server.url
         assert httpx.post(f"{url}/search", json=search).status_code == 200

@@ -324,10 +324,10 @@ def test_readme_pystac_client_examples_run(server: str, capsys: pytest.CaptureFi
 def test_ranked_lists_for_paging_are_bounded() -> None:
     """The paging cache holds at most ``max_hits`` hits: least recently used lists go first, a
     list longer than the whole cache is not held."""
-    from stac_rscbir.api.similarity import Ranked, RankedLists
+    from stac_rscbir.api.similarity.ranking import Ranked, RankedHit, RankedLists
 
     def ranked(n: int) -> Ranked:
-        return Ranked([(("c", f"i{j}"), j, None) for j in range(n)], {})
+        return Ranked([RankedHit(("c", f"i{j}"), j, None) for j in range(n)], {})
 
     cache = RankedLists(max_hits=10)
     cache.put(("a", 1), ranked(4))

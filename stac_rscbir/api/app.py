@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attr
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -35,6 +36,7 @@ from stac_fastapi.extensions import (
 )
 from stac_fastapi.types.config import ApiSettings
 from stac_fastapi.types.search import BaseSearchPostRequest
+from starlette.middleware import Middleware
 
 from stac_rscbir import __version__
 from stac_rscbir.api.assets import AssetsExtension, Hrefs
@@ -46,9 +48,10 @@ from stac_rscbir.api.similarity import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
     MAX_K,
+    SimilarityClient,
     SimilarityExtension,
-    SimilarityService,
 )
+from stac_rscbir.index.live import LiveIndexes
 from stac_rscbir.store.base import ItemStore
 
 
@@ -200,7 +203,7 @@ def create_api(
         stac_fastapi_landing_id="stac-rscbir",
         stac_fastapi_version=__version__,
     )
-    service = SimilarityService(
+    similarity = SimilarityClient(
         store,
         index_dir,
         models,
@@ -208,26 +211,27 @@ def create_api(
         max_image_bytes=max_image_bytes,
         max_image_pixels=max_image_pixels,
     )
-    hooks: list = [service.on_item]
+    indexes = similarity.indexes
+    hooks: list = [indexes.on_item]
     encode_queue = None
     if encode_with is not None and transactions:
         from stac_rscbir.ingest.hooks import EncodeQueue
         from stac_rscbir.ingest.worker import IngestOptions, Ingestor
 
         ingestor = Ingestor.from_checkpoint(Path(encode_with), IngestOptions(progress=False))
-        service.model_dirs.setdefault(ingestor.model_id, Path(encode_with))
+        similarity.model_dirs.setdefault(ingestor.model_id, Path(encode_with))
         encode_queue = EncodeQueue(
-            ingestor, store, after_write=[service.on_item], write_scope=service.writing
+            ingestor, store, after_write=[indexes.on_item], write_scope=indexes.writing
         )
         hooks.append(encode_queue.submit)
-    similarity = SimilarityExtension(service=service)
+    extension = SimilarityExtension()
     hrefs = Hrefs(asset_roots)
     search_extensions = [
         FilterExtension(client=StoreFiltersClient(store=store)),
         SortExtension(),
         FieldsExtension(),
         TokenPaginationExtension(),
-        similarity,
+        extension,
     ]
     write_extensions = []
     if transactions:
@@ -235,7 +239,7 @@ def create_api(
         write_extensions.append(
             TransactionExtension(
                 client=StoreTransactionsClient(
-                    store=store, on_item=hooks, write_scope=service.writing, hrefs=hrefs
+                    store=store, on_item=hooks, write_scope=indexes.writing, hrefs=hrefs
                 ),
                 settings=settings,
                 route_dependencies=guard,
@@ -243,7 +247,7 @@ def create_api(
         )
     client = StoreCoreClient(
         store=store,
-        similarity=service,
+        similarity=similarity,
         hrefs=hrefs,
         landing_page_id=settings.stac_fastapi_landing_id,
         title=title,
@@ -253,6 +257,20 @@ def create_api(
         settings=settings,
         title=title,
         description=DESCRIPTION,
+        app=FastAPI(
+            openapi_url=settings.openapi_url,
+            docs_url=settings.docs_url,
+            redoc_url=None,
+            root_path=settings.root_path,
+            title=title,
+            version=settings.stac_fastapi_version,
+            description=DESCRIPTION,
+            lifespan=indexes_lifespan(indexes),
+        ),
+        middlewares=[
+            *attr.fields(StacApi).middlewares.default.factory(),  # stac-fastapi's own
+            Middleware(BodySizeLimit, max_bytes=max_body_bytes),  # outermost
+        ],
         client=client,
         extensions=[
             *search_extensions,
@@ -270,10 +288,8 @@ def create_api(
             request_type="GET",
         ),
     )
-    similarity.client = client
-    _save_indexes_on_shutdown(api.app, service)
+    extension.client = client
     api.app.add_exception_handler(OverflowError, _out_of_range)
-    api.app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     api.app.state.encode_queue = encode_queue
     api.app.state.write_protected = transactions and write_token is not None
     install_error_handlers(api.app)
@@ -281,18 +297,19 @@ def create_api(
     return api
 
 
-def _save_indexes_on_shutdown(app: FastAPI, service: SimilarityService) -> None:
-    """Wrap the app's lifespan so that shutting down saves the indexes' pending writes."""
-    inner = app.router.lifespan_context
+def indexes_lifespan(indexes: LiveIndexes) -> Callable[[FastAPI], Any]:
+    """The app's lifespan: the indexes take background saves while it serves, and shutting
+    down saves their pending writes."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[Any]:
-        service.open()
-        async with inner(app) as state:
-            yield state
-        service.close()
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        indexes.open()
+        try:
+            yield
+        finally:
+            indexes.close()
 
-    app.router.lifespan_context = lifespan
+    return lifespan
 
 
 def create_app(

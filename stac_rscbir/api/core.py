@@ -2,7 +2,7 @@
 
 The core client answers the STAC API core, collections, features and item search (with the
 filter, sort, fields and token pagination extensions); the transactions client writes through
-the store and tells the similarity layer, so the hash index follows every change.
+the store and tells its hooks (the live hash indexes), so the index follows every change.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ from stac_fastapi.types.links import CollectionLinks, ItemLinks
 from stac_fastapi.types.requests import get_base_url
 
 from stac_rscbir.api.assets import Hrefs
+from stac_rscbir.api.similarity import (
+    SimilarityClient,
+    SimilarityQuery,
+    StoreCandidates,
+    annotate,
+    similarity_from_get,
+)
 from stac_rscbir.store.base import (
     ConflictError,
     InvalidQueryError,
@@ -218,7 +225,7 @@ class StoreCoreClient(BaseCoreClient):
     """Core, collections, features and item search over a store."""
 
     store: ItemStore = attr.ib(kw_only=True)
-    similarity: Any = attr.ib(default=None, kw_only=True)  # the similarity service, if any
+    similarity: SimilarityClient | None = attr.ib(default=None, kw_only=True)
     hrefs: Hrefs = attr.ib(factory=Hrefs, kw_only=True)  # which stored links/assets are served
 
     @store_errors
@@ -277,11 +284,7 @@ class StoreCoreClient(BaseCoreClient):
     def post_search(self, search_request: Any, request: Request, **kwargs: Any) -> dict:
         query = query_from_request(search_request)
         body = search_request.model_dump(mode="json", exclude_none=True, by_alias=True)
-        similarity = getattr(search_request, "similarity", None)
-        if similarity is not None:
-            page = self.similarity.search(query, similarity)
-        else:
-            page = self.store.search(query)
+        page = self._search(query, getattr(search_request, "similarity", None))
         return self._page(
             page, request, "POST", body, query, getattr(search_request, "fields", None)
         )
@@ -290,9 +293,47 @@ class StoreCoreClient(BaseCoreClient):
     def get_search(self, request: Request, **kwargs: Any) -> dict[str, Any]:
         params = {k: v for k, v in kwargs.items() if v is not None}
         query = query_from_request(params)
-        similarity = self.similarity.from_get(params) if self.similarity else None
-        page = self.similarity.search(query, similarity) if similarity else self.store.search(query)
+        page = self._search(query, similarity_from_get(params))
         return self._page(page, request, "GET", params, query, params.get("fields"))
+
+    @store_errors
+    def similar_items(
+        self,
+        request: Request,
+        collection_id: str,
+        item_id: str,
+        sim: SimilarityQuery,
+        collections: list[str] | None,
+        limit: int,
+        token: str | None,
+    ) -> dict[str, Any]:
+        """The /similar route of the similarity extension: /search's ranked pages."""
+        query = SearchQuery(limit=limit, token=token, collections=collections)
+        return self._page(self._search(query, sim), request, "GET", {}, query)
+
+    def _search(self, query: SearchQuery, sim: SimilarityQuery | None) -> SearchPage:
+        """The store's page of ``query``, or with ``sim`` a page of its ranked list over the
+        candidates ``query`` selects, each item annotated with its distance."""
+        if sim is None:
+            return self.store.search(query)
+        if self.similarity is None:
+            raise InvalidQueryError("this server has no similarity search")
+        if query.sortby:
+            raise InvalidQueryError(
+                "sortby cannot be combined with similarity: a similarity search is ordered by "
+                "its ranking (cbir:similarity.order); drop sortby, or filter instead"
+            )
+        ranked = self.similarity.page(
+            sim, StoreCandidates(self.store, query), query.limit, query.token
+        )
+        found = {
+            (i["collection"], i["id"]): i
+            for i in self.store.get_items([hit.key for hit in ranked.hits])
+        }
+        items = [annotate(found[hit.key], hit) for hit in ranked.hits if hit.key in found]
+        return SearchPage(
+            items, ranked.next_token, ranked.matched, extra={"cbir:similarity": ranked.info}
+        )
 
     def _page(
         self,
@@ -352,7 +393,7 @@ class StoreTransactionsClient(BaseTransactionsClient):
     """Transactions through the store; ``on_item`` hooks run after each committed write.
 
     Each write and its hooks run inside ``write_scope()`` (e.g. the similarity service's
-    :meth:`~stac_rscbir.api.similarity.SimilarityService.writing`), so the hooks of one write
+    :meth:`~stac_rscbir.index.live.LiveIndexes.writing`), so the hooks of one write
     see the store as that write left it.
     """
 

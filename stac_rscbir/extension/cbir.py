@@ -297,7 +297,7 @@ class HashCode:
         return f"<HashCode model={self.model}@{self.model_version} bits={self.bits}>"
 
 
-def code_of(obj: dict[str, Any], model: str, version: str | None = None) -> HashCode | None:
+def code_of(obj: dict[str, Any] | None, model: str, version: str | None = None) -> HashCode | None:
     """The code of ``model`` on an item: the one rule that the index's transaction hook, its
     rebuild from either store and :meth:`CBIRExtension.get_code` apply.
 
@@ -310,8 +310,11 @@ def code_of(obj: dict[str, Any], model: str, version: str | None = None) -> Hash
     current one, which ingestion appends after the older (as a Collection's current model is the
     one its ``cbir:models`` lists last); with it, two codes of one version, which the stores and
     the API refuse (:func:`check_unique_codes`) but ``pypgstac load`` or SQL can still store,
-    give the later one, as a later duplicate key does in JSON. None when no candidate decodes.
+    give the later one, as a later duplicate key does in JSON. None when no candidate decodes
+    (or ``obj`` is None: a deleted item).
     """
+    if obj is None:
+        return None
     props = obj.get("properties")
     scope = props if CODES_PROP not in obj and isinstance(props, dict) else obj
     raw = scope.get(CODES_PROP)

@@ -29,6 +29,11 @@ collection's items leave with its partitions (DROP TABLE fires no row trigger): 
 ``collections`` trigger counts that. The counter is transactional, so a reader never sees a
 generation whose writes it cannot see yet. Not counted: TRUNCATE of a partition by hand.
 
+Change log: the same triggers record which items (and collections) each generation wrote in
+``rscbir.changes`` (the last :data:`CHANGES_KEPT` generations; ``rscbir.changes_horizon`` says
+where the pruned part ends), read by :meth:`PgstacStore.changes_since`, so that a hash index
+follows writes made anywhere instead of being rebuilt from every code.
+
 Needs the ``pgstac`` extra (psycopg 3, psycopg-pool, pypgstac-migrated database).
 """
 
@@ -75,6 +80,7 @@ __all__ = ["PgstacStore", "PgstacStoreError", "install_generation"]
 log = logging.getLogger(__name__)
 
 _CODES_BATCH = 5000
+CHANGES_KEPT = 10_000  # generations of the change log kept (rscbir.changes)
 
 _GENERATION_DDL = """
 CREATE SCHEMA IF NOT EXISTS rscbir;
@@ -96,10 +102,51 @@ BEGIN
         PERFORM set_config('rscbir.generation_xact', txid_current()::text, true);
     END IF;
 END $$;
+-- the change log: which items (id '') or collections (id '' written, '*' deleted) each
+-- generation wrote, so that a hash index follows writes made behind its back instead of being
+-- rebuilt; generations at or below the horizon were pruned (an index that old is rebuilt)
+CREATE TABLE IF NOT EXISTS rscbir.changes (
+    generation bigint NOT NULL,
+    collection text NOT NULL,
+    id text NOT NULL,
+    PRIMARY KEY (generation, collection, id)
+);
+GRANT SELECT ON rscbir.changes TO PUBLIC;
+CREATE TABLE IF NOT EXISTS rscbir.changes_horizon (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    horizon bigint NOT NULL
+);
+GRANT SELECT ON rscbir.changes_horizon TO PUBLIC;
+INSERT INTO rscbir.changes_horizon (horizon)
+    SELECT value FROM rscbir.generation ON CONFLICT DO NOTHING;
+CREATE OR REPLACE FUNCTION rscbir.log_change(coll text, item text) RETURNS void
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE g bigint;
+BEGIN
+    PERFORM rscbir.bump_generation();
+    SELECT value INTO g FROM rscbir.generation;
+    INSERT INTO rscbir.changes VALUES (g, coll, item) ON CONFLICT DO NOTHING;
+    -- every 100th generation, keep the last %(keep)s generations of the log
+    IF g %% 100 = 0 AND (SELECT horizon FROM rscbir.changes_horizon) < g - %(keep)s THEN
+        DELETE FROM rscbir.changes WHERE generation <= g - %(keep)s;
+        UPDATE rscbir.changes_horizon SET horizon = g - %(keep)s;
+    END IF;
+END $$;
 CREATE OR REPLACE FUNCTION rscbir.generation_trigger() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM rscbir.bump_generation();
+    IF TG_TABLE_NAME = 'collections' THEN
+        PERFORM rscbir.log_change(
+            coalesce(NEW.id, OLD.id), CASE TG_OP WHEN 'DELETE' THEN '*' ELSE '' END
+        );
+        RETURN NULL;
+    END IF;
+    IF TG_OP <> 'INSERT' THEN
+        PERFORM rscbir.log_change(OLD.collection, OLD.id);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        PERFORM rscbir.log_change(NEW.collection, NEW.id);
+    END IF;
     RETURN NULL;
 END $$;
 DROP TRIGGER IF EXISTS rscbir_generation ON pgstac.items;
@@ -112,6 +159,7 @@ CREATE TRIGGER rscbir_generation AFTER INSERT OR UPDATE OR DELETE ON pgstac.coll
 
 _GENERATION_INSTALLED = """
 SELECT to_regprocedure('rscbir.bump_generation()') IS NOT NULL
+   AND to_regprocedure('rscbir.log_change(text, text)') IS NOT NULL
    AND to_regclass('rscbir.generation') IS NOT NULL
    AND (SELECT count(*) FROM pg_trigger
         WHERE tgname = 'rscbir_generation'
@@ -138,6 +186,15 @@ ORDER BY 1
 """
 
 
+_CHANGES_SQL = """
+SELECT g.value, h.horizon, (
+    SELECT coalesce(jsonb_agg(DISTINCT jsonb_build_array(c.collection, c.id)), '[]'::jsonb)
+    FROM rscbir.changes c WHERE c.generation > %(since)s AND c.generation <= g.value
+)
+FROM rscbir.generation g, rscbir.changes_horizon h
+"""
+
+
 class PgstacStoreError(StoreError):
     """PostgreSQL failed, or the database is not a migrated pgstac database."""
 
@@ -158,7 +215,7 @@ def install_generation(conn: psycopg.Connection[Any]) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('rscbir.install_generation'))")
         row = conn.execute(_GENERATION_INSTALLED).fetchone()
         if row is None or not row[0]:
-            conn.execute(_GENERATION_DDL)
+            conn.execute(_GENERATION_DDL % {"keep": CHANGES_KEPT})
 
 
 def _query_error(exc: psycopg.Error) -> StoreError:
@@ -567,6 +624,16 @@ class PgstacStore:
         with self._read() as conn:
             row = conn.execute("SELECT value FROM rscbir.generation").fetchone()
         return int(row[0]) if row else 0
+
+    def changes_since(self, generation: int) -> tuple[int, list[ItemKey]] | None:
+        """(present generation, the keys written after ``generation``), from the change log;
+        None when the log no longer reaches back that far. A key ``(collection, "")`` says the
+        collection itself was written, ``(collection, "*")`` that it was deleted."""
+        with self._read() as conn:  # one statement: one snapshot of the counter and the log
+            row = conn.execute(_CHANGES_SQL, {"since": generation}).fetchone()
+        if row is None or generation < row[1]:
+            return None
+        return int(row[0]), [(c, i) for c, i in row[2]]
 
     def count(self) -> int:
         """The number of items in the store."""
