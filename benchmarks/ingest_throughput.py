@@ -30,7 +30,7 @@ from rasterio.warp import transform_bounds
 from stac_rscbir.data.bigearthnet import S2_BANDS
 from stac_rscbir.ingest.sinks import GeoParquetSink
 from stac_rscbir.ingest.worker import IngestOptions, Ingestor
-from stac_rscbir.models.checkpoint import ModelConfig
+from stac_rscbir.models.config import ModelConfig
 from stac_rscbir.models.encoder import HashEncoder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from stac_rscbir.extension import CODES_PROP, SUPPORTED_BITS, CBIRFieldError, HashCode
@@ -142,6 +143,19 @@ TtaOpt = Annotated[
     typer.Option(help="Test-time augmentation: mean relaxed code over the 8 dihedral views."),
 ]
 
+
+def _require_extras(feature: str, *extras: str) -> None:
+    """Exit with code 2 and a message naming the extras ``feature`` needs that this install
+    lacks (the base install is the API; models and ingestion are extras)."""
+    from stac_rscbir.extras import MissingExtraError, require
+
+    try:
+        require(feature, *extras)
+    except MissingExtraError as err:
+        console.print(f"[red]{escape(str(err))}[/]")
+        raise typer.Exit(2) from err
+
+
 bench_app = typer.Typer(help="Benchmarks that write JSON results.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
@@ -167,6 +181,7 @@ def bench_retrieval(
     tta: TtaOpt = False,
 ) -> None:
     """Split 60/40 per class, train on 60 %, query each held-out image against the others."""
+    _require_extras("stac-rscbir bench retrieval", "ml")
     from stac_rscbir.eval import retrieval_bench as rb
 
     if method not in rb.method_names():
@@ -233,6 +248,7 @@ def train(
 ) -> None:
     """Train a preset on a labelled image folder (frozen backbone, or fine-tuned); save the
     encoder."""
+    _require_extras("stac-rscbir train", "ml")
     from stac_rscbir.models.finetune import Finetune
     from stac_rscbir.models.recipes import train_on_folder
     from stac_rscbir.models.training import TrainConfig
@@ -298,6 +314,7 @@ def train_crossmodal_cmd(
 ) -> None:
     """Train a cross-modal Sentinel-2 <-> Sentinel-1 model on co-registered BigEarthNet pairs
     (train + val splits); one checkpoint with both branches, for ingest and serve."""
+    _require_extras("stac-rscbir train-crossmodal", "ml")
     from stac_rscbir.data.bigearthnet import load_ben
     from stac_rscbir.models.recipes import train_crossmodal
     from stac_rscbir.models.training import TrainConfig
@@ -379,6 +396,7 @@ def fit(
 ) -> None:
     """Fit a hashing model on UNLABELLED chips (ImageNet efficientnet-lite0 + a hash head) and
     save a checkpoint for ingest and serve."""
+    _require_extras("stac-rscbir fit", "ml", "ingest")  # data.samples reads with odc-stac
     import re
     import time
 
@@ -527,7 +545,7 @@ TTA_HELP = (
 def _switch_tta(model: Path) -> None:
     """``--tta``: switch the checkpoint's config to test-time augmentation (if not yet) and say
     so; the encoders loaded afterwards (ingest, listen, serve) read it from there."""
-    from stac_rscbir.models.checkpoint import CONFIG_NAME, enable_tta
+    from stac_rscbir.models.config import CONFIG_NAME, enable_tta
 
     try:
         config, before = enable_tta(model)
@@ -576,6 +594,7 @@ def ingest(
     tta: Annotated[bool, typer.Option("--tta", help=TTA_HELP)] = False,
 ) -> None:
     """Encode items into hash codes and write them back (already-encoded items are skipped)."""
+    _require_extras("stac-rscbir ingest", "ml", "ingest")
     from stac_rscbir.ingest.sinks import open_sink
     from stac_rscbir.ingest.sources import SourceError, open_source
     from stac_rscbir.ingest.worker import IngestOptions, Ingestor
@@ -667,7 +686,8 @@ def serve(
     import uvicorn
 
     from stac_rscbir.api.app import create_api
-    from stac_rscbir.models.checkpoint import load_checkpoint
+    from stac_rscbir.extras import installed
+    from stac_rscbir.models.config import load_config
     from stac_rscbir.store.base import ItemStore, StoreError
 
     if (db is None) == (dsn is None):
@@ -697,13 +717,20 @@ def serve(
             "read-only: no --write-token (or RSCBIR_WRITE_TOKEN) nor --allow-anonymous-writes "
             "given, so no Transactions endpoints"
         )
+    if encode_with is not None:
+        _require_extras("--encode-with (encoding items on write)", "ml", "ingest")
     models = {}
     for path in model or []:
-        try:
-            models[load_checkpoint(path)[0].model_id] = path
+        try:  # the config alone: no torch until a request needs the model
+            models[load_config(path).model_id] = path
         except (FileNotFoundError, ValueError) as err:
             console.print(f"[red]{err}[/]")
             raise typer.Exit(1) from err
+    if models and not installed("ml"):
+        console.print(
+            "[yellow]warning: without the `ml` extra, image queries are refused "
+            "(pip install 'stac-rscbir\\[ml]'); queries by item or code are served[/]"
+        )
     store: ItemStore
     if db is not None:
         from stac_rscbir.store.sqlite import SQLiteStore
@@ -749,6 +776,7 @@ def demo(
     ] = "itq",
 ) -> None:
     """The main job: real scenes -> catalog -> model -> codes -> API -> similarity queries."""
+    _require_extras("stac-rscbir demo", "ml", "ingest")
     from stac_rscbir.demo import run_demo
 
     try:
@@ -801,6 +829,7 @@ def listen(
 
     Then encodes each item announced, until --idle-timeout or SIGINT/SIGTERM; prints a summary.
     """
+    _require_extras("stac-rscbir listen", "ml", "ingest")
     import signal
     import threading
 

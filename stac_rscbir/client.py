@@ -27,6 +27,7 @@ import pystac
 from pystac_client import Client, ItemSearch
 
 from stac_rscbir.extension.cbir import DEFAULT_K
+from stac_rscbir.extras import require
 
 DISTANCE = "cbir:distance"
 
@@ -103,6 +104,7 @@ def _image_bytes(image: bytes | str | os.PathLike[str] | np.ndarray) -> bytes:
     if isinstance(image, bytes):
         return image
     if isinstance(image, np.ndarray):
+        require("a query image given as a pixel array (written as a GeoTIFF)", "ml")
         from rasterio.io import MemoryFile
 
         pixels = image[None] if image.ndim == 2 else image

@@ -109,7 +109,7 @@ def rgb_checkpoint(folder: Path, model_id: str) -> Path:
     """A small RGB model (random weights, seed 0) for image queries, saved in ``folder``."""
     import torch
 
-    from stac_rscbir.models.checkpoint import ModelConfig
+    from stac_rscbir.models.config import ModelConfig
     from stac_rscbir.models.encoder import HashEncoder
 
     config = ModelConfig(

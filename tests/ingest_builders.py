@@ -21,7 +21,7 @@ def rgb_model(folder: Path) -> Path:
     """A small RGB hashing model (random weights: the pipeline, not accuracy, is under test)."""
     import torch
 
-    from stac_rscbir.models.checkpoint import ModelConfig
+    from stac_rscbir.models.config import ModelConfig
     from stac_rscbir.models.encoder import HashEncoder
 
     config = ModelConfig(

@@ -36,7 +36,7 @@ from stac_rscbir.data.bigearthnet import (
     read_s2_patch,
 )
 from stac_rscbir.models.backbones import build_backbone
-from stac_rscbir.models.checkpoint import ModelConfig
+from stac_rscbir.models.config import ModelConfig
 from stac_rscbir.models.encoder import HashEncoder
 from stac_rscbir.models.methods import METHODS
 from stac_rscbir.models.training import TrainConfig, encode, train_hashing

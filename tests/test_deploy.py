@@ -59,7 +59,8 @@ def test_compose_file_is_valid() -> None:
 
 def test_services_and_their_wiring(resolved: dict[str, Any]) -> None:
     services = resolved["services"]
-    assert {"pgstac", "migrate", "api", "worker", "dask-scheduler", "dask-worker"} <= set(services)
+    assert {"pgstac", "migrate", "api", "api-pgstac", "worker"} <= set(services)
+    assert {"dask-scheduler", "dask-worker"} <= set(services)
 
     pgstac = services["pgstac"]
     assert "pg_isready" in " ".join(pgstac["healthcheck"]["test"])
@@ -75,6 +76,26 @@ def test_services_and_their_wiring(resolved: dict[str, Any]) -> None:
     assert any(str(p).endswith("8080:8080/tcp") for p in api["ports"]), api["ports"]
     assert "/_mgmt/ping" in " ".join(api["healthcheck"]["test"])
     assert any(v.startswith("indexes:/indexes") for v in api["volumes"])
+
+    # stac-fastapi-pgstac + plugin: the same image, its own app path and environment, its own
+    # index volume, in the `plugin` profile
+    plugin = services["api-pgstac"]
+    assert plugin["image"] == api["image"] and plugin["build"] == api["build"]
+    assert api["build"]["args"]["EXTRAS"] == "pgstac"  # the light server, no torch
+    assert plugin["profiles"] == ["plugin"]
+    assert plugin["command"][:3] == [
+        "uvicorn",
+        "stac_rscbir.api.pgstac_plugin:create_app",
+        "--factory",
+    ]
+    env = plugin["environment"]
+    assert (env["PGHOST"], env["PGPORT"], env["PGDATABASE"]) == ("pgstac", "5432", "pgstac")
+    assert (env["PGUSER"], env["PGPASSWORD"]) == ("postgres", "postgres")
+    assert env["RSCBIR_INDEX_DIR"] == "/indexes" and "RSCBIR_MODELS" in env
+    assert any(str(p).endswith("8081:8080/tcp") for p in plugin["ports"]), plugin["ports"]
+    assert any(v.startswith("plugin-indexes:/indexes") for v in plugin["volumes"])
+    assert plugin["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert "/_mgmt/ping" in " ".join(plugin["healthcheck"]["test"])
 
     dsn = "postgresql://postgres:postgres@pgstac:5432/pgstac"
     for name in ("migrate", "api", "worker", "dask-worker"):
@@ -95,13 +116,37 @@ def test_services_and_their_wiring(resolved: dict[str, Any]) -> None:
     for svc in (scheduler, dask_worker):
         assert svc["build"]["dockerfile"] == "deploy/Dockerfile.worker"
         assert svc["profiles"] == ["dask"]
-    assert {"pgdata", "indexes"} <= set(resolved["volumes"])
+    assert {"pgdata", "indexes", "plugin-indexes"} <= set(resolved["volumes"])
+
+
+def test_plugin_service_configures_stac_fastapi_pgstac(
+    resolved: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stac-fastapi-pgstac's own settings classes read the api-pgstac service's environment."""
+    require(find_spec("stac_fastapi.pgstac") is not None, "stac-fastapi-pgstac (pgstac extra)")
+    from stac_fastapi.pgstac.config import PostgresSettings, Settings
+
+    for key in [k for k in os.environ if k.startswith(("PG", "ENABLE_", "DB_"))]:
+        monkeypatch.delenv(key)
+    for key, value in resolved["services"]["api-pgstac"]["environment"].items():
+        monkeypatch.setenv(key, str(value))
+    pg = PostgresSettings(_env_file=None)
+    assert (pg.pghost, pg.pgport, pg.pgdatabase) == ("pgstac", 5432, "pgstac")
+    assert (pg.pguser, pg.pgpassword) == ("postgres", "postgres")
+    assert Settings(_env_file=None).enable_transactions_extensions is False
 
 
 def test_configuration_comes_from_the_environment() -> None:
     run = _docker_compose(
         "config",
-        env={"PGSTAC_DSN": "postgresql://u:p@db:5432/x", "API_PORT": "9090", "RSCBIR_MODEL": "/m"},
+        env={
+            "PGSTAC_DSN": "postgresql://u:p@db:5432/x",
+            "API_PORT": "9090",
+            "RSCBIR_MODEL": "/m",
+            "PGHOST": "db",
+            "POSTGRES_PASSWORD": "p",
+            "API_EXTRAS": "pgstac,ml,ingest",
+        },
     )
     assert run.returncode == 0, run.stderr
     services = yaml.safe_load(run.stdout)["services"]
@@ -109,6 +154,9 @@ def test_configuration_comes_from_the_environment() -> None:
     assert services["worker"]["environment"]["PGSTAC_DSN"] == "postgresql://u:p@db:5432/x"
     assert any(str(p).endswith(":9090:8080/tcp") for p in services["api"]["ports"])
     assert services["worker"]["environment"]["RSCBIR_MODEL"] == "/m"
+    plugin = services["api-pgstac"]
+    assert (plugin["environment"]["PGHOST"], plugin["environment"]["PGPASSWORD"]) == ("db", "p")
+    assert plugin["build"]["args"]["EXTRAS"] == "pgstac,ml,ingest"
 
 
 def test_every_variable_has_a_default_and_is_documented() -> None:
@@ -140,14 +188,17 @@ def test_dockerfiles_pin_torch_and_extras() -> None:
         assert "COPY deploy/entrypoint.sh" in text
     assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", api, flags=re.MULTILINE)
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in api
-    assert '".[pgstac]"' in api
+    # the API image installs the light server (no torch) unless EXTRAS names ml or ingest
+    assert re.search(r"^ARG EXTRAS=pgstac$", api, flags=re.MULTILINE)
+    assert '".[${EXTRAS}]"' in api
+    assert "*,ml,* | *,ingest,*)" in api and "stac_rscbir.api.pgstac_plugin" in api
     assert "HEALTHCHECK" in api and "/_mgmt/ping" in api
     assert 'CMD ["serve"]' in api
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+-runtime-", worker, flags=re.MULTILINE)
     assert re.search(
         r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+$", worker, re.M
     )
-    assert '".[pgstac,dask]"' in worker
+    assert '".[ml,ingest,pgstac,dask]"' in worker
     assert 'CMD ["listen"]' in worker
     # the files the images copy exist, and the build context lets them through
     for path in ("pyproject.toml", "README.md", "extension-schema/json-schema/schema.json"):

@@ -27,7 +27,7 @@ from stac_rscbir.extension.validation import cbir_errors, schema_errors
 from stac_rscbir.ingest.sinks import CatalogSink, GeoParquetSink
 from stac_rscbir.ingest.sources import items_from_file
 from stac_rscbir.ingest.worker import IngestOptions, Ingestor
-from stac_rscbir.models.checkpoint import ModelConfig, SourceConfig
+from stac_rscbir.models.config import ModelConfig, SourceConfig
 from stac_rscbir.models.encoder import HashEncoder
 
 from .ingest_builders import CHIP, MODEL, OPTIONS, _scene

@@ -15,7 +15,8 @@ from torch import nn
 
 from stac_rscbir.models import losses
 from stac_rscbir.models.backbones import build_backbone
-from stac_rscbir.models.checkpoint import ModelConfig, load_checkpoint
+from stac_rscbir.models.checkpoint import load_checkpoint
+from stac_rscbir.models.config import ModelConfig
 from stac_rscbir.models.encoder import HashEncoder
 from stac_rscbir.models.methods import METHODS, HashingNet, MethodSpec, method_loss
 from stac_rscbir.models.mining import similarity_matrix

@@ -17,7 +17,8 @@ import torch
 from stac_rscbir.eval.metrics import evaluate_codes
 from stac_rscbir.models import checkpoint as ckpt
 from stac_rscbir.models.backbones import build_backbone
-from stac_rscbir.models.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
+from stac_rscbir.models.checkpoint import load_checkpoint, save_checkpoint
+from stac_rscbir.models.config import ModelConfig
 from stac_rscbir.models.encoder import HashEncoder
 from stac_rscbir.models.methods import METHODS, HashingNet
 from stac_rscbir.models.training import TrainConfig, TrainResult, encode, train_hashing

@@ -22,12 +22,12 @@ from typer.testing import CliRunner
 from stac_rscbir.cli import app
 from stac_rscbir.extension.cbir import HashCode
 from stac_rscbir.extension.validation import cbir_errors, schema_errors
-from stac_rscbir.models.checkpoint import (
+from stac_rscbir.models.checkpoint import load_checkpoint
+from stac_rscbir.models.config import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     ModelConfig,
     SourceConfig,
-    load_checkpoint,
     load_config,
 )
 from stac_rscbir.models.encoder import HashEncoder

@@ -28,7 +28,7 @@ from stac_rscbir.extension.cbir import (
     HashCode,
 )
 from stac_rscbir.extension.validation import cbir_schema
-from stac_rscbir.models.checkpoint import (
+from stac_rscbir.models.config import (
     CONFIG_NAME,
     DERIVED_UNITS,
     InputSpec,

@@ -51,6 +51,7 @@ from stac_rscbir.api.similarity import (
     SimilarityClient,
     SimilarityExtension,
 )
+from stac_rscbir.extras import require
 from stac_rscbir.index.live import LiveIndexes
 from stac_rscbir.store.base import ItemStore
 
@@ -179,7 +180,8 @@ def create_api(
 
     ``models`` maps model ids to checkpoints (for image queries); with ``encode_with`` (a
     checkpoint), items added through the Transactions endpoints are encoded in the background
-    (``app.state.encode_queue``) and the hash index follows.
+    (``app.state.encode_queue``) and the hash index follows (that needs the ``ml`` and
+    ``ingest`` extras: :class:`~stac_rscbir.extras.MissingExtraError` without them).
 
     Writes: with ``write_token``, every Transactions endpoint needs ``Authorization: Bearer
     <token>`` or ``X-API-Key: <token>`` (401 otherwise; reads stay open); with
@@ -215,6 +217,7 @@ def create_api(
     hooks: list = [indexes.on_item]
     encode_queue = None
     if encode_with is not None and transactions:
+        require("encoding items as they are written (encode_with)", "ml", "ingest")
         from stac_rscbir.ingest.hooks import EncodeQueue
         from stac_rscbir.ingest.worker import IngestOptions, Ingestor
 

@@ -32,6 +32,7 @@ from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.responses import FileResponse, Response
 from stac_fastapi.types.extension import ApiExtension
 
+from stac_rscbir.extras import require
 from stac_rscbir.store.base import ItemStore, NotFoundError
 
 CHIP_SUFFIX = "-chips"  # stac_rscbir.data.chips.CHIP_SUFFIX (not imported: keeps rasterio out)
@@ -257,6 +258,7 @@ class AssetsExtension(ApiExtension):
             raise HTTPException(404, f"item {item_id!r} is not a chip: it has no thumbnail")
         scene = self._item(*scene_key)
         try:
+            require("rendering a chip thumbnail", "ingest")  # the scene reader (odc-stac)
             data, valid = chip_rgb(chip, scene, self.hrefs)
         except Exception as exc:  # unreadable rasters, no RGB bands: the reader says which
             raise HTTPException(

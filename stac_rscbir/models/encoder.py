@@ -12,7 +12,8 @@ from torch import nn
 
 from stac_rscbir.models.augment import DIHEDRAL, dihedral
 from stac_rscbir.models.backbones import build_backbone
-from stac_rscbir.models.checkpoint import ModelConfig, load_checkpoint, save_checkpoint
+from stac_rscbir.models.checkpoint import load_checkpoint, save_checkpoint
+from stac_rscbir.models.config import ModelConfig
 from stac_rscbir.models.methods import HashingNet, method_spec
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from stac_rscbir.models.checkpoint import InputSpec, ModelConfig, default_min_size
+from stac_rscbir.models.config import InputSpec, ModelConfig, default_min_size
 from stac_rscbir.models.encoder import HashEncoder
 from stac_rscbir.models.finetune import Finetune
 

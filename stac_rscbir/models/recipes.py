@@ -14,7 +14,7 @@ from stac_rscbir.data.bigearthnet import BandStats, BenPatches
 from stac_rscbir.data.imagefolder import read_labels_csv
 from stac_rscbir.models.augment import Augment, InUnits
 from stac_rscbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
-from stac_rscbir.models.checkpoint import InputSpec, ModelConfig, SourceConfig, default_min_size
+from stac_rscbir.models.config import InputSpec, ModelConfig, SourceConfig, default_min_size
 from stac_rscbir.models.encoder import HashEncoder
 from stac_rscbir.models.features import cached_features
 from stac_rscbir.models.finetune import (

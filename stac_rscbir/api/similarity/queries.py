@@ -23,13 +23,13 @@ from fastapi import HTTPException
 from stac_rscbir.api.similarity.request import SimilarityQuery
 from stac_rscbir.extension.cbir import code_of
 from stac_rscbir.extension.codec import CBIRFieldError, decode_code, decode_descriptor
+from stac_rscbir.extras import MissingExtraError, require
 from stac_rscbir.index.hashindex import HashIndex
 from stac_rscbir.store.base import InvalidQueryError, ItemStore
 
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # default cap on an uploaded image, decoded
 MAX_IMAGE_PIXELS = 50_000_000  # default cap on width * height * bands of an uploaded image
 IMAGE_DRIVERS = ["PNG", "GTiff"]  # the formats an uploaded image may have (no VRT & co.)
-ML_EXTRA = "the `ml` extra (pip install 'stac-rscbir[ml]')"
 _HEX = re.compile(r"[0-9a-fA-F]+")
 
 
@@ -133,12 +133,11 @@ class QueryDecoder:
                 loader = self._encoder_loader
                 if loader is None:
                     try:
-                        from stac_rscbir.models.encoder import HashEncoder
-                    except ImportError as exc:
-                        raise InvalidQueryError(
-                            f"{what} needs the model library, which this server lacks "
-                            f"({exc.name} is not installed): install {ML_EXTRA}"
-                        ) from exc
+                        require(what, "ml")
+                    except MissingExtraError as exc:
+                        raise InvalidQueryError(str(exc)) from exc
+                    from stac_rscbir.models.encoder import HashEncoder
+
                     loader = HashEncoder.load
                 self._encoders[model] = loader(self.model_dirs[model])
             return self._encoders[model]
