@@ -40,7 +40,6 @@ Needs the ``pgstac`` extra (psycopg 3, psycopg-pool, pypgstac-migrated database)
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -77,7 +76,6 @@ from stac_rscbir.store.items import (
 
 __all__ = ["PgstacStore", "PgstacStoreError", "install_generation"]
 
-log = logging.getLogger(__name__)
 
 _CODES_BATCH = 5000
 CHANGES_KEPT = 10_000  # generations of the change log kept (rscbir.changes)
