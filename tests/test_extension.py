@@ -92,7 +92,8 @@ def test_several_models_per_item_one_code_each() -> None:
     ext.remove_code("s2-model")
     ext.remove_code("s1-model")
     assert CODES_PROP not in item.properties
-    with pytest.raises(CBIRFieldError, match=r"model 's1-model' version '2\.0' appears twice"):
+    twice = r"cbir:codes\[1\]: a second code of model 's1-model' version '2\.0' \(first at \[0\]\)"
+    with pytest.raises(CBIRFieldError, match=twice):
         ext.codes = [s1, s1]
     with pytest.raises(CBIRFieldError, match="needs at least one code"):
         ext.codes = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from stac_rscbir.api.app import create_api
 from stac_rscbir.extension.cbir import CBIRModel, Descriptor, HashCode
 from stac_rscbir.ingest.sinks import StoreSink
 from stac_rscbir.store.base import ItemStore
+from stac_rscbir.store.items import InvalidItemError
 
 from .api_builders import MODEL, _bits, _collection, _item
 from .conftest import fresh_pgstac_db
@@ -287,3 +289,47 @@ def test_the_index_serves_the_version_listed_last(api: Api) -> None:
     assert client.put("/collections/versions", json=coll).status_code == 200
     assert client.post("/collections/versions/items", json=written["2"]).status_code == 201
     assert ranked() == ["v2"]  # version 1 is stored, not ranked with version 2
+
+
+def test_two_codes_of_one_model_and_version_are_refused(api: Api) -> None:
+    """Which of two codes of one version would the index serve? The API (every write path) and
+    the store refuse the item with a 400 naming the second; two versions of one model are
+    fine (re-encoding), and the index serves the version the collection lists last."""
+    client, items = api.client, "/collections/scenes/items"
+    first, second = (HashCode.from_bits(MODEL, VERSION, _bits(i)).to_dict() for i in (1, 2))
+    item = _coded(first)
+    item["properties"]["cbir:codes"] = [first, second]
+
+    def problem(item_id: str) -> str:
+        return (
+            f"item {item_id!r}: properties.cbir:codes[1]: a second code of model {MODEL!r} "
+            f"version {VERSION!r} (first at [0])"
+        )
+
+    for r in (
+        client.post(items, json=item),
+        client.post(items, json={"type": "FeatureCollection", "features": [item]}),
+    ):
+        assert r.status_code == 400 and problem(item["id"]) in r.text, r.text
+    assert client.get(f"{items}/{item['id']}").status_code == 404
+    r = client.put(f"{items}/item-000", json={**item, "id": "item-000"})
+    assert r.status_code == 400 and problem("item-000") in r.text, r.text
+    with pytest.raises(InvalidItemError, match=re.escape(problem(item["id"]))):
+        api.store.upsert_items([item])
+
+    cid = f"reencoding-{api.kind}"
+    models = [CBIRModel.create("reencoded", v, 64, ["red"]).to_dict() for v in ("1", "2")]
+    coll = {**_collection(cid), "id": cid, "cbir:models": models}
+    assert client.post("/collections", json=coll).status_code in (200, 201)
+    old, new = np.zeros(64, np.uint8), np.ones(64, np.uint8)
+    both = _item(0, collection=cid)
+    both["properties"]["cbir:codes"] = [
+        HashCode.from_bits("reencoded", "2", new).to_dict(),
+        HashCode.from_bits("reencoded", "1", old).to_dict(),
+    ]
+    assert client.post(f"/collections/{cid}/items", json=both).status_code == 201
+    query = {"model": "reencoded", "code": HashCode.from_bits("reencoded", "2", new).code}
+    r = client.post("/search", json={"similarity": query})
+    assert r.status_code == 200, r.text
+    (hit,) = r.json()["features"]
+    assert hit["id"] == both["id"] and hit["properties"]["cbir:distance"] == 0  # version 2's

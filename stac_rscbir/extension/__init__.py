@@ -11,6 +11,8 @@ from stac_rscbir.extension.cbir import (
     ChipWindow,
     Descriptor,
     HashCode,
+    check_unique_codes,
+    code_of,
 )
 from stac_rscbir.extension.codec import SUPPORTED_BITS, CBIRFieldError
 
@@ -27,4 +29,6 @@ __all__ = [
     "ChipWindow",
     "Descriptor",
     "HashCode",
+    "check_unique_codes",
+    "code_of",
 ]

@@ -7,6 +7,7 @@ back is decoded strictly, so a bad field raises :class:`CBIRFieldError` naming i
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
@@ -38,6 +39,8 @@ from stac_rscbir.extension.codec import (
     unpack_bits,
     words_to_packed,
 )
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T", pystac.Item, pystac.Asset, pystac.ItemAssetDefinition, pystac.Collection)
 
@@ -294,22 +297,63 @@ class HashCode:
         return f"<HashCode model={self.model}@{self.model_version} bits={self.bits}>"
 
 
-#: Pixel types a model's ``input.dtype`` may name.
-INPUT_DTYPES: tuple[str, ...] = ("uint8", "uint16", "int16", "float32")
+def code_of(obj: dict[str, Any] | None, model: str, version: str | None = None) -> HashCode | None:
+    """The code of ``model`` on an item: the one rule that the index's transaction hook, its
+    rebuild from either store and :meth:`CBIRExtension.get_code` apply.
 
-
-def code_of(item: dict[str, Any] | None, model: str, version: str | None = None) -> HashCode | None:
-    """The code of ``model`` (at ``version``; any version when None) in an item dict's
-    ``cbir:codes``, validated: the last matching entry if several."""
-    found = None
-    for i, entry in enumerate((item or {}).get("properties", {}).get(CODES_PROP) or []):
-        if (
+    ``obj`` is an Item (dict), its ``properties``, or any object whose fields hold
+    ``cbir:codes`` (an Asset's). The candidates are the entries of ``model`` (of ``version``
+    when given: the index passes the version it serves,
+    :func:`stac_rscbir.store.models.served_model`) that decode; an entry that does not is
+    skipped with a warning naming it. Of several candidates, the one listed last is the code:
+    without ``version``, several versions of the model (legitimate while re-encoding) give the
+    current one, which ingestion appends after the older (as a Collection's current model is the
+    one its ``cbir:models`` lists last); with it, two codes of one version, which the stores and
+    the API refuse (:func:`check_unique_codes`) but ``pypgstac load`` or SQL can still store,
+    give the later one, as a later duplicate key does in JSON. None when no candidate decodes
+    (or ``obj`` is None: a deleted item).
+    """
+    if obj is None:
+        return None
+    props = obj.get("properties")
+    scope = props if CODES_PROP not in obj and isinstance(props, dict) else obj
+    raw = scope.get(CODES_PROP)
+    if not isinstance(raw, list):
+        return None
+    for i in reversed(range(len(raw))):
+        entry = raw[i]
+        if not (
             isinstance(entry, dict)
             and entry.get("model") == model
             and version in (None, entry.get("model_version"))
         ):
-            found = HashCode.from_dict(entry, f"{CODES_PROP}[{i}]")
-    return found
+            continue
+        try:
+            return HashCode.from_dict(entry, f"{CODES_PROP}[{i}]")
+        except CBIRFieldError as exc:
+            where = f"item {obj.get('collection')}/{obj.get('id')}" if scope is props else "code"
+            log.warning("%s: code of model %s skipped: %s", where, model, exc)
+    return None
+
+
+def check_unique_codes(codes: Sequence[HashCode], field: str = CODES_PROP) -> None:
+    """Raise CBIRFieldError naming the second code of one model and one version in ``codes``
+    (the entries of ``field``, in order): an index could not tell which of the two is the item's.
+    Codes of several versions of one model are fine (re-encoding writes the new beside the old).
+    """
+    first: dict[tuple[str, str], int] = {}
+    for i, code in enumerate(codes):
+        j = first.setdefault((code.model, code.model_version), i)
+        if j != i:
+            raise CBIRFieldError(
+                f"{field}[{i}]",
+                f"a second code of model {code.model!r} version {code.model_version!r} "
+                f"(first at [{j}])",
+            )
+
+
+#: Pixel types a model's ``input.dtype`` may name.
+INPUT_DTYPES: tuple[str, ...] = ("uint8", "uint16", "int16", "float32")
 
 
 def _check_input(value: object, field: str) -> None:
@@ -620,7 +664,7 @@ class CBIRExtension(
         if not isinstance(raw, list):
             raise CBIRFieldError(CODES_PROP, "must be a list of code objects")
         codes = [HashCode.from_dict(d, f"{CODES_PROP}[{i}]") for i, d in enumerate(raw)]
-        _check_unique(((c.model, c.model_version) for c in codes), CODES_PROP, "model")
+        check_unique_codes(codes)
         return codes
 
     @codes.setter
@@ -630,15 +674,13 @@ class CBIRExtension(
                 raise CBIRFieldError(CODES_PROP, "needs at least one code (use None to remove)")
             for i, code in enumerate(v):
                 code.validate(f"{CODES_PROP}[{i}]")
-            _check_unique(((c.model, c.model_version) for c in v), CODES_PROP, "model")
+            check_unique_codes(v)
         self._set_property(CODES_PROP, list(v) if v is not None else None)
 
     def get_code(self, model: str, model_version: str | None = None) -> HashCode | None:
-        """The code of ``model`` (of any version unless ``model_version`` is given)."""
-        for code in self.codes or []:
-            if code.model == model and model_version in (None, code.model_version):
-                return code
-        return None
+        """The code of ``model`` (of any version unless ``model_version`` is given), chosen by
+        :func:`code_of`: the code a hash index of the model serves for this object."""
+        return code_of(self.properties, model, model_version)
 
     def add_code(self, code: HashCode) -> None:
         """Store ``code``, replacing the entry of the same model (one version per model)."""
@@ -671,7 +713,7 @@ class CBIRExtension(
         if not isinstance(raw, list):
             raise CBIRFieldError(MODELS_PROP, "must be a list of model objects")
         models = [CBIRModel.from_dict(d, f"{MODELS_PROP}[{i}]") for i, d in enumerate(raw)]
-        _check_unique(((m.id, m.version) for m in models), MODELS_PROP, "id")
+        _check_unique_models(models)
         return models
 
     @models.setter
@@ -679,7 +721,7 @@ class CBIRExtension(
         if v is not None:
             for i, model in enumerate(v):
                 model.validate(f"{MODELS_PROP}[{i}]")
-            _check_unique(((m.id, m.version) for m in v), MODELS_PROP, "id")
+            _check_unique_models(v)
         self._set_property(MODELS_PROP, list(v) if v else None)
 
     def get_model(self, model_id: str, version: str | None = None) -> CBIRModel | None:
@@ -809,11 +851,12 @@ class SummariesCBIRExtension(SummariesExtension):
         return formats
 
 
-def _check_unique(keys: Iterable[tuple[str, str]], field: str, what: str) -> None:
+def _check_unique_models(models: Iterable[CBIRModel]) -> None:
     seen: set[tuple[str, str]] = set()
-    for key in keys:
+    for model in models:
+        key = (model.id, model.version)
         if key in seen:
-            raise CBIRFieldError(field, f"{what} {key[0]!r} version {key[1]!r} appears twice")
+            raise CBIRFieldError(MODELS_PROP, f"id {key[0]!r} version {key[1]!r} appears twice")
         seen.add(key)
 
 

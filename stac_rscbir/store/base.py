@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from stac_rscbir.extension.cbir import HashCode
 
 ItemKey = tuple[str, str]  # (collection id, item id)
 
@@ -64,6 +67,13 @@ class StoredCode:
     code: bytes  # packed bits, the extension's byte and bit order
     descriptor: bytes | None = None  # float32 little-endian, when the item has one
 
+    @classmethod
+    def of(cls, key: ItemKey, code: HashCode) -> StoredCode:
+        """What the index takes of the item's ``code``."""
+        desc = code.descriptor
+        le32 = None if desc is None else desc.array().astype("<f4").tobytes()
+        return cls(key, code.packed().tobytes(), le32)
+
 
 class ItemStore(Protocol):
     """What the API, the ingestion hooks and the index rebuild use of a store."""
@@ -93,7 +103,8 @@ class ItemStore(Protocol):
         self, collection_id: str | None = None
     ) -> dict[str, set[str]]: ...  # property -> JSON types its items hold (for /queryables)
 
-    # codes, for the hash index
+    # codes, for the hash index: of each item having one, its code of ``model`` (at
+    # ``version``, when given) as stac_rscbir.extension.cbir.code_of chooses it
     def iter_codes(self, model: str, version: str | None = None) -> Iterator[StoredCode]: ...
     def generation(
         self,

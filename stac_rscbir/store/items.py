@@ -23,9 +23,9 @@ import shapely
 import shapely.geometry
 from shapely.errors import GEOSException
 
-from stac_rscbir.extension.cbir import CODES_PROP, HashCode
+from stac_rscbir.extension.cbir import CODES_PROP, HashCode, check_unique_codes
 from stac_rscbir.extension.codec import CBIRFieldError
-from stac_rscbir.store.base import InvalidQueryError
+from stac_rscbir.store.base import InvalidQueryError, StoredCode
 
 __all__ = [
     "Coverage",
@@ -341,24 +341,16 @@ class PreparedItem:
         field = f"properties.{CODES_PROP}"
         if not isinstance(raw, list):
             raise InvalidItemError(self.id, field, "must be a list of code objects")
-        rows: list[tuple[str, str, bytes, bytes | None]] = []
-        seen: set[tuple[str, str]] = set()
-        for i, entry in enumerate(raw):
-            try:
-                code = HashCode.from_dict(entry, f"{field}[{i}]")
-                packed = code.packed().tobytes()
-                desc = code.descriptor
-                desc_bytes = None if desc is None else desc.array().astype("<f4").tobytes()
-            except CBIRFieldError as exc:
-                raise InvalidItemError(self.id, exc.field, exc.problem) from exc
-            key = (code.model, code.model_version)
-            if key in seen:
-                raise InvalidItemError(
-                    self.id, f"{field}[{i}].model", f"model {key[0]!r} version {key[1]!r} twice"
-                )
-            seen.add(key)
-            rows.append((code.model, code.model_version, packed, desc_bytes))
-        return rows
+        try:
+            codes = [HashCode.from_dict(entry, f"{field}[{i}]") for i, entry in enumerate(raw)]
+            check_unique_codes(codes, field)
+            stored = [StoredCode.of((self.collection, self.id), code) for code in codes]
+        except CBIRFieldError as exc:
+            raise InvalidItemError(self.id, exc.field, exc.problem) from exc
+        return [
+            (code.model, code.model_version, sc.code, sc.descriptor)
+            for code, sc in zip(codes, stored, strict=True)
+        ]
 
     def _check_bbox(self, bbox: object) -> None:
         try:

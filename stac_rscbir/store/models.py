@@ -19,7 +19,14 @@ from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit
 
-from stac_rscbir.extension.cbir import CODES_PROP, MODEL_REL, MODELS_PROP, CBIRModel, HashCode
+from stac_rscbir.extension.cbir import (
+    CODES_PROP,
+    MODEL_REL,
+    MODELS_PROP,
+    CBIRModel,
+    HashCode,
+    check_unique_codes,
+)
 from stac_rscbir.extension.codec import CBIRFieldError
 from stac_rscbir.store.base import ItemStore, NotFoundError
 from stac_rscbir.store.items import InvalidItemError
@@ -84,11 +91,12 @@ def _linked_models(store: ItemStore, item: dict[str, Any]) -> Declared:
 def check_item_codes(
     store: ItemStore, item: dict[str, Any], collections: dict[str, Declared] | None = None
 ) -> None:
-    """Raise InvalidItemError naming the first code entry whose model is not declared for
-    ``item`` (its Collection's ``cbir:models`` or a model Item it links), whose version is
-    not a declared one, or that does not have the declared format (bits, bit order, encoding,
-    descriptor dim). ``collections`` caches the Collections' declarations across the items of
-    one write."""
+    """Raise InvalidItemError naming the first code entry that does not decode, the second
+    code of one model and one version (:func:`~stac_rscbir.extension.cbir.check_unique_codes`),
+    or the first code entry whose model is not declared for ``item`` (its Collection's
+    ``cbir:models`` or a model Item it links), whose version is not a declared one, or that
+    does not have the declared format (bits, bit order, encoding, descriptor dim).
+    ``collections`` caches the Collections' declarations across the items of one write."""
     props = item.get("properties")
     raw = props.get(CODES_PROP) if isinstance(props, dict) else None
     if not isinstance(raw, list) or not raw:
@@ -102,12 +110,14 @@ def check_item_codes(
             return  # the store answers 404 for the collection
     declared = dict(cache.get(cid, {}) if isinstance(cid, str) else {})
     declared.update(_linked_models(store, item))
-    for i, entry in enumerate(raw):
-        field = f"properties.{CODES_PROP}[{i}]"
-        try:
-            code = HashCode.from_dict(entry, field)
-        except CBIRFieldError as exc:
-            raise InvalidItemError(item.get("id"), exc.field, exc.problem) from exc
+    prop = f"properties.{CODES_PROP}"
+    try:
+        codes = [HashCode.from_dict(entry, f"{prop}[{i}]") for i, entry in enumerate(raw)]
+        check_unique_codes(codes, prop)
+    except CBIRFieldError as exc:
+        raise InvalidItemError(item.get("id"), exc.field, exc.problem) from exc
+    for i, code in enumerate(codes):
+        field = f"{prop}[{i}]"
         versions = [v for (m, v) in declared if m == code.model]
         if not versions:
             raise InvalidItemError(

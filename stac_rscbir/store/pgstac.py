@@ -40,7 +40,6 @@ Needs the ``pgstac`` extra (psycopg 3, psycopg-pool, pypgstac-migrated database)
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -51,8 +50,7 @@ import psycopg
 from psycopg import errors, sql
 from psycopg_pool import ConnectionPool
 
-from stac_rscbir.extension.cbir import CODES_PROP, HashCode
-from stac_rscbir.extension.codec import CBIRFieldError
+from stac_rscbir.extension.cbir import CODES_PROP, code_of
 from stac_rscbir.store.base import (
     ConflictError,
     InvalidQueryError,
@@ -78,7 +76,6 @@ from stac_rscbir.store.items import (
 
 __all__ = ["PgstacStore", "PgstacStoreError", "install_generation"]
 
-log = logging.getLogger(__name__)
 
 _CODES_BATCH = 5000
 CHANGES_KEPT = 10_000  # generations of the change log kept (rscbir.changes)
@@ -168,15 +165,10 @@ SELECT to_regprocedure('rscbir.bump_generation()') IS NOT NULL
 """
 
 _CODES_SQL = """
-SELECT i.collection, i.id, c.value
+SELECT i.collection, i.id, i.content->'properties'->'cbir:codes'
 FROM pgstac.items i
-CROSS JOIN LATERAL jsonb_array_elements(
-    CASE jsonb_typeof(i.content->'properties'->'cbir:codes')
-    WHEN 'array' THEN i.content->'properties'->'cbir:codes' ELSE '[]'::jsonb END
-) AS c(value)
-WHERE c.value->>'model' = %(model)s
-  AND (%(version)s::text IS NULL OR c.value->>'model_version' = %(version)s)
-ORDER BY i.collection, i.id, c.value->>'model_version'
+WHERE i.content->'properties'->'cbir:codes' @> %(probe)s::jsonb
+ORDER BY i.collection, i.id
 """
 
 
@@ -620,28 +612,23 @@ class PgstacStore:
     # -- codes ---------------------------------------------------------------------------
 
     def iter_codes(self, model: str, version: str | None = None) -> Iterator[StoredCode]:
-        """The codes of ``model`` (of ``version``, or of every version when None: an item
-        carrying two versions of the model then yields two entries), by (collection, id).
+        """Of each item having one, its code of ``model`` (of ``version`` when given), by
+        (collection, id): the one :func:`~stac_rscbir.extension.cbir.code_of` picks from the
+        item's ``cbir:codes`` (SQL selects the items holding an entry of the model; an entry
+        that does not decode, written behind the store's back, is skipped with a warning).
 
-        Streamed by a server-side cursor, in one snapshot. A stored entry that does not decode
-        (written behind the store's back) is skipped with a warning.
+        Streamed by a server-side cursor, in one snapshot.
         """
+        probe = {"model": model} if version is None else {"model": model, "model_version": version}
         with self._read() as conn, conn.transaction():
             cur = conn.cursor(name="rscbir_codes")
             cur.itersize = _CODES_BATCH
-            cur.execute(_CODES_SQL, {"model": model, "version": version})
-            for collection, item_id, entry in cur:
-                try:
-                    code = HashCode.from_dict(entry, f"properties.{CODES_PROP}")
-                except CBIRFieldError as exc:
-                    log.warning("item %s/%s: stored code skipped: %s", collection, item_id, exc)
-                    continue
-                desc = code.descriptor
-                yield StoredCode(
-                    key=(collection, item_id),
-                    code=code.packed().tobytes(),
-                    descriptor=None if desc is None else desc.array().astype("<f4").tobytes(),
-                )
+            cur.execute(_CODES_SQL, {"probe": json.dumps([probe])})
+            for collection, item_id, codes in cur:
+                item = {"collection": collection, "id": item_id, "properties": {CODES_PROP: codes}}
+                code = code_of(item, model, version)
+                if code is not None:
+                    yield StoredCode.of((collection, item_id), code)
             cur.close()
 
     def code_models(self) -> list[str]:

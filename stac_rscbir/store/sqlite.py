@@ -38,6 +38,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -54,6 +55,7 @@ import shapely
 import shapely.geometry
 from shapely.errors import GEOSException
 
+from stac_rscbir.extension.cbir import code_of
 from stac_rscbir.store.base import (
     ConflictError,
     InvalidQueryError,
@@ -763,11 +765,33 @@ class SQLiteStore:
     # -- codes ---------------------------------------------------------------------------
 
     def iter_codes(self, model: str, version: str | None = None) -> Iterator[StoredCode]:
-        """The codes of ``model`` (of ``version``, or of every version when None: an item
-        carrying two versions of the model then yields two entries), in item rowid order.
+        """Of each item having one, its code of ``model`` (of ``version`` when given), in item
+        rowid order: the one :func:`~stac_rscbir.extension.cbir.code_of` picks.
 
-        Rows are read in chunks, so a long iteration does not hold a read snapshot throughout.
+        The ``codes`` table holds one row per model and version of an item, each a valid
+        entry (the store's writes check them), so an item with one row of the model has that
+        code; an item with several (versions, when ``version`` is None) has its ``cbir:codes``
+        read to apply the rule. Rows are read in chunks, so a long iteration does not hold a
+        read snapshot throughout.
         """
+        for rowid, group in itertools.groupby(self._code_rows(model, version), lambda r: r[0]):
+            rows = list(group)
+            if len(rows) == 1:
+                _, coll, iid, code, desc = rows[0]
+                yield StoredCode((coll, iid), bytes(code), None if desc is None else bytes(desc))
+                continue
+            sql = "SELECT collection, id, content FROM items WHERE rowid = ?"
+            found = self._read(sql, (rowid,))
+            if not found:
+                continue  # deleted since the chunk was read
+            coll, iid, content = found[0]
+            picked = code_of(json.loads(content), model, version)
+            if picked is not None:
+                yield StoredCode.of((coll, iid), picked)
+
+    def _code_rows(self, model: str, version: str | None) -> Iterator[tuple[Any, ...]]:
+        """The ``codes`` rows of ``model`` (of ``version``, or all) as (item rowid, collection,
+        id, code, descriptor), by item rowid and version, read in chunks."""
         sql = (
             "SELECT codes.item_rowid, codes.version, items.collection, items.id, codes.code, "
             "codes.descriptor FROM codes JOIN items ON items.rowid = codes.item_rowid "
@@ -778,12 +802,8 @@ class SQLiteStore:
         last_rowid, last_version = -1, ""
         while True:
             rows = self._read(sql, (model, version, version, last_rowid, last_rowid, last_version))
-            for rowid, ver, coll, iid, code, desc in rows:
-                yield StoredCode(
-                    key=(coll, iid),
-                    code=bytes(code),
-                    descriptor=None if desc is None else bytes(desc),
-                )
+            for rowid, ver, *rest in rows:
+                yield (rowid, *rest)
                 last_rowid, last_version = rowid, ver
             if len(rows) < _CODES_CHUNK:
                 return
