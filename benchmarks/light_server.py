@@ -153,30 +153,34 @@ def docker_image(extras: str) -> dict[str, Any] | None:
 
 
 def cold_start(venv: Path, db: Path, index: Path, model: Path, query_id: str) -> dict[str, Any]:
-    """Start ``serve`` (with ``--model``: it reads the checkpoint's config); seconds until a
-    similarity search by item answers 200 (polled until the server accepts connections: its
-    first answer is that search, once the app has started), and its resident memory then."""
+    """Start ``serve`` (with ``--model``: it reads the checkpoint's config); see
+    :func:`first_answer`."""
     port = free_port()
     cmd = [str(venv / "bin" / "stac-rscbir"), "serve", "--db", str(db), "--index-dir", str(index)]
-    cmd += ["--model", str(model)]
+    cmd += ["--model", str(model), "--host", "127.0.0.1", "--port", str(port)]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(OMP_NUM_THREADS="1", RSCBIR_WRITE_TOKEN="")
+    return first_answer(cmd, env, port, query_id)
+
+
+def first_answer(
+    cmd: list[str], env: dict[str, str], port: int, query_id: str, collection: str = "bench"
+) -> dict[str, Any]:
+    """Start the server ``cmd`` (listening on ``port``); seconds until a similarity search by
+    item answers 200 (polled every 20 ms until the server accepts connections: its first answer
+    is that search, once the app has started), and its resident memory then. The server is
+    stopped (SIGTERM: its shutdown saves the index) before returning."""
     body = {
         "limit": 10,
-        "similarity": {"model": MODEL, "item": {"collection": "bench", "id": query_id}, "k": 10},
+        "similarity": {"model": MODEL, "item": {"collection": collection, "id": query_id}, "k": 10},
     }
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [*cmd, "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
             while True:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"serve exited: {proc.stderr.read().decode()[-2000:]}")
+                    raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
                 try:
                     r = client.post("/search", json=body)
                 except httpx.TransportError:
