@@ -182,6 +182,38 @@ def test_add_remove_update():
             assert got == brute(new[qi], all_codes[::4], sub, 7)
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_a_batch_of_writes_equals_a_build_of_the_result(kind):
+    """apply(): updates, inserts and removals in one batch leave the index holding (and
+    ranking) exactly what a build of the resulting codes holds."""
+    rng = np.random.default_rng(11)
+    codes, keys = clustered_codes(2000, 64, seed=4), keys_for(2000)
+    desc = rng.normal(size=(2000, 8)).astype(np.float32)
+    index = HashIndex("m", kind=kind).build(stored(codes, keys, desc), generation=1)
+    state = {k: (c.tobytes(), d) for k, c, d in zip(keys, codes, desc, strict=True)}
+    changes: dict[ItemKey, tuple[bytes, np.ndarray | None] | None] = {}
+    for i in rng.choice(2000, 300, replace=False):  # updates and removals
+        changes[keys[i]] = None if i % 3 == 0 else (codes[(i + 7) % 2000].tobytes(), desc[i])
+    for j in range(50):  # inserts, one without a descriptor
+        changes[("new", f"n{j}")] = (codes[j].tobytes(), None if j == 0 else desc[j])
+    changes[("new", "never-indexed")] = None
+    index.apply(changes, generation=2)
+    for key, entry in changes.items():
+        if entry is None:
+            state.pop(key, None)
+        else:
+            state[key] = entry
+    assert index.generation == 2 and index.count == len(state)
+    assert {k: index.code(k) for k in state} == {k: v[0] for k, v in state.items()}
+    final = np.array([np.frombuffer(v[0], np.uint8) for v in state.values()])
+    want = brute(final[3], final, list(state), 25)
+    if kind == "flat":
+        assert index.search(final[3], 25) == want
+    assert index.search(final[3], 25, exact=True) == want
+    assert np.array_equal(index.descriptor(("new", "n1")), desc[1])
+    assert index.descriptor(("new", "n0")) is None
+
+
 @pytest.mark.parametrize("bits", [64, 128])
 def test_ivf_recall_and_exact_flag(bits):
     codes = clustered_codes(6000, bits, seed=bits)

@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from stac_rscbir.extension.cbir import code_of
 from stac_rscbir.index.hashindex import HashIndex, open_or_rebuild
 from stac_rscbir.store.base import ItemStore
@@ -295,7 +297,8 @@ class LiveIndexes:
                         changed.append(model)
                         continue
                     try:
-                        self._apply(idx, (collection, item_id), item, generation)
+                        key = (collection, item_id)
+                        idx.apply({key: self._entry(idx, key, item)}, generation=generation)
                     except Exception:
                         log.exception(
                             "hash index of %s: could not apply %s/%s; rebuilding it from the store",
@@ -322,11 +325,12 @@ class LiveIndexes:
         return version == idx.version and bits in (None, idx.bits)
 
     @staticmethod
-    def _apply(
-        idx: HashIndex, key: tuple[str, str], item: dict[str, Any] | None, generation: int
-    ) -> None:
-        """Put the item's code (as stored at ``generation``) in the index, or take the key out
-        when the item is gone or has no code of the index's version and bit length."""
+    def _entry(
+        idx: HashIndex, key: tuple[str, str], item: dict[str, Any] | None
+    ) -> tuple[bytes, np.ndarray | None] | None:
+        """What ``idx`` holds of the item: its code of the index's model (by the extension's
+        rule, :func:`~stac_rscbir.extension.cbir.code_of`) and descriptor; None when the item
+        is gone or has no code of the index's version and bit length."""
         code = code_of(item, idx.model, idx.version) if item else None
         if code is not None and idx.bits not in (None, code.bits):
             log.warning(
@@ -338,10 +342,8 @@ class LiveIndexes:
             )
             code = None
         if code is None:
-            idx.remove(key, generation=generation)
-        else:
-            desc = code.descriptor.array() if code.descriptor else None
-            idx.update(key, code.packed().tobytes(), desc, generation=generation)
+            return None
+        return code.packed().tobytes(), code.descriptor.array() if code.descriptor else None
 
     def _follow_safely(self, model: str) -> HashIndex | None:
         """:meth:`_follow`, a failure logged (None: rebuild)."""
@@ -372,9 +374,10 @@ class LiveIndexes:
             if any(k[1] == "" for k in keys) and not self._still_served(model, idx):
                 return None
             stored = {(i["collection"], i["id"]): i for i in self.store.get_items(items)}
-            for key in items:
-                self._apply(idx, key, stored.get(key), generation)
-            idx.advance(generation)
+            idx.apply(
+                {key: self._entry(idx, key, stored.get(key)) for key in items},
+                generation=generation,
+            )
             return idx
 
     def models_with_codes(self) -> set[str]:
