@@ -10,7 +10,7 @@ The lifecycle, in explicit phases:
   ``rscbir.changes``), the index follows the log, whoever wrote (this process, another replica,
   stac-fastapi-pgstac's Transactions, ``pypgstac load``): the items written since its generation
   are read again and applied; it is rebuilt only when the log does not reach back far enough,
-  a collection was deleted, the model's declaration changed, or more than a tenth of the items
+  a collection was deleted, the model's declaration changed, or more than a twentieth of the items
   changed. Without a log (SQLite), :meth:`LiveIndexes.on_item` (the transaction hook) applies
   each committed write of this process, and a search that finds the store ahead (another
   process wrote) waits a moment for a hook under way, then rebuilds;
@@ -369,7 +369,9 @@ class LiveIndexes:
             if generation <= idx.generation:
                 return idx
             items = [k for k in keys if k[1] not in ("", "*")]
-            if any(k[1] == "*" for k in keys) or len(items) > max(1000, idx.count // 10):
+            # at 10^5 codes following 1000 changed items took 0.35 s, a rebuild 1.8 s
+            # (benchmarks/RESULTS.md, the plugin at 10^5 items): past a twentieth, rebuild
+            if any(k[1] == "*" for k in keys) or len(items) > max(1000, idx.count // 20):
                 return None
             if any(k[1] == "" for k in keys) and not self._still_served(model, idx):
                 return None
