@@ -51,6 +51,7 @@ from stac_rscbir.api.similarity import (
     SimilarityClient,
     SimilarityExtension,
 )
+from stac_rscbir.api.viewer import mount_viewer
 from stac_rscbir.extras import require
 from stac_rscbir.index.live import LiveIndexes
 from stac_rscbir.store.base import ItemStore
@@ -175,6 +176,7 @@ def create_api(
     max_image_pixels: int = MAX_IMAGE_PIXELS,
     max_body_bytes: int = MAX_BODY_BYTES,
     asset_roots: Sequence[Path] = (),
+    viewer_basemap: str | None = None,
 ) -> StacApi:
     """A STAC API over ``store`` whose /search also ranks by similarity (hash codes).
 
@@ -197,6 +199,9 @@ def create_api(
     (:mod:`stac_rscbir.api.assets`): local asset files under ``asset_roots`` are served by the
     API (and chip thumbnails rendered from them), other local assets and relative links are
     left out.
+
+    The visual search page is served at ``/viewer/`` (:mod:`stac_rscbir.api.viewer`), over the
+    XYZ tiles of ``viewer_basemap`` when given.
     """
     settings = ApiSettings(
         enable_response_models=False,
@@ -297,6 +302,7 @@ def create_api(
     api.app.state.write_protected = transactions and write_token is not None
     install_error_handlers(api.app)
     install_openapi(api.app, write_protected=api.app.state.write_protected)
+    mount_viewer(api.app, viewer_basemap)
     return api
 
 

@@ -1,0 +1,303 @@
+"""The visual search page (/viewer) in a real browser: headless Chromium from Debian through
+Playwright, against our app over a store of 80 coded chips with thumbnail assets
+(tests/api_builders items). What the page shows is compared with what POST /search answers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import httpx
+import pytest
+from PIL import Image
+from shapely.geometry import box, shape
+
+from stac_rscbir.api.app import create_api
+from stac_rscbir.api.server import BackgroundServer
+from stac_rscbir.store.sqlite import SQLiteStore
+
+from .api_builders import MODEL, N, _collection, _item
+from .conftest import ROOT, require
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+COLOURS = [(200, 60, 40), (40, 160, 70), (50, 90, 200), (210, 190, 60)]  # by code cluster
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
+    """Our app over 80 chips (four code clusters), each with a PNG thumbnail asset."""
+    folder = tmp_path_factory.mktemp("viewer")
+    thumbs = folder / "thumbs"
+    thumbs.mkdir()
+    items = []
+    for i in range(N):
+        png = thumbs / f"item-{i:03d}.png"
+        shade = tuple(min(255, c + 3 * (i // 4)) for c in COLOURS[i % 4])
+        Image.new("RGB", (32, 32), shade).save(png)
+        item = _item(i)
+        item["assets"] = {
+            "thumbnail": {"href": str(png), "type": "image/png", "roles": ["thumbnail"]}
+        }
+        items.append(item)
+    store = SQLiteStore(folder / "archive.db")
+    store.create_collection(_collection())
+    store.upsert_items(items)
+    api = create_api(store, folder / "index", asset_roots=[thumbs])
+    with BackgroundServer(api.app) as running:
+        yield running
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium (Debian's, through Playwright: its own browser download is not used)."""
+    require(CHROMIUM.exists(), f"{CHROMIUM} not found: apt-get install chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require(False, "playwright is not installed (the dev extra)")
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+class Page:
+    """A browser page on the viewer that records console errors and uncaught exceptions."""
+
+    def __init__(self, browser: Any, server: BackgroundServer) -> None:
+        self.context = browser.new_context(viewport={"width": 1400, "height": 900})
+        self.page = self.context.new_page()
+        self.server = server
+        self.errors: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+    def open(self, **params: str) -> None:
+        """Load /viewer/ with ``params`` and wait until it has drawn the chips (and searched)."""
+        query = f"?{urlencode(params)}" if params else ""
+        self.page.goto(f"{self.server.url}/viewer/{query}")
+        self.page.wait_for_selector("body[data-ready=true]")
+
+    def searches(self) -> int:
+        return int(self.page.evaluate("Number(document.body.dataset.searches || 0)"))
+
+    def wait_searches(self, n: int) -> None:
+        self.page.wait_for_function(f"Number(document.body.dataset.searches || 0) >= {n}")
+
+    def results(self) -> list[tuple[str, int]]:
+        """The grid: (collection/id, distance) of each card, in order."""
+        cards = self.page.locator(".card")
+        return [
+            (c.get_attribute("data-key"), int(c.get_attribute("data-distance")))
+            for c in cards.all()
+        ]
+
+    def state(self) -> dict[str, str]:
+        return {k: v[0] for k, v in parse_qs(urlsplit(self.page.url).query).items()}
+
+    def click_chip(self, key: str) -> None:
+        self.page.locator(f'path[data-key="{key}"]').last.click()
+
+
+@pytest.fixture
+def viewer(browser: Any, server: BackgroundServer) -> Iterator[Page]:
+    page = Page(browser, server)
+    yield page
+    page.context.close()
+
+
+def api_ranking(server: BackgroundServer, **state: Any) -> list[tuple[str, int]]:
+    """What POST /search answers for the page's state (the same body, built here)."""
+    similarity: dict[str, Any] = {"model": MODEL, "item": state["item"], "k": state["k"]}
+    if "feedback" in state:
+        similarity["feedback"] = state["feedback"]
+    body: dict[str, Any] = {
+        "collections": ["scenes"],
+        "limit": state["k"],
+        "similarity": similarity,
+    }
+    if "bbox" in state:
+        body["bbox"] = state["bbox"]
+    r = httpx.post(f"{server.url}/search", json=body)
+    assert r.status_code == 200, r.text
+    return [
+        (f"{f['collection']}/{f['id']}", f["properties"]["cbir:distance"])
+        for f in r.json()["features"]
+    ]
+
+
+def _ref(key: str) -> dict[str, str]:
+    collection, item = key.split("/", 1)
+    return {"collection": collection, "id": item}
+
+
+def test_page_loads_without_console_errors(viewer: Page, tmp_path: Path) -> None:
+    viewer.open()
+    page = viewer.page
+    assert page.locator("path.chip").count() == N
+    page.wait_for_function(
+        "[...document.querySelectorAll('img.leaflet-image-layer')]"
+        f".filter(i => i.complete && i.naturalWidth > 0).length === {N}"
+    )
+    assert page.locator("#collection").input_value() == "scenes"
+    assert page.locator("#model").input_value() == MODEL
+    assert viewer.state()["collection"] == "scenes"
+    page.screenshot(path=tmp_path / "viewer-loaded.png")
+    assert viewer.errors == []
+
+
+def test_clicking_a_chip_ranks_as_post_search(
+    viewer: Page, tmp_path: Path, record_property: Any
+) -> None:
+    viewer.open()
+    start = time.perf_counter()
+    viewer.click_chip("scenes/item-045")
+    viewer.page.wait_for_selector(".card")
+    clicked_ms = (time.perf_counter() - start) * 1000
+    viewer.wait_searches(1)
+    in_page_ms = float(viewer.page.evaluate("document.body.dataset.searchMs"))
+    print(
+        f"click to first result: {clicked_ms:.0f} ms "
+        f"(fetch + render in the page {in_page_ms:.0f} ms)"
+    )
+    record_property("click_to_first_result_ms", round(clicked_ms, 1))
+
+    shown = viewer.results()
+    assert shown[0] == ("scenes/item-045", 0)
+    assert shown == api_ranking(viewer.server, item=_ref("scenes/item-045"), k=20)
+    assert viewer.state()["item"] == "scenes/item-045"
+    assert viewer.page.locator("path.result").count() == len(shown)
+    viewer.page.locator(".card").nth(1).hover()  # a card highlights its footprint
+    assert viewer.page.locator(".card.hl").count() == 1
+    viewer.page.screenshot(path=tmp_path / "viewer-search.png")
+    assert viewer.errors == []
+
+
+def test_a_drawn_box_restricts_every_result(viewer: Page, tmp_path: Path) -> None:
+    viewer.open(item="scenes/item-044", k="30")
+    viewer.wait_searches(1)
+    everywhere = viewer.results()
+    page = viewer.page
+    page.click("#draw-bbox")
+    # a box from the centre of item-000 to that of item-033: chips of columns 0-3, rows 0-3
+    a = page.locator('path.chip[data-key="scenes/item-000"]').bounding_box()
+    b = page.locator('path.chip[data-key="scenes/item-033"]').bounding_box()
+    page.mouse.move(a["x"] + a["width"] / 2, a["y"] + a["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(b["x"] + b["width"] / 2, b["y"] + b["height"] / 2, steps=8)
+    page.mouse.up()
+    viewer.wait_searches(2)
+
+    bbox = [float(v) for v in viewer.state()["bbox"].split(",")]
+    shown = viewer.results()
+    assert shown and shown != everywhere
+    area = box(*bbox)
+    items = {f"scenes/{i['id']}": i for i in _items_by_id()}
+    assert all(shape(items[key]["geometry"]).intersects(area) for key, _ in shown)
+    assert shown == api_ranking(viewer.server, item=_ref("scenes/item-044"), k=30, bbox=bbox)
+    page.screenshot(path=tmp_path / "viewer-bbox.png")
+    assert viewer.errors == []
+
+
+def _items_by_id() -> list[dict[str, Any]]:
+    return [_item(i) for i in range(N)]
+
+
+def test_marks_rerank_as_the_api_does(viewer: Page, tmp_path: Path) -> None:
+    viewer.open(item="scenes/item-020", k="12")
+    viewer.wait_searches(1)
+    before = viewer.results()
+    page = viewer.page
+    relevant = [key for key, _ in before[-3:]]
+    not_relevant = [key for key, _ in before[1:3]]
+    for key in relevant:
+        page.locator(f'.card[data-key="{key}"] .mark-relevant').click()
+    for key in not_relevant:
+        page.locator(f'.card[data-key="{key}"] .mark-not-relevant').click()
+    page.click("#refine")
+    viewer.wait_searches(2)
+
+    after = viewer.results()
+    feedback = {
+        "relevant": [_ref(k) for k in relevant],
+        "not_relevant": [_ref(k) for k in not_relevant],
+    }
+    assert after == api_ranking(
+        viewer.server, item=_ref("scenes/item-020"), k=12, feedback=feedback
+    )
+    assert [k for k, _ in after] != [k for k, _ in before]
+    state = viewer.state()
+    assert state["relevant"].split(",") == relevant
+    assert state["not_relevant"].split(",") == not_relevant
+    assert page.locator(".card.relevant").count() == sum(k in relevant for k, _ in after)
+    page.screenshot(path=tmp_path / "viewer-feedback.png")
+    assert viewer.errors == []
+
+
+def test_the_url_round_trips_the_state(viewer: Page, browser: Any) -> None:
+    state = {
+        "collection": "scenes",
+        "model": MODEL,
+        "within": "scenes",
+        "k": "9",
+        "max_distance": "30",
+        "from": "2021-01-05",
+        "to": "2021-03-01",
+        "bbox": "10,45,10.75,45.55",
+        "item": "scenes/item-036",
+        "relevant": "scenes/item-040",
+        "not_relevant": "scenes/item-012",
+    }
+    viewer.open(**state)
+    viewer.wait_searches(1)
+    assert viewer.state() == state
+    page = viewer.page
+    assert page.locator("#k").input_value() == "9"
+    assert page.locator("#max-distance").input_value() == "30"
+    assert page.locator("#date-from").input_value() == "2021-01-05"
+    assert page.locator("#date-to").input_value() == "2021-03-01"
+    shown = viewer.results()
+    assert shown and all(d <= 30 for _, d in shown)
+
+    again = Page(browser, viewer.server)  # the link, opened elsewhere
+    try:
+        again.page.goto(page.url)
+        again.page.wait_for_selector("body[data-ready=true]")
+        again.wait_searches(1)
+        assert again.state() == state
+        assert again.results() == shown
+        assert again.errors == []
+    finally:
+        again.context.close()
+    assert viewer.errors == []
+
+
+def test_refusals_and_empty_results_are_messages(viewer: Page) -> None:
+    viewer.open(item="scenes/item-001", k="100000")  # over the server's max_k
+    viewer.wait_searches(1)
+    message = viewer.page.locator("#message.error")
+    assert "400" in message.inner_text() and "k" in message.inner_text()
+    assert viewer.results() == []
+
+    viewer.open(item="scenes/item-001", **{"from": "1990-01-01", "to": "1990-01-02"})
+    viewer.wait_searches(1)
+    assert viewer.results() == []
+    assert "No results" in viewer.page.locator("#message").inner_text()
+    assert viewer.page.locator("#message.error").count() == 0
+    unexpected = [e for e in viewer.errors if "status of 400" not in e]  # the refused fetch
+    assert unexpected == []
+
+
+def test_the_viewer_is_packaged_with_its_map_library() -> None:
+    static = ROOT / "stac_rscbir" / "viewer" / "static"
+    files = [p for p in static.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) < 5 * 1024 * 1024
+    html = (static / "index.html").read_text()
+    assert "http://" not in html and "https://" not in html  # no CDN: everything is local
+    assert (static / "vendor" / "leaflet" / "leaflet.js").exists()
