@@ -677,6 +677,13 @@ def serve(
             "thumbnails rendered from); repeatable. Other local assets are not served."
         ),
     ] = None,
+    viewer_basemap: Annotated[
+        str | None,
+        typer.Option(
+            help="XYZ tile URL template (https://.../{z}/{x}/{y}.png) drawn under the chips on "
+            "the /viewer page, for deployments that reach one (default: none, offline)."
+        ),
+    ] = None,
 ) -> None:
     """Serve the STAC API with similarity search over the SQLite store (--db) or pgstac (--dsn).
 
@@ -753,7 +760,9 @@ def serve(
         write_token=write_token if transactions else None,
         transactions=transactions,
         asset_roots=asset_root or (),
+        viewer_basemap=viewer_basemap,
     )
+    console.print(f"the visual search page: http://{host}:{port}/viewer/")
     uvicorn.run(api.app, host=host, port=port)
 
 

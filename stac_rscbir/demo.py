@@ -361,7 +361,8 @@ def run_demo(
     if stop:
         server.stop()
     else:
-        console.print(f"server running at {url} (Ctrl-C to stop)")
+        console.print(f"server running at {url}, the visual search page at {url}/viewer/")
+        console.print("(Ctrl-C to stop)")
         server.wait()
     return results
 

@@ -23,15 +23,16 @@ LANDSAT = SHARED / "landsat8" / "LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
 RGBN = SHARED / "misc" / "rgbn.tif"
 
 
-@pytest.mark.shared
-def test_demo_runs_end_to_end_on_real_scenes(tmp_path: Path) -> None:
+def run_small_demo(tmp_path: Path) -> dict[str, Any]:
+    """The demo at small size on the shared rasters, stopped: what its queries found; its files
+    (store, index, catalog) under ``tmp_path / "demo"``."""
     require(LANDSAT.exists() and RGBN.exists(), f"demo rasters not found under {SHARED}")
     rasters = tmp_path / "rasters"
     rasters.mkdir()
     (rasters / LANDSAT.name).symlink_to(LANDSAT)
     for date in ("20160101", "20160401"):  # the same real RGBN scene under two demo dates
         (rasters / f"rgbn_{date}.tif").symlink_to(RGBN)
-    results = run_demo(
+    return run_demo(
         tmp_path / "demo",
         port=free_port(),
         stop=True,
@@ -39,6 +40,11 @@ def test_demo_runs_end_to_end_on_real_scenes(tmp_path: Path) -> None:
         max_fit_chips=96,
         console=Console(width=140, quiet=True),
     )
+
+
+@pytest.mark.shared
+def test_demo_runs_end_to_end_on_real_scenes(tmp_path: Path) -> None:
+    results = run_small_demo(tmp_path)
     store = SQLiteStore(tmp_path / "demo" / "archive.db")  # what the demo served, re-opened
     try:
         landsat = _chips(store, "landsat-8-chips")

@@ -237,8 +237,10 @@ function queryItem(key) {
   return search();
 }
 
-function distanceColour(d, max) {
-  const t = max > 0 ? d / max : 0;
+// hue from green (distance 0, the query itself) through yellow (the nearest other result) to
+// red (the farthest shown), so the spread among the results shows whatever its range
+function distanceColour(d, lo, hi) {
+  const t = d === 0 ? 0 : 0.2 + 0.8 * (hi > lo ? (d - lo) / (hi - lo) : 0);
   return `hsl(${Math.round(120 * (1 - t))}, 90%, 45%)`;
 }
 
@@ -246,17 +248,19 @@ function highlight(key, on) {
   const card = document.querySelector(`.card[data-key="${CSS.escape(key)}"]`);
   if (card) card.classList.toggle("hl", on);
   const layer = resultLayers.get(key);
-  if (layer) layer.setStyle({ weight: on ? 5 : 2, fillOpacity: on ? 0.45 : 0.15 });
+  if (layer) layer.setStyle({ weight: on ? 6 : 3, fillOpacity: on ? 0.45 : 0.15 });
 }
 
 function showResults(items) {
   resultsLayer.clearLayers();
   resultLayers.clear();
-  const max = Math.max(0, ...items.map((i) => i.properties["cbir:distance"] ?? 0));
+  const distances = items.map((i) => i.properties["cbir:distance"]).filter((d) => d !== undefined);
+  const hi = Math.max(0, ...distances);
+  const lo = Math.min(hi, ...distances.filter((d) => d > 0));
   const cards = items.map((item, rank) => {
     const key = keyOf(item);
     const d = item.properties["cbir:distance"];
-    const colour = distanceColour(d ?? max, max);
+    const colour = distanceColour(d ?? hi, lo, hi);
     const card = document.createElement("li");
     card.className = "card";
     card.dataset.key = key;
@@ -266,14 +270,19 @@ function showResults(items) {
     if (href) { image.src = href; image.alt = item.id; image.loading = "lazy"; } else image.className = "noimg";
     const text = document.createElement("div");
     const date = (item.properties.datetime || item.properties.start_datetime || "").slice(0, 10);
-    text.innerHTML = `<span class="rank">#${rank + 1}</span> <span class="dist" style="color:${colour}">d=${d ?? "?"}</span> <span class="date">${date}</span><br><span class="id"></span>`;
+    text.innerHTML = '<span class="rank"></span> <span class="dist"></span> <span class="date"></span><br><span class="id"></span>';
+    text.querySelector(".rank").textContent = `#${rank + 1}`;
+    text.querySelector(".dist").textContent = `d=${d ?? "?"}`;
+    text.querySelector(".dist").style.color = colour;
+    text.querySelector(".date").textContent = date;
     text.querySelector(".id").textContent = item.id;
     const marks = document.createElement("div");
     marks.className = "marks";
-    for (const [label, list, cls] of [["relevant", "relevant", "relevant"], ["not relevant", "notRelevant", "not-relevant"]]) {
+    for (const [label, list, cls] of [["relevant", "relevant", "relevant"], ["irrelevant", "notRelevant", "not-relevant"]]) {
       const button = document.createElement("button");
       button.type = "button";
       button.textContent = label;
+      button.title = `mark ${item.id} ${cls.replace("-", " ")}`;
       button.className = `mark-${cls}`;
       button.setAttribute("aria-pressed", String(state[list].includes(key)));
       button.addEventListener("click", () => mark(key, list));
@@ -285,7 +294,7 @@ function showResults(items) {
     card.addEventListener("mouseenter", () => highlight(key, true));
     card.addEventListener("mouseleave", () => highlight(key, false));
     if (item.geometry) {
-      const layer = L.geoJSON(item, { style: { className: "result", color: colour, weight: 2, fillOpacity: 0.15 } });
+      const layer = L.geoJSON(item, { style: { className: "result", color: colour, weight: 3, fillOpacity: 0.15 } });
       layer.on("mouseover", () => highlight(key, true));
       layer.on("mouseout", () => highlight(key, false));
       layer.on("click", () => { if (!drawing) queryItem(key); });
