@@ -22,8 +22,6 @@ from stac_rscbir.store.sqlite import SQLiteStore
 from .api_builders import MODEL, N, _collection, _item
 from .conftest import ROOT, require
 
-pytestmark = pytest.mark.browser
-
 CHROMIUM = Path("/usr/bin/chromium")
 COLOURS = [(200, 60, 40), (40, 160, 70), (50, 90, 200), (210, 190, 60)]  # by code cluster
 
@@ -137,6 +135,7 @@ def _ref(key: str) -> dict[str, str]:
     return {"collection": collection, "id": item}
 
 
+@pytest.mark.browser
 def test_page_loads_without_console_errors(viewer: Page, tmp_path: Path) -> None:
     viewer.open()
     page = viewer.page
@@ -152,6 +151,7 @@ def test_page_loads_without_console_errors(viewer: Page, tmp_path: Path) -> None
     assert viewer.errors == []
 
 
+@pytest.mark.browser
 def test_clicking_a_chip_ranks_as_post_search(
     viewer: Page, tmp_path: Path, record_property: Any
 ) -> None:
@@ -179,6 +179,7 @@ def test_clicking_a_chip_ranks_as_post_search(
     assert viewer.errors == []
 
 
+@pytest.mark.browser
 def test_a_drawn_box_restricts_every_result(viewer: Page, tmp_path: Path) -> None:
     viewer.open(item="scenes/item-044", k="30")
     viewer.wait_searches(1)
@@ -209,6 +210,7 @@ def _items_by_id() -> list[dict[str, Any]]:
     return [_item(i) for i in range(N)]
 
 
+@pytest.mark.browser
 def test_marks_rerank_as_the_api_does(viewer: Page, tmp_path: Path) -> None:
     viewer.open(item="scenes/item-020", k="12")
     viewer.wait_searches(1)
@@ -240,6 +242,7 @@ def test_marks_rerank_as_the_api_does(viewer: Page, tmp_path: Path) -> None:
     assert viewer.errors == []
 
 
+@pytest.mark.browser
 def test_the_url_round_trips_the_state(viewer: Page, browser: Any) -> None:
     state = {
         "collection": "scenes",
@@ -278,6 +281,7 @@ def test_the_url_round_trips_the_state(viewer: Page, browser: Any) -> None:
     assert viewer.errors == []
 
 
+@pytest.mark.browser
 def test_refusals_and_empty_results_are_messages(viewer: Page) -> None:
     viewer.open(item="scenes/item-001", k="100000")  # over the server's max_k
     viewer.wait_searches(1)
@@ -294,6 +298,7 @@ def test_refusals_and_empty_results_are_messages(viewer: Page) -> None:
     assert unexpected == []
 
 
+@pytest.mark.browser
 @pytest.mark.shared
 def test_a_search_on_the_demo_data(browser: Any, tmp_path: Path, record_property: Any) -> None:
     """The demo's real Landsat chips, thumbnails rendered by the API: the query chip the demo
@@ -348,6 +353,39 @@ def test_a_search_on_the_demo_data(browser: Any, tmp_path: Path, record_property
             viewer.page.screenshot(path=tmp_path / "viewer-demo.png")
             assert viewer.errors == []
             viewer.context.close()
+    finally:
+        store.close()
+
+
+@pytest.mark.browser
+def test_a_basemap_setting_draws_its_tiles(viewer: Page) -> None:
+    """The optional basemap (an XYZ URL template, here tiles our own server answers)."""
+    asset = "/collections/scenes/items/item-000/assets/thumbnail"
+    tile = f"{viewer.server.url}{asset}?z={{z}}&x={{x}}&y={{y}}"
+    viewer.open(basemap=tile)
+    viewer.page.wait_for_function(
+        "[...document.querySelectorAll('img.leaflet-tile')].some(i => i.complete && i.naturalWidth)"
+    )
+    assert viewer.state()["basemap"] == tile
+    assert viewer.errors == []
+
+
+def test_the_page_and_its_settings_are_served(tmp_path: Path) -> None:
+    """/viewer/ is the page (and /viewer leads there); /viewer/config.json the basemap setting
+    given to create_api (none by default)."""
+    from fastapi.testclient import TestClient
+
+    store = SQLiteStore(tmp_path / "archive.db")
+    try:
+        plain = TestClient(create_api(store, tmp_path / "index").app)
+        assert plain.get("/viewer/config.json").json() == {"basemap": None}
+        r = plain.get("/viewer", follow_redirects=True)
+        assert r.status_code == 200 and r.url.path == "/viewer/"
+        assert "viewer.js" in r.text
+        assert plain.get("/viewer/vendor/leaflet/leaflet.js").status_code == 200
+        tiles = "https://tiles.example/{z}/{x}/{y}.png"
+        app = create_api(store, tmp_path / "index", viewer_basemap=tiles).app
+        assert TestClient(app).get("/viewer/config.json").json() == {"basemap": tiles}
     finally:
         store.close()
 
