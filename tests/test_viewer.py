@@ -4,8 +4,11 @@ Playwright, against our app over a store of 80 coded chips with thumbnail assets
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -19,7 +22,7 @@ from stac_rscbir.api.app import create_api
 from stac_rscbir.api.server import BackgroundServer
 from stac_rscbir.store.sqlite import SQLiteStore
 
-from .api_builders import MODEL, N, _collection, _item
+from .api_builders import MODEL, N, _collection, _item, rgb_checkpoint
 from .conftest import ROOT, require
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -27,8 +30,9 @@ COLOURS = [(200, 60, 40), (40, 160, 70), (50, 90, 200), (210, 190, 60)]  # by co
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServer]:
-    """Our app over 80 chips (four code clusters), each with a PNG thumbnail asset."""
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite store of 80 chips (four code clusters), each with a PNG thumbnail asset under
+    ``thumbs/``, in the folder returned."""
     folder = tmp_path_factory.mktemp("viewer")
     thumbs = folder / "thumbs"
     thumbs.mkdir()
@@ -45,10 +49,26 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundServe
     store = SQLiteStore(folder / "archive.db")
     store.create_collection(_collection())
     store.upsert_items(items)
-    api = create_api(store, folder / "index", asset_roots=[thumbs])
-    with BackgroundServer(api.app) as running:
-        yield running
     store.close()
+    return folder
+
+
+@contextmanager
+def serving(folder: Path, models: dict[str, Path] | None = None) -> Iterator[BackgroundServer]:
+    """Our app over the archive in ``folder`` (its thumbnails served), on a free port."""
+    store = SQLiteStore(folder / "archive.db")
+    try:
+        api = create_api(store, folder / "index", models, asset_roots=[folder / "thumbs"])
+        with BackgroundServer(api.app) as running:
+            yield running
+    finally:
+        store.close()
+
+
+@pytest.fixture(scope="module")
+def server(archive: Path) -> Iterator[BackgroundServer]:
+    with serving(archive) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -173,8 +193,16 @@ def test_clicking_a_chip_ranks_as_post_search(
     assert shown == api_ranking(viewer.server, item=_ref("scenes/item-045"), k=20)
     assert viewer.state()["item"] == "scenes/item-045"
     assert viewer.page.locator("path.result").count() == len(shown)
-    viewer.page.locator(".card").nth(1).hover()  # a card highlights its footprint
+    second = shown[1][0]
+    viewer.page.locator(".card").nth(1).hover()  # a card highlights its footprint ...
     assert viewer.page.locator(".card.hl").count() == 1
+    assert (
+        viewer.page.locator(f'path.result[data-key="{second}"]').get_attribute("stroke-width")
+        == "6"
+    )
+    third = shown[2][0]  # ... and a footprint its card
+    viewer.page.locator(f'path.result[data-key="{third}"]').hover()
+    assert [c.get_attribute("data-key") for c in viewer.page.locator(".card.hl").all()] == [third]
     viewer.page.screenshot(path=tmp_path / "viewer-search.png")
     assert viewer.errors == []
 
@@ -355,6 +383,44 @@ def test_a_search_on_the_demo_data(browser: Any, tmp_path: Path, record_property
             viewer.context.close()
     finally:
         store.close()
+
+
+@pytest.mark.browser
+def test_an_uploaded_image_ranks_as_post_search(
+    browser: Any, archive: Path, tmp_path: Path
+) -> None:
+    """An image file chosen on the page is the query (encoded by the server's model)."""
+    require(importlib.util.find_spec("torch") is not None, "torch (the ml extra) is not installed")
+    checkpoint = rgb_checkpoint(tmp_path / "model", MODEL)  # random weights: any ranking will do
+    image = archive / "thumbs" / "item-007.png"
+    with serving(archive, {MODEL: checkpoint}) as server:
+        viewer = Page(browser, server)
+        try:
+            viewer.open()
+            viewer.page.set_input_files("#upload", image)
+            viewer.wait_searches(1)
+            body = {
+                "collections": ["scenes"],
+                "limit": 20,
+                "similarity": {
+                    "model": MODEL,
+                    "image": base64.b64encode(image.read_bytes()).decode(),
+                    "k": 20,
+                },
+            }
+            r = httpx.post(f"{server.url}/search", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            expected = [
+                (f"{f['collection']}/{f['id']}", f["properties"]["cbir:distance"])
+                for f in r.json()["features"]
+            ]
+            assert expected and viewer.results() == expected
+            assert "item" not in viewer.state()  # an upload is not kept in the URL
+            assert "uploaded item-007.png" in viewer.page.locator("#query").inner_text()
+            viewer.page.screenshot(path=tmp_path / "viewer-upload.png")
+            assert viewer.errors == []
+        finally:
+            viewer.context.close()
 
 
 @pytest.mark.browser
