@@ -456,6 +456,25 @@ def test_the_page_and_its_settings_are_served(tmp_path: Path) -> None:
         store.close()
 
 
+def test_the_page_mounts_on_the_pgstac_plugin_app(tmp_path: Path) -> None:
+    """mount_viewer on stac-fastapi-pgstac + the plugin (no database needed to serve the page;
+    the page's requests are the plugin's /collections and /search)."""
+    require(
+        importlib.util.find_spec("stac_fastapi.pgstac") is not None,
+        "stac-fastapi-pgstac (the pgstac extra) is not installed",
+    )
+    from fastapi.testclient import TestClient
+
+    from stac_rscbir.api.pgstac_plugin import instantiate_similarity_api
+    from stac_rscbir.api.viewer import mount_viewer
+
+    app = instantiate_similarity_api(index_dir=tmp_path / "index").app
+    mount_viewer(app)
+    client = TestClient(app)  # no lifespan: no pools, which the page files do not need
+    assert "viewer.js" in client.get("/viewer/").text
+    assert client.get("/viewer/config.json").json() == {"basemap": None}
+
+
 def test_the_viewer_is_packaged_with_its_map_library() -> None:
     static = ROOT / "stac_rscbir" / "viewer" / "static"
     files = [p for p in static.rglob("*") if p.is_file()]
