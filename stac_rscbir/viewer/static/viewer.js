@@ -161,7 +161,9 @@ function addFootprint(item) {
     style: { className: "chip", color: "#9cc3ff", weight: 1, fillOpacity: 0.02 },
   });
   layer.on("click", () => { if (!drawing) queryItem(keyOf(item)); });
-  layer.bindTooltip(item.id, { sticky: true });
+  const label = document.createElement("span");
+  label.textContent = item.id; // an element, not a string: Leaflet would parse a string as HTML
+  layer.bindTooltip(label, { sticky: true });
   layer.addTo(chipsLayer);
   layer.eachLayer((l) => { l.getElement().dataset.key = keyOf(item); });
 }
@@ -390,7 +392,7 @@ async function start() {
   $("draw-bbox").addEventListener("click", startDrawing);
   $("clear-bbox").addEventListener("click", () => { state.bbox = null; showControls(); search(); });
   $("upload").addEventListener("change", (e) => { if (e.target.files[0]) upload(e.target.files[0]); });
-  $("model").addEventListener("change", () => { readControls(); writeUrl(); });
+  $("model").addEventListener("change", () => search());
   let collections = [];
   $("collection").addEventListener("change", async () => {
     state.collection = $("collection").value;
