@@ -26,6 +26,7 @@ from .api_builders import MODEL, N, _collection, _item, rgb_checkpoint
 from .conftest import ROOT, require
 
 CHROMIUM = Path("/usr/bin/chromium")
+OTHER = "scenes-s1"
 COLOURS = [(200, 60, 40), (40, 160, 70), (50, 90, 200), (210, 190, 60)]  # by code cluster
 
 
@@ -49,6 +50,9 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = SQLiteStore(folder / "archive.db")
     store.create_collection(_collection())
     store.upsert_items(items)
+    # another collection under the same model (as Sentinel-1 chips under a cross-modal one)
+    store.create_collection(_collection(OTHER))
+    store.upsert_items([_item(i, OTHER) for i in range(0, N, 4)])
     store.close()
     return folder
 
@@ -267,6 +271,29 @@ def test_marks_rerank_as_the_api_does(viewer: Page, tmp_path: Path) -> None:
     assert state["not_relevant"].split(",") == not_relevant
     assert page.locator(".card.relevant").count() == sum(k in relevant for k, _ in after)
     page.screenshot(path=tmp_path / "viewer-feedback.png")
+    assert viewer.errors == []
+
+
+@pytest.mark.browser
+def test_searching_another_collection(viewer: Page) -> None:
+    """A query chip of one collection, results from another (the cross-modal case)."""
+    viewer.open(collection="scenes")
+    viewer.page.select_option("#within", [OTHER])
+    viewer.click_chip("scenes/item-045")
+    viewer.wait_searches(1)
+    shown = viewer.results()
+    assert shown and all(key.startswith(f"{OTHER}/") for key, _ in shown)
+    body = {
+        "collections": [OTHER],
+        "limit": 20,
+        "similarity": {"model": MODEL, "item": _ref("scenes/item-045"), "k": 20},
+    }
+    r = httpx.post(f"{viewer.server.url}/search", json=body)
+    assert shown == [
+        (f"{f['collection']}/{f['id']}", f["properties"]["cbir:distance"])
+        for f in r.json()["features"]
+    ]
+    assert viewer.state()["within"] == OTHER
     assert viewer.errors == []
 
 
