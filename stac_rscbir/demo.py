@@ -244,26 +244,16 @@ def contact_sheet(rows: list[tuple[str, list[tuple[str, np.ndarray, float]]]], p
     fig.savefig(path, dpi=120)
 
 
-def _rgb(store: Any, chip: dict[str, Any], cache: dict[str, Any]) -> np.ndarray:
-    """Display RGB of a chip item: its window of the source scene, stretched 2-98 %."""
-    from stac_rscbir.api.assets import chip_source
-    from stac_rscbir.data.profiles import PROFILES
-    from stac_rscbir.data.reader import read_item
+def _thumbnail(store: Any, collection: str, chip_id: str) -> np.ndarray:
+    """The RGBA pixels of a chip's thumbnail asset, as ingestion rendered it
+    (:mod:`stac_rscbir.data.render`: its scene's stretch)."""
+    from PIL import Image
 
-    source = chip_source(chip)
-    if source is None:
-        raise ValueError(f"{chip['id']} is not a chip (no cbir:chip and derived_from link)")
-    collection, scene_id = source
-    if scene_id not in cache:
-        px = read_item(pystac.Item.from_dict(store.get_item(collection, scene_id)), PROFILES["rgb"])
-        data = np.nan_to_num(px.data)
-        lo, hi = np.percentile(px.data[:, px.valid], (2, 98), axis=1)
-        cache[scene_id] = np.clip((data - lo[:, None, None]) / (hi - lo)[:, None, None], 0, 1)
-    w = chip["properties"]["cbir:chip"]["window"]
-    tile = cache[scene_id][
-        :, w["row_off"] : w["row_off"] + w["height"], w["col_off"] : w["col_off"] + w["width"]
-    ]
-    return np.moveaxis(tile, 0, -1)
+    from stac_rscbir.ingest.thumbnails import THUMBNAIL
+
+    chip = store.get_item(collection, chip_id)
+    with Image.open(chip["assets"][THUMBNAIL]["href"]) as image:
+        return np.asarray(image.convert("RGBA"))
 
 
 def run_demo(
@@ -301,6 +291,7 @@ def run_demo(
     for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         path.unlink(missing_ok=True)
     store = SQLiteStore(db)
+    thumbnails = workdir / "thumbnails"  # a chip's thumbnail and a scene's quicklook, as assets
     models: dict[str, Path] = {}
     model_of: dict[str, str] = {}
     for cid in COLLECTIONS:
@@ -317,7 +308,8 @@ def run_demo(
             f"{'views of chips' if fitted.settings.views else 'chips'} of {cid} "
             "(no labels exist for these scenes)"
         )
-        ingestor = Ingestor.from_checkpoint(ckpt, IngestOptions(chip_size=CHIP, progress=True))
+        options = IngestOptions(chip_size=CHIP, progress=True, thumbnails=thumbnails)
+        ingestor = Ingestor.from_checkpoint(ckpt, options)
         report = ingestor.run(
             [pystac.Item.from_dict(store.get_item(cid, s.id)) for s in scenes], StoreSink(store)
         )
@@ -327,8 +319,9 @@ def run_demo(
             f"in {report.wall_seconds:.1f} s"
         )
 
-    # the scenes' files are served (and chip thumbnails rendered) from their folders only
+    # the scenes' files and the thumbnails are served from their folders only
     roots = sorted({Path(a.href).parent for i in items for a in i.assets.values()})
+    roots.append(thumbnails)
     api = create_api(store, workdir / "index", models, asset_roots=roots)
     server = BackgroundServer(api.app, port).start()
     url = server.url
@@ -337,7 +330,6 @@ def run_demo(
     client = Client.open(url)
     results: dict[str, Any] = {}
     sheet = []
-    cache: dict[str, Any] = {}
     queries = _queries(store, model_of)
     for title, query_item, model, kwargs in queries:
         search = search_similar(client, item=query_item, model=model, k=7, **kwargs)
@@ -349,9 +341,11 @@ def run_demo(
         for rank, (iid, dist, d) in enumerate(hits, 1):
             table.add_row(str(rank), iid, d["collection"], d["properties"]["datetime"], str(dist))
         console.print(table)
-        query_dict = store.get_item(*query_item)
-        tiles = [(_label(query_item[1]), _rgb(store, query_dict, cache), 0.0)]
-        tiles += [(_label(iid), _rgb(store, d, cache), dist) for iid, dist, d in hits[1:]]
+        tiles = [(_label(query_item[1]), _thumbnail(store, *query_item), 0.0)]
+        tiles += [
+            (_label(iid), _thumbnail(store, d["collection"], iid), dist)
+            for iid, dist, d in hits[1:]
+        ]
         sheet.append((title, tiles))
     png = workdir / "contact_sheet.png"
     contact_sheet(sheet, png)

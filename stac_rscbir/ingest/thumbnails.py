@@ -1,0 +1,161 @@
+"""Thumbnails as STAC assets: where their files go, the asset that names them, and the backfill
+of a store whose chips were ingested without them (``stac-rscbir thumbnails``).
+
+Files: ``<folder>/<collection>/<item id>.png`` under one thumbnails folder (the ``--thumbnails``
+folder of ``stac-rscbir ingest``; ``<catalog>/thumbnails`` for a catalog sink), written
+atomically before the item that names them. The asset: key ``thumbnail``, ``roles:
+["thumbnail"]``, ``type: image/png``, the file's absolute path as href; the API serves it when the
+folder is one of its asset roots (``stac-rscbir serve --asset-root``). A chip's thumbnail is its
+window of the scene rendered with the scene's :class:`~stac_rscbir.data.render.Look`; a scene's
+quicklook is the whole scene, at most :data:`~stac_rscbir.data.render.QUICKLOOK_SIZE` px.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pystac
+from tqdm.auto import tqdm
+
+from stac_rscbir.data.render import QUICKLOOK_SIZE, Look, chip_slices, png_bytes
+from stac_rscbir.fsutil import atomic_write
+
+THUMBNAIL = "thumbnail"  # the asset key and role (stac_rscbir.api.assets.THUMBNAIL)
+MEDIA_TYPE = "image/png"
+
+
+def thumbnail_path(folder: Path, collection: str | None, item_id: str) -> Path:
+    """Where the thumbnail of an item goes under ``folder``."""
+    return Path(folder).resolve() / (collection or "items") / f"{item_id}.png"
+
+
+def thumbnail_asset(path: Path, title: str) -> dict[str, Any]:
+    """The asset of a thumbnail file."""
+    return {"href": str(path), "type": MEDIA_TYPE, "title": title, "roles": [THUMBNAIL]}
+
+
+def has_thumbnail(item: dict[str, Any]) -> bool:
+    """Whether an item dict names a thumbnail asset that is a URL or a file that exists."""
+    asset = (item.get("assets") or {}).get(THUMBNAIL)
+    href = asset.get("href") if isinstance(asset, dict) else None
+    if not isinstance(href, str):
+        return False
+    return href.startswith(("http://", "https://")) or Path(href).is_file()
+
+
+def save_png(folder: Path, collection: str | None, item_id: str, png: bytes) -> Path:
+    """Write an item's thumbnail file (atomically); its path."""
+    path = thumbnail_path(folder, collection, item_id)
+    atomic_write(path, lambda tmp: tmp.write_bytes(png))
+    return path
+
+
+def write_thumbnail(folder: Path, item: pystac.Item, png: bytes, title: str) -> None:
+    """Write ``png`` as ``item``'s thumbnail file and give the item its asset (a thumbnail the
+    item already has, e.g. a provider's preview URL, is kept: nothing is written)."""
+    if THUMBNAIL in item.assets:
+        return
+    path = save_png(folder, item.collection_id, item.id, png)
+    item.add_asset(THUMBNAIL, pystac.Asset.from_dict(thumbnail_asset(path, title)))
+
+
+CHIP_TITLE = "The chip (its scene's stretch)"
+SCENE_TITLE = "Quicklook of the scene"
+
+
+@dataclass
+class ThumbnailReport:
+    """What a backfill run did."""
+
+    scenes_seen: int = 0
+    scenes_done: int = 0
+    files_written: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def _profile_for(scene: pystac.Item) -> Any:
+    """Sentinel-1 VV/VH when the scene has them, else its red, green and blue bands."""
+    from stac_rscbir.data.profiles import PROFILES
+    from stac_rscbir.data.reader import missing_bands
+
+    sar = PROFILES["sentinel1-grd"]
+    return sar if not missing_bands(scene, sar) else PROFILES["rgb"]
+
+
+def render_scene(scene: pystac.Item, chips: Iterable[dict[str, Any]]) -> tuple[bytes, list[bytes]]:
+    """The quicklook of a scene and the thumbnails of ``chips`` (their ``proj:`` grid located in
+    the grid read), all with one look: the scene is read once."""
+    from stac_rscbir.data.reader import read_item
+
+    profile = _profile_for(scene)
+    pixels = read_item(scene, profile)
+    look = Look.of(pixels.data, pixels.valid, profile.bands)
+    if look is None:
+        raise ValueError(f"{scene.id}: no band to show")
+    pngs = []
+    for chip in chips:
+        window = chip_slices(chip["properties"], pixels.transform, pixels.valid.shape)
+        if window is None:
+            raise ValueError(f"{chip['id']}: its grid does not lie on its scene's")
+        image = look.rgba(pixels.data[(slice(None), *window)], pixels.valid[window])
+        pngs.append(png_bytes(image))
+    return png_bytes(look.rgba(pixels.data, pixels.valid), QUICKLOOK_SIZE), pngs
+
+
+def backfill_store(
+    store: Any,
+    folder: Path,
+    collections: list[str] | None = None,
+    progress: bool = True,
+) -> ThumbnailReport:
+    """Give every chip of ``store`` (of ``collections``' chips, or all) that lacks one a
+    thumbnail, and its scene a quicklook; scene by scene (read once), chips then scene upserted
+    after their files are written, so a killed run resumes where it stopped and a second run
+    writes nothing."""
+    from stac_rscbir.api.assets import chip_source
+    from stac_rscbir.ingest.sources import items_from_store
+
+    wanted = None if collections is None else [f"{c}-chips" for c in collections]
+    todo: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for item in items_from_store(store, wanted):
+        d = item.to_dict(include_self_link=False, transform_hrefs=False)
+        source = chip_source(d)
+        if source is not None:
+            todo[source].append(d)
+    report = ThumbnailReport()
+    bar = tqdm(total=len(todo), disable=not progress, unit="scene", desc="thumbnails")
+    for (cid, sid), chips in sorted(todo.items()):
+        report.scenes_seen += 1
+        bar.update(1)
+        scene = store.get_item(cid, sid)
+        missing = [c for c in chips if not has_thumbnail(c)]
+        if not missing and has_thumbnail(scene):
+            continue
+        try:
+            quicklook, pngs = render_scene(pystac.Item.from_dict(scene), missing)
+        except Exception as exc:  # one unreadable scene must not stop the run
+            report.errors.append(f"{cid}/{sid}: {exc}")
+            continue
+        written = []
+        for chip, png in zip(missing, pngs, strict=True):
+            written.append(_with_file(folder, chip, png, CHIP_TITLE))
+        if not has_thumbnail(scene):
+            written.append(_with_file(folder, scene, quicklook, SCENE_TITLE))
+        report.files_written += len(written)
+        store.upsert_items(written)
+        report.scenes_done += 1
+    bar.close()
+    return report
+
+
+def _with_file(folder: Path, item: dict[str, Any], png: bytes, title: str) -> dict[str, Any]:
+    """``item`` with its thumbnail file written and its asset set (replacing a dangling one)."""
+    path = save_png(folder, item.get("collection"), str(item["id"]), png)
+    return {
+        **item,
+        "assets": {**(item.get("assets") or {}), THUMBNAIL: thumbnail_asset(path, title)},
+    }
