@@ -26,6 +26,7 @@ import pystac
 import rasterio
 from pystac.extensions.eo import Band, EOExtension
 from pystac.extensions.projection import ProjectionExtension
+from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 from rasterio.warp import transform_bounds
 from rich.console import Console
 from rich.table import Table
@@ -48,6 +49,8 @@ class Scene:
     datetime: str
     assets: dict[str, tuple[str, tuple[str, ...]]]
     platform: str
+    #: the fill value of files that declare none (Landsat Level-1: 0, outside the swath)
+    nodata: float | None = None
 
 
 L8 = "LC08_L1TP_{}_20200518_20200518_01_RT"
@@ -61,6 +64,7 @@ SCENES = (
             for b, c in (("B2", "blue"), ("B3", "green"), ("B4", "red"))
         },
         "landsat-8",
+        nodata=0,
     ),
     Scene(
         "LC08_224078_20200518",
@@ -68,6 +72,7 @@ SCENES = (
         "2020-05-18T13:38:24Z",
         {"image": (f"{L8.format('224078')}.TIF", ("blue", "green", "red"))},
         "landsat-8",
+        nodata=0,
     ),
     *(
         Scene(
@@ -162,6 +167,11 @@ def _item(scene: Scene, rasters: Path) -> pystac.Item:
             proj = ProjectionExtension.ext(asset, add_if_missing=True)
             proj.shape = [src.height, src.width]
             proj.transform = list(src.transform)[:6]
+            if src.nodata is None and scene.nodata is not None:  # fill pixels are not data
+                RasterExtension.ext(asset, add_if_missing=True).bands = [
+                    RasterBand.create(nodata=scene.nodata, data_type=DataType(dtype))
+                    for dtype in src.dtypes
+                ]
         EOExtension.ext(asset, add_if_missing=True).bands = [
             Band.create(name=b, common_name=b) for b in bands
         ]
