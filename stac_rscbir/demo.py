@@ -254,7 +254,7 @@ def contact_sheet(rows: list[tuple[str, list[tuple[str, np.ndarray, float]]]], p
     fig.savefig(path, dpi=120)
 
 
-def _thumbnail(store: Any, collection: str, chip_id: str) -> np.ndarray:
+def chip_thumbnail(store: Any, collection: str, chip_id: str) -> np.ndarray:
     """The RGBA pixels of a chip's thumbnail asset, as ingestion rendered it
     (:mod:`stac_rscbir.data.render`: its scene's stretch)."""
     from PIL import Image
@@ -351,9 +351,9 @@ def run_demo(
         for rank, (iid, dist, d) in enumerate(hits, 1):
             table.add_row(str(rank), iid, d["collection"], d["properties"]["datetime"], str(dist))
         console.print(table)
-        tiles = [(_label(query_item[1]), _thumbnail(store, *query_item), 0.0)]
+        tiles = [(_label(query_item[1]), chip_thumbnail(store, *query_item), 0.0)]
         tiles += [
-            (_label(iid), _thumbnail(store, d["collection"], iid), dist)
+            (_label(iid), chip_thumbnail(store, d["collection"], iid), dist)
             for iid, dist, d in hits[1:]
         ]
         sheet.append((title, tiles))
