@@ -776,6 +776,9 @@ def thumbnails(
     folder: Annotated[
         Path, typer.Argument(help="Thumbnails folder (serve it: `serve --asset-root FOLDER`).")
     ],
+    catalog: Annotated[
+        Path | None, typer.Option(help="A static catalog (catalog.json), written in place.")
+    ] = None,
     db: Annotated[Path | None, typer.Option(help="SQLite store file.")] = None,
     dsn: Annotated[str | None, typer.Option(help="pgstac database (postgresql://...).")] = None,
     collections: Annotated[
@@ -783,16 +786,27 @@ def thumbnails(
         typer.Option(help="Only the chips of these scene collections (comma-separated)."),
     ] = None,
 ) -> None:
-    """Give the chips of a store a thumbnail asset each (and their scenes a quicklook); chips
-    that have one are skipped, so a rerun resumes and a finished store gets nothing written."""
+    """Give the chips of a catalog or store a thumbnail asset each (and their scenes a
+    quicklook); items that have one are skipped, so a rerun resumes and a finished run writes
+    nothing."""
     _require_extras("stac-rscbir thumbnails", "ingest")
-    from stac_rscbir.ingest.thumbnails import backfill_store
+    from stac_rscbir.ingest.thumbnails import backfill
 
-    store = _open_store(db, dsn)
-    try:
-        run = backfill_store(store, folder, collections.split(",") if collections else None)
-    finally:
-        store.close()
+    wanted = collections.split(",") if collections else None
+    if catalog is not None:
+        if db is not None or dsn is not None:
+            console.print("[red]give one of --catalog, --db and --dsn[/]")
+            raise typer.Exit(2)
+        if not catalog.is_file():
+            console.print(f"[red]catalog not found: {catalog}[/]")
+            raise typer.Exit(1)
+        run = backfill(catalog, folder, wanted)
+    else:
+        store = _open_store(db, dsn)
+        try:
+            run = backfill(store, folder, wanted)
+        finally:
+            store.close()
     console.print(
         f"{run.scenes_done} of {run.scenes_seen} scenes given thumbnails, "
         f"{run.files_written} files written to {folder}"

@@ -21,10 +21,11 @@ from stac_rscbir.data.profiles import PROFILES
 from stac_rscbir.data.render import MIN_GAMMA, SAR_RANGES_DB, TARGET_MEDIAN, Look, png_bytes
 from stac_rscbir.ingest.sinks import CatalogSink, StoreSink
 from stac_rscbir.ingest.sources import items_from_file, items_from_store
-from stac_rscbir.ingest.thumbnails import THUMBNAIL, backfill_store
+from stac_rscbir.ingest.thumbnails import THUMBNAIL, backfill
 from stac_rscbir.ingest.worker import Ingestor
 from stac_rscbir.store.sqlite import SQLiteStore
 
+from .api_builders import StoreFactory
 from .ingest_builders import CHIP, OPTIONS, _scene
 from .stac_builders import raster_item, static_catalog
 
@@ -192,9 +193,8 @@ def test_ingested_chips_carry_a_thumbnail_asset_stretched_per_scene(
         assert stored["assets"] == before[scene]["assets"]  # the others kept as they were
 
 
-def _store_without_thumbnails(checkpoint: Path, tmp_path: Path) -> SQLiteStore:
-    """A store whose scenes were ingested before thumbnails existed."""
-    store = SQLiteStore(tmp_path / "archive.db")
+def _ingest_without_thumbnails(store: Any, checkpoint: Path, tmp_path: Path) -> Any:
+    """``store``, with scenes ingested before thumbnails existed."""
     scenes = _scenes(tmp_path)
     static_catalog(tmp_path / "catalog", scenes)
     collection = scenes[0].get_collection()
@@ -207,14 +207,26 @@ def _store_without_thumbnails(checkpoint: Path, tmp_path: Path) -> SQLiteStore:
     return store
 
 
-def _chip_dicts(store: SQLiteStore) -> list[dict[str, Any]]:
+def _assert_thumbnails(chips: list[dict[str, Any]], tmp_path: Path) -> None:
+    """Every chip has a thumbnail file: its window rendered with its scene's look."""
+    assert chips
+    for chip in chips:
+        scene = "a" if chip["id"].startswith("scene-a") else "b"
+        image = _decode(Path(chip["assets"][THUMBNAIL]["href"]))
+        window = chip["properties"]["cbir:chip"]["window"]
+        np.testing.assert_array_equal(
+            image, _expected_chip(tmp_path / "data" / f"{scene}.tif", window)
+        )
+
+
+def _chip_dicts(store: Any) -> list[dict[str, Any]]:
     return [i.to_dict() for i in items_from_store(store, ["scenes-chips"])]
 
 
 class _KilledAfter:
     """The store, with writes failing after ``n`` upserts (a run killed between scenes)."""
 
-    def __init__(self, store: SQLiteStore, n: int) -> None:
+    def __init__(self, store: Any, n: int) -> None:
         self.store, self.left = store, n
 
     def __getattr__(self, name: str) -> Any:
@@ -228,15 +240,15 @@ class _KilledAfter:
 
 
 def test_backfill_gives_every_chip_a_thumbnail_resumes_and_is_idempotent(
-    checkpoint: Path, tmp_path: Path
+    checkpoint: Path, tmp_path: Path, store_factory: StoreFactory
 ) -> None:
-    store = _store_without_thumbnails(checkpoint, tmp_path)
+    store = _ingest_without_thumbnails(store_factory(), checkpoint, tmp_path)
     folder = tmp_path / "thumbs"
     try:
         chips = _chip_dicts(store)
         assert chips and not any(THUMBNAIL in c["assets"] for c in chips)
         with pytest.raises(KeyboardInterrupt):  # killed after the first scene was committed
-            backfill_store(_KilledAfter(store, 1), folder, progress=False)
+            backfill(_KilledAfter(store, 1), folder, progress=False)
         first = [c for c in _chip_dicts(store) if THUMBNAIL in c["assets"]]
         assert first and len(first) < len(chips)
         # the committed scene's files (the killed scene's may be there too, named by no item)
@@ -244,18 +256,11 @@ def test_backfill_gives_every_chip_a_thumbnail_resumes_and_is_idempotent(
             p: p.stat().st_mtime_ns for p in (Path(c["assets"][THUMBNAIL]["href"]) for c in first)
         }
 
-        resumed = backfill_store(store, folder, progress=False)
+        resumed = backfill(store, folder, progress=False)
         assert (resumed.scenes_seen, resumed.scenes_done, resumed.errors) == (2, 1, [])
         assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # not redone
         chips = _chip_dicts(store)
-        assert all(Path(c["assets"][THUMBNAIL]["href"]).is_file() for c in chips)
-        for chip in chips:
-            scene = "a" if chip["id"].startswith("scene-a") else "b"
-            image = _decode(Path(chip["assets"][THUMBNAIL]["href"]))
-            window = chip["properties"]["cbir:chip"]["window"]
-            np.testing.assert_array_equal(
-                image, _expected_chip(tmp_path / "data" / f"{scene}.tif", window)
-            )
+        _assert_thumbnails(chips, tmp_path)
         for scene in ("scene-a", "scene-b"):
             assert Path(store.get_item("scenes", scene)["assets"][THUMBNAIL]["href"]).is_file()
         files = sorted(folder.rglob("*.png"))
@@ -263,7 +268,7 @@ def test_backfill_gives_every_chip_a_thumbnail_resumes_and_is_idempotent(
         stamps = {p: p.stat().st_mtime_ns for p in files}
         generation = store.generation()
 
-        again = backfill_store(store, folder, progress=False)
+        again = backfill(store, folder, progress=False)
         assert (again.scenes_done, again.files_written) == (0, 0)
         assert {p: p.stat().st_mtime_ns for p in folder.rglob("*.png")} == stamps
         assert store.generation() == generation  # nothing written to the store either
@@ -271,12 +276,42 @@ def test_backfill_gives_every_chip_a_thumbnail_resumes_and_is_idempotent(
         store.close()
 
 
+def test_backfill_of_a_catalog_writes_the_item_files_in_place(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "catalog"
+    catalog = static_catalog(root, _scenes(tmp_path))
+    Ingestor.from_checkpoint(checkpoint, OPTIONS).run(items_from_file(catalog), CatalogSink(root))
+    chip_files = sorted((root / "scenes-chips").glob("*/*.json"))
+    before = {p: json.loads(p.read_text()) for p in chip_files}
+    folder = root / "thumbnails"
+
+    report = backfill(catalog, folder, progress=False)
+    assert (report.scenes_done, report.errors) == (2, [])
+    assert report.files_written == len(chip_files) + 2
+    chips = [json.loads(p.read_text()) for p in chip_files]
+    _assert_thumbnails(chips, tmp_path)
+    for path, chip in zip(chip_files, chips, strict=True):  # only the asset was added
+        chip["assets"].pop(THUMBNAIL)
+        assert chip == before[path]
+    for scene in ("scene-a", "scene-b"):
+        asset = json.loads(_scene_file(root, scene).read_text())["assets"][THUMBNAIL]
+        assert Path(asset["href"]).is_relative_to(folder)
+    # the catalog still reads, and a second run finds nothing to do
+    assert (
+        len(list(pystac.Catalog.from_file(str(catalog)).get_items(recursive=True)))
+        == len(chip_files) + 2
+    )
+    again = backfill(catalog, folder, progress=False)
+    assert (again.scenes_done, again.files_written) == (0, 0)
+
+
 def test_cli_thumbnails_and_the_api_serves_them(checkpoint: Path, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
     from stac_rscbir.api.app import create_api
 
-    _store_without_thumbnails(checkpoint, tmp_path).close()
+    _ingest_without_thumbnails(SQLiteStore(tmp_path / "archive.db"), checkpoint, tmp_path).close()
     folder, db = tmp_path / "thumbs", str(tmp_path / "archive.db")
     runner = CliRunner()
     result = runner.invoke(app, ["thumbnails", str(folder), "--db", db])

@@ -1,5 +1,5 @@
 """Thumbnails as STAC assets: where their files go, the asset that names them, and the backfill
-of a store whose chips were ingested without them (``stac-rscbir thumbnails``).
+of a store or catalog whose chips were ingested without them (``stac-rscbir thumbnails``).
 
 Files: ``<folder>/<collection>/<item id>.png`` under one thumbnails folder (the ``--thumbnails``
 folder of ``stac-rscbir ingest``; ``<catalog>/thumbnails`` for a catalog sink), written
@@ -12,8 +12,9 @@ quicklook is the whole scene, at most :data:`~stac_rscbir.data.render.QUICKLOOK_
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import pystac
 from tqdm.auto import tqdm
 
 from stac_rscbir.data.render import QUICKLOOK_SIZE, Look, chip_slices, png_bytes
-from stac_rscbir.fsutil import atomic_write
+from stac_rscbir.fsutil import atomic_write, atomic_write_text
 
 THUMBNAIL = "thumbnail"  # the asset key and role (stac_rscbir.api.assets.THUMBNAIL)
 MEDIA_TYPE = "image/png"
@@ -106,56 +107,111 @@ def render_scene(scene: pystac.Item, chips: Iterable[dict[str, Any]]) -> tuple[b
     return png_bytes(look.rgba(pixels.data, pixels.valid), QUICKLOOK_SIZE), pngs
 
 
-def backfill_store(
-    store: Any,
+class _StoreItems:
+    """The items of an ItemStore; a thumbnail is added by upserting the item."""
+
+    def __init__(self, store: Any, collections: list[str] | None) -> None:
+        self.store = store
+        self.collections = None if collections is None else [f"{c}-chips" for c in collections]
+
+    def chips(self) -> Iterator[dict[str, Any]]:
+        from stac_rscbir.ingest.sources import items_from_store
+
+        for item in items_from_store(self.store, self.collections):
+            yield item.to_dict(include_self_link=False, transform_hrefs=False)
+
+    def scene(self, collection: str, item_id: str) -> tuple[dict[str, Any], pystac.Item]:
+        stored = self.store.get_item(collection, item_id)
+        return stored, pystac.Item.from_dict(stored)
+
+    def save(self, items: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        self.store.upsert_items([{**d, "assets": {**d["assets"], THUMBNAIL: a}} for d, a in items])
+
+
+class _CatalogItems:
+    """The items of a static catalog on disk; a thumbnail is added to the item's file (the rest
+    of the file as it was)."""
+
+    def __init__(self, catalog: Path, collections: list[str] | None) -> None:
+        from stac_rscbir.ingest.sources import items_from_file
+
+        wanted = None if collections is None else {f"{c}-chips" for c in collections}
+        self.items: dict[tuple[str, str], pystac.Item] = {}
+        self.wanted = wanted
+        for item in items_from_file(Path(catalog)):
+            self.items[(item.collection_id or "", item.id)] = item
+
+    def chips(self) -> Iterator[dict[str, Any]]:
+        for (collection, _), item in self.items.items():
+            if self.wanted is None or collection in self.wanted:
+                yield _as_dict(item)
+
+    def scene(self, collection: str, item_id: str) -> tuple[dict[str, Any], pystac.Item]:
+        item = self.items[(collection, item_id)]
+        return _as_dict(item), item
+
+    def save(self, items: list[tuple[dict[str, Any], dict[str, Any]]]) -> None:
+        for d, asset in items:
+            path = Path(str(self.items[(d["collection"], d["id"])].get_self_href()))
+            stored = json.loads(path.read_text())
+            stored["assets"] = {**(stored.get("assets") or {}), THUMBNAIL: asset}
+            atomic_write_text(path, json.dumps(stored, indent=2) + "\n")
+
+
+def _as_dict(item: pystac.Item) -> dict[str, Any]:
+    d = item.to_dict(include_self_link=False, transform_hrefs=False)
+    d["collection"] = item.collection_id
+    return d
+
+
+def backfill(
+    source: Any,
     folder: Path,
     collections: list[str] | None = None,
     progress: bool = True,
 ) -> ThumbnailReport:
-    """Give every chip of ``store`` (of ``collections``' chips, or all) that lacks one a
-    thumbnail, and its scene a quicklook; scene by scene (read once), chips then scene upserted
-    after their files are written, so a killed run resumes where it stopped and a second run
-    writes nothing."""
+    """Give every chip of ``source`` (an ItemStore, or the path of a static catalog; of
+    ``collections``' chips, or all) that lacks one a thumbnail, and its scene a quicklook.
+    Scene by scene (read once): the files first, then the chips and the scene written, so a
+    killed run resumes where it stopped and a second run writes nothing."""
     from stac_rscbir.api.assets import chip_source
-    from stac_rscbir.ingest.sources import items_from_store
 
-    wanted = None if collections is None else [f"{c}-chips" for c in collections]
+    items = (
+        _CatalogItems(source, collections)
+        if isinstance(source, str | Path)
+        else _StoreItems(source, collections)
+    )
     todo: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
-    for item in items_from_store(store, wanted):
-        d = item.to_dict(include_self_link=False, transform_hrefs=False)
-        source = chip_source(d)
-        if source is not None:
-            todo[source].append(d)
+    for chip in items.chips():
+        key = chip_source(chip)
+        if key is not None:
+            todo[key].append(chip)
     report = ThumbnailReport()
     bar = tqdm(total=len(todo), disable=not progress, unit="scene", desc="thumbnails")
     for (cid, sid), chips in sorted(todo.items()):
         report.scenes_seen += 1
         bar.update(1)
-        scene = store.get_item(cid, sid)
+        scene, scene_item = items.scene(cid, sid)
         missing = [c for c in chips if not has_thumbnail(c)]
         if not missing and has_thumbnail(scene):
             continue
         try:
-            quicklook, pngs = render_scene(pystac.Item.from_dict(scene), missing)
+            quicklook, pngs = render_scene(scene_item, missing)
         except Exception as exc:  # one unreadable scene must not stop the run
             report.errors.append(f"{cid}/{sid}: {exc}")
             continue
-        written = []
-        for chip, png in zip(missing, pngs, strict=True):
-            written.append(_with_file(folder, chip, png, CHIP_TITLE))
+        written = [
+            (c, _file(folder, c, png, CHIP_TITLE)) for c, png in zip(missing, pngs, strict=True)
+        ]
         if not has_thumbnail(scene):
-            written.append(_with_file(folder, scene, quicklook, SCENE_TITLE))
+            written.append((scene, _file(folder, scene, quicklook, SCENE_TITLE)))
+        items.save(written)
         report.files_written += len(written)
-        store.upsert_items(written)
         report.scenes_done += 1
     bar.close()
     return report
 
 
-def _with_file(folder: Path, item: dict[str, Any], png: bytes, title: str) -> dict[str, Any]:
-    """``item`` with its thumbnail file written and its asset set (replacing a dangling one)."""
-    path = save_png(folder, item.get("collection"), str(item["id"]), png)
-    return {
-        **item,
-        "assets": {**(item.get("assets") or {}), THUMBNAIL: thumbnail_asset(path, title)},
-    }
+def _file(folder: Path, item: dict[str, Any], png: bytes, title: str) -> dict[str, Any]:
+    """Write ``item``'s thumbnail file; its asset."""
+    return thumbnail_asset(save_png(folder, item.get("collection"), str(item["id"]), png), title)
