@@ -119,13 +119,17 @@ def test_sar_is_vv_vh_and_their_difference_in_db_over_fixed_ranges() -> None:
     assert other == look
 
 
-def test_bands_with_no_colour_have_no_look_and_pngs_round_trip() -> None:
+def test_no_colour_bands_no_look_pngs_round_trip_quicklooks_are_small() -> None:
     nir = (replace(RGB_BANDS[0], name="nir", common_name="nir"),)
     assert Look.of(np.zeros((1, 4, 4)), np.ones((4, 4), bool), nir) is None
     rgba = np.zeros((40, 20, 4), np.uint8)
     rgba[..., 0], rgba[:10, :, 3] = 200, 255
     np.testing.assert_array_equal(_decode(png_bytes(rgba)), rgba)
-    assert _decode(png_bytes(rgba, max_size=10)).shape == (10, 5, 4)
+    scene, valid = np.ones((3, 1030, 700)), np.ones((1030, 700), bool)
+    quicklook = Look.optical(scene, valid).quicklook(scene, valid)
+    assert quicklook.shape == (344, 234, 4)  # every 3rd row and column: at most 512 px
+    empty = Look.optical(np.zeros((3, 4, 4)), np.zeros((4, 4), bool))  # no valid pixel
+    assert (empty.rgba(np.zeros((3, 4, 4)), np.zeros((4, 4), bool))[..., 3] == 0).all()
 
 
 # ---------------------------------------------------------------- ingestion and backfill

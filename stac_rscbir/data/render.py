@@ -48,6 +48,8 @@ SAR_RANGES_DB: dict[str, tuple[float, float]] = {
 }
 #: Longest side in pixels of a scene quicklook.
 QUICKLOOK_SIZE: int = 512
+#: Most valid pixels the percentiles are taken from (an even subsample of a bigger scene).
+MAX_SAMPLES: int = 1 << 20
 
 
 class _Band(Protocol):
@@ -108,8 +110,10 @@ class Look:
         cls, rgb: npt.ArrayLike, valid: npt.ArrayLike, bands: tuple[int, ...] = (0, 1, 2)
     ) -> Look:
         """The percentile stretch (and gamma) of red, green, blue pixels (3, H, W)."""
-        rgb = np.asarray(rgb, dtype=np.float64)
+        rgb = np.asarray(rgb)
         values = rgb[:, _valid(rgb, np.asarray(valid))]
+        step = max(1, -(-values.shape[1] // MAX_SAMPLES))  # a whole S2 tile: every 115th pixel
+        values = values[:, ::step].astype(np.float64)
         if values.shape[1] == 0:
             return cls("optical", bands, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
         lo, hi = np.percentile(values, PERCENTILES, axis=1)
@@ -142,16 +146,20 @@ class Look:
         out[..., 3] = np.where(mask, 255, 0)
         return out
 
+    def quicklook(self, data: npt.ArrayLike, valid: npt.ArrayLike) -> np.ndarray:
+        """:meth:`rgba` of every k-th row and column, so the longest side is at most
+        :data:`QUICKLOOK_SIZE` (a whole scene is never converted at full size)."""
+        data, valid = np.asarray(data), np.asarray(valid)
+        step = max(1, -(-max(valid.shape) // QUICKLOOK_SIZE))
+        return self.rgba(data[:, ::step, ::step], valid[::step, ::step])
 
-def png_bytes(rgba: np.ndarray, max_size: int | None = None) -> bytes:
-    """PNG bytes of an (H, W, 3|4) uint8 image, shrunk to ``max_size`` on its longest side."""
+
+def png_bytes(rgba: np.ndarray) -> bytes:
+    """PNG bytes of an (H, W, 3|4) uint8 image."""
     from PIL import Image
 
-    image = Image.fromarray(rgba)
-    if max_size is not None and max(image.size) > max_size:
-        image.thumbnail((max_size, max_size), Image.Resampling.BOX)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False)
+    Image.fromarray(rgba).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pystac
 from tqdm.auto import tqdm
 
-from stac_rscbir.data.render import QUICKLOOK_SIZE, Look, chip_slices, png_bytes
+from stac_rscbir.data.render import Look, chip_slices, png_bytes
 from stac_rscbir.fsutil import atomic_write, atomic_write_text
 
 THUMBNAIL = "thumbnail"  # the asset key and role (stac_rscbir.api.assets.THUMBNAIL)
@@ -104,7 +104,7 @@ def render_scene(scene: pystac.Item, chips: Iterable[dict[str, Any]]) -> tuple[b
             raise ValueError(f"{chip['id']}: its grid does not lie on its scene's")
         image = look.rgba(pixels.data[(slice(None), *window)], pixels.valid[window])
         pngs.append(png_bytes(image))
-    return png_bytes(look.rgba(pixels.data, pixels.valid), QUICKLOOK_SIZE), pngs
+    return png_bytes(look.quicklook(pixels.data, pixels.valid)), pngs
 
 
 class _StoreItems:

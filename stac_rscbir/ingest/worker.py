@@ -34,7 +34,7 @@ from stac_rscbir.data.chips import (
 )
 from stac_rscbir.data.profiles import SensorProfile, profile_for_bands
 from stac_rscbir.data.reader import ItemReadError, Pixels, missing_bands, read_item
-from stac_rscbir.data.render import QUICKLOOK_SIZE, Look, png_bytes
+from stac_rscbir.data.render import Look, png_bytes
 from stac_rscbir.extension.cbir import CBIRExtension, CBIRModel, Descriptor, HashCode
 from stac_rscbir.ingest.report import ItemError, RunReport
 from stac_rscbir.ingest.sinks import Sink, has_code
@@ -234,7 +234,7 @@ class Ingestor:
         look = Look.of(pixels.data, pixels.valid, branch.profile.bands)
         if look is None:
             return
-        prep.quicklook = png_bytes(look.rgba(pixels.data, pixels.valid), QUICKLOOK_SIZE)
+        prep.quicklook = png_bytes(look.quicklook(pixels.data, pixels.valid))
         prep.thumbnails = [
             png_bytes(look.rgba(chip_pixels(pixels.data, c), chip_pixels(pixels.valid, c)))
             for c in prep.chips or []
