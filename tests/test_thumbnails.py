@@ -337,3 +337,69 @@ def test_cli_thumbnails_and_the_api_serves_them(checkpoint: Path, tmp_path: Path
         assert response.content == Path(chip["assets"][THUMBNAIL]["href"]).read_bytes()
     finally:
         store.close()
+
+
+def test_sar_chips_get_fixed_range_false_colour_from_the_backfill_and_the_api(
+    tmp_path: Path,
+) -> None:
+    """A Sentinel-1 scene (VV and VH in dB, one asset each) cut into chips with no model: the
+    backfill renders VV / VH / VV-VH over the fixed dB ranges, as the API does on request."""
+    from fastapi.testclient import TestClient
+    from rasterio.transform import from_origin
+
+    from stac_rscbir.api.app import create_api
+    from stac_rscbir.data.chips import chip_item, make_chips, scene_chip_collection_id
+
+    from .stac_builders import make_item, write_cog
+
+    rng = np.random.default_rng(3)
+    db = rng.uniform(-30.0, -2.0, (2, 64, 64)).astype(np.float32)
+    db[:, :20, :20] = np.nan  # nodata
+    transform = from_origin(500_000, 5_300_000, 10, 10)
+    assets = {}
+    for band, layer in zip(("VV", "VH"), db, strict=True):
+        path = write_cog(tmp_path / f"s1_{band}.tif", layer[None], transform, nodata=np.nan)
+        assets[band] = {"href": path}
+    scene = make_item("s1-scene", assets)
+    for asset in scene.assets.values():
+        asset.media_type = pystac.MediaType.GEOTIFF
+    scene.collection_id = "sar"
+    valid = np.isfinite(db).all(axis=0)
+    chips, _ = make_chips(valid, transform, "EPSG:32633", size=CHIP, min_valid=0.5)
+    chip_items = []
+    for chip in chips:
+        item = chip_item(scene, chip, href_base="https://x/collections/sar/items")
+        item.collection_id = scene_chip_collection_id("sar")
+        chip_items.append(item.to_dict(include_self_link=False))
+    store = SQLiteStore(tmp_path / "archive.db")
+    try:
+        extent = pystac.Extent(
+            pystac.SpatialExtent([[-180.0, -90.0, 180.0, 90.0]]),
+            pystac.TemporalExtent([[None, None]]),
+        )
+        for cid in ("sar", "sar-chips"):
+            collection = pystac.Collection(cid, cid, extent, license="other")
+            store.create_collection(collection.to_dict(include_self_link=False))
+        store.upsert_items([scene.to_dict(include_self_link=False), *chip_items])
+        folder = tmp_path / "thumbs"
+        report = backfill(store, folder, progress=False)
+        assert (report.scenes_done, report.errors) == (1, [])
+        look = Look.of(db, valid, SAR_BANDS)
+        for chip, d in zip(chips, chip_items, strict=True):
+            stored = store.get_item("sar-chips", d["id"])
+            image = _decode(Path(stored["assets"][THUMBNAIL]["href"]))
+            rows = slice(chip.row_off, chip.row_off + CHIP)
+            cols = slice(chip.col_off, chip.col_off + CHIP)
+            np.testing.assert_array_equal(image, look.rgba(db[:, rows, cols], valid[rows, cols]))
+        # on request (no stored thumbnail under the roots): the same look of the chip's window
+        client = TestClient(create_api(store, tmp_path / "index", asset_roots=[tmp_path]).app)
+        d = chip_items[0]
+        served = client.get(f"/collections/sar-chips/items/{d['id']}/thumbnail")
+        assert served.status_code == 200
+        rows = slice(chips[0].row_off, chips[0].row_off + CHIP)
+        cols = slice(chips[0].col_off, chips[0].col_off + CHIP)
+        np.testing.assert_array_equal(
+            _decode(served.content), look.rgba(db[:, rows, cols], valid[rows, cols])
+        )
+    finally:
+        store.close()

@@ -16,10 +16,10 @@ point nowhere. The rule
 * a chip item gets a ``thumbnail`` asset: the one ingestion wrote (``roles: ["thumbnail"]``, a
   PNG under the asset roots, served as above, stretched per scene by
   :mod:`stac_rscbir.data.render`); a chip without one gets
-  ``/collections/{c}/items/{i}/thumbnail``, a PNG of the scene's red, green and blue bands
-  under the chip, rendered on request by the same renderer from the scene's files under the
-  asset roots (so only when roots are configured) over the chip's bbox only (so stretched over
-  the chip, not the scene: ``stac-rscbir thumbnails`` writes the per-scene ones).
+  ``/collections/{c}/items/{i}/thumbnail``, a PNG of the scene's red, green and blue bands (or
+  VV and VH) under the chip, rendered on request by the same renderer from the scene's files
+  under the asset roots (so only when roots are configured) over the chip's bbox only (so
+  stretched over the chip, not the scene: ``stac-rscbir thumbnails`` writes the per-scene ones).
 """
 
 from __future__ import annotations
@@ -232,7 +232,8 @@ class AssetsExtension(ApiExtension):
         return FileResponse(path, media_type=media, filename=path.name)
 
     def thumbnail(self, collection_id: str, item_id: str) -> Response:
-        """A PNG of a chip: the scene's red, green and blue bands over the chip's footprint."""
+        """A PNG of a chip: the scene's red, green and blue bands (or VV and VH) over the chip's
+        footprint."""
         chip = self._item(collection_id, item_id)
         scene_key = chip_source(chip)
         if scene_key is None:
@@ -240,35 +241,39 @@ class AssetsExtension(ApiExtension):
         scene = self._item(*scene_key)
         try:
             require("rendering a chip thumbnail", "ingest")  # the scene reader (odc-stac)
-            data, valid = chip_rgb(chip, scene, self.hrefs)
+            data, valid, bands = chip_window(chip, scene, self.hrefs)
+            look = Look.of(data, valid, bands)
+            if look is None:
+                raise ValueError("it has neither red, green and blue nor VV and VH bands")
         except Exception as exc:  # unreadable rasters, no RGB bands: the reader says which
             raise HTTPException(
                 404, f"the thumbnail of {item_id!r} cannot be rendered: {exc}"
             ) from exc
-        image = Look.optical(data, valid).rgba(data, valid)
-        return Response(png_bytes(image), media_type="image/png")
+        return Response(png_bytes(look.rgba(data, valid)), media_type="image/png")
 
 
-def chip_rgb(
+def chip_window(
     chip: dict[str, Any], scene: dict[str, Any], hrefs: Hrefs
-) -> tuple[np.ndarray, np.ndarray]:
-    """The scene's red, green and blue bands (and validity) under the chip: read over the
-    chip's bbox only, then cut to its grid (``proj:transform``, ``proj:shape``) when it has one.
-    Only the scene's files under ``hrefs``' roots are read: never another server file, never a
-    remote URL."""
+) -> tuple[np.ndarray, np.ndarray, tuple[Any, ...]]:
+    """The scene's display bands (red, green, blue, or VV and VH:
+    :func:`~stac_rscbir.data.reader.display_profile`), their validity and specs, under the chip:
+    read over the chip's bbox only, then cut to its grid (``proj:transform``, ``proj:shape``)
+    when it has one. Only the scene's files under ``hrefs``' roots are read: never another
+    server file, never a remote URL."""
     import pystac
 
-    from stac_rscbir.data.profiles import PROFILES
-    from stac_rscbir.data.reader import read_item
+    from stac_rscbir.data.reader import display_profile, read_item
 
     scene = dict(scene)
     assets = scene.get("assets") if isinstance(scene.get("assets"), dict) else {}
     scene["assets"] = {
         k: a for k, a in assets.items() if isinstance(a, dict) and hrefs.local_file(a.get("href"))
     }
-    pixels = read_item(pystac.Item.from_dict(scene), PROFILES["rgb"], bbox=tuple(chip["bbox"]))
+    item = pystac.Item.from_dict(scene)
+    profile = display_profile(item)
+    pixels = read_item(item, profile, bbox=tuple(chip["bbox"]))
     data, valid = pixels.data, pixels.valid
     window = chip_slices(chip["properties"], pixels.transform, valid.shape)
     if window is not None:  # the chip's own grid, cut from the bbox read
         data, valid = data[(slice(None), *window)], valid[window]
-    return data, valid
+    return data, valid, profile.bands

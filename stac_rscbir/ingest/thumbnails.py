@@ -78,21 +78,12 @@ class ThumbnailReport:
     errors: list[str] = field(default_factory=list)
 
 
-def _profile_for(scene: pystac.Item) -> Any:
-    """Sentinel-1 VV/VH when the scene has them, else its red, green and blue bands."""
-    from stac_rscbir.data.profiles import PROFILES
-    from stac_rscbir.data.reader import missing_bands
-
-    sar = PROFILES["sentinel1-grd"]
-    return sar if not missing_bands(scene, sar) else PROFILES["rgb"]
-
-
 def render_scene(scene: pystac.Item, chips: Iterable[dict[str, Any]]) -> tuple[bytes, list[bytes]]:
     """The quicklook of a scene and the thumbnails of ``chips`` (their ``proj:`` grid located in
     the grid read), all with one look: the scene is read once."""
-    from stac_rscbir.data.reader import read_item
+    from stac_rscbir.data.reader import display_profile, read_item
 
-    profile = _profile_for(scene)
+    profile = display_profile(scene)
     pixels = read_item(scene, profile)
     look = Look.of(pixels.data, pixels.valid, profile.bands)
     if look is None:
