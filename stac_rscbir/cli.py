@@ -882,6 +882,13 @@ def listen(
     ] = 64,
     report: Annotated[Path | None, typer.Option(help="Write the run report JSON here.")] = None,
     tta: Annotated[bool, typer.Option("--tta", envvar="RSCBIR_TTA", help=TTA_HELP)] = False,
+    thumbnails: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="RSCBIR_THUMBNAILS",
+            help="Write a PNG thumbnail per chip and a quicklook per scene here, as assets.",
+        ),
+    ] = None,
 ) -> None:
     """Encode items as they land in pgstac (`pypgstac load`, SQL, any writer).
 
@@ -910,7 +917,10 @@ def listen(
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         ingestor = Ingestor.from_checkpoint(
-            model, IngestOptions(batch_size=batch_size, device=device, progress=False)
+            model,
+            IngestOptions(
+                batch_size=batch_size, device=device, progress=False, thumbnails=thumbnails
+            ),
         )
         install_notify_trigger(dsn, channel)
         console.print(
