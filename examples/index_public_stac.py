@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pystac
 from rich.console import Console
 from rich.table import Table
@@ -127,28 +126,6 @@ def fetch_items(
     return items, collection
 
 
-def chip_rgb(store: Any, chip: dict[str, Any]) -> np.ndarray:
-    """Display RGB of a chip: only its area of the source scene is read (full tiles are big),
-    stretched 2-98 %."""
-    from stac_rscbir.data.profiles import PROFILES
-    from stac_rscbir.data.reader import read_item
-
-    scene_id = next(
-        link["href"].rstrip("/").split("/")[-1].removesuffix(".json")
-        for link in chip["links"]
-        if link["rel"] == "derived_from"
-    )
-    scene = pystac.Item.from_dict(
-        store.get_item(chip["collection"].removesuffix("-chips"), scene_id)
-    )
-    px = read_item(scene, PROFILES["rgb"], bbox=tuple(chip["bbox"]))
-    lo, hi = np.percentile(np.nan_to_num(px.data), (2, 98), axis=(1, 2))
-    rgb = np.clip(
-        (np.nan_to_num(px.data) - lo[:, None, None]) / (hi - lo + 1e-9)[:, None, None], 0, 1
-    )
-    return np.moveaxis(rgb, 0, -1)
-
-
 def run(
     stac_url: str = EARTH_SEARCH,
     collection: str = "sentinel-2-l2a",
@@ -178,7 +155,15 @@ def run(
     from stac_rscbir.api.server import BackgroundServer
     from stac_rscbir.client import distances, search_similar
     from stac_rscbir.data.chips import scene_chip_collection_id
-    from stac_rscbir.demo import CHIP, _label, _query, contact_sheet, fit_model, fit_settings
+    from stac_rscbir.demo import (
+        CHIP,
+        _label,
+        _query,
+        chip_thumbnail,
+        contact_sheet,
+        fit_model,
+        fit_settings,
+    )
     from stac_rscbir.ingest.sinks import StoreSink
     from stac_rscbir.ingest.worker import IngestOptions, Ingestor
     from stac_rscbir.store.sqlite import SQLiteStore
@@ -203,6 +188,7 @@ def run(
     store.upsert_items([i.to_dict(include_self_link=False, transform_hrefs=False) for i in items])
     console.print(f"[bold]2. copied[/] into the local store {db}")
 
+    thumbnails = workdir / "thumbnails"  # per chip, stretched per scene: the contact sheet's
     if model is None:
         model, fitted = fit_model(
             items[:fit_items], collection, workdir / "models", backbone, max_fit_chips, bands, fit
@@ -212,9 +198,9 @@ def run(
             f"{'views of chips' if fitted.settings.views else 'chips'} of "
             f"{min(fit_items, len(items))} scene(s)"
         )
-        options = IngestOptions(chip_size=CHIP, progress=True)
+        options = IngestOptions(chip_size=CHIP, progress=True, thumbnails=thumbnails)
     else:
-        options = IngestOptions(progress=True)
+        options = IngestOptions(progress=True, thumbnails=thumbnails)
         console.print(f"[bold]3. model[/] {model}")
     ingestor = Ingestor.from_checkpoint(model, options)
     if tuple(bands) != RGB and tuple(ingestor.encoder.config.bands) != tuple(bands):
@@ -256,8 +242,12 @@ def run(
         table.add_row(str(rank), iid, d["properties"].get("datetime") or "", f"{dist:.0f}")
     console.print(table)
 
-    tiles = [(_label(key[1]), chip_rgb(store, query_chip), 0.0)]
-    tiles += [(_label(iid), chip_rgb(store, d), dist) for iid, dist, d in hits if iid != key[1]]
+    tiles = [(_label(key[1]), chip_thumbnail(store, *key), 0.0)]
+    tiles += [
+        (_label(iid), chip_thumbnail(store, chips_cid, iid), dist)
+        for iid, dist, _ in hits
+        if iid != key[1]
+    ]
     png = workdir / "contact_sheet.png"
     contact_sheet([(collection, tiles)], png)
     console.print(f"[bold]6. contact sheet[/] {png}  (total {time.perf_counter() - t0:.0f} s)")

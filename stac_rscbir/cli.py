@@ -592,10 +592,17 @@ def ingest(
     dask: Annotated[str | None, typer.Option(help="Dask scheduler address.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the run report JSON here.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help=TTA_HELP)] = False,
+    thumbnails: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write a PNG thumbnail per chip and a quicklook per scene here, as assets "
+            "(default for a catalog sink: <catalog>/thumbnails; else none)."
+        ),
+    ] = None,
 ) -> None:
     """Encode items into hash codes and write them back (already-encoded items are skipped)."""
     _require_extras("stac-rscbir ingest", "ml", "ingest")
-    from stac_rscbir.ingest.sinks import open_sink
+    from stac_rscbir.ingest.sinks import CatalogSink, open_sink
     from stac_rscbir.ingest.sources import SourceError, open_source
     from stac_rscbir.ingest.worker import IngestOptions, Ingestor
 
@@ -606,18 +613,21 @@ def ingest(
         search["datetime"] = datetime
     if collections:
         search["collections"] = collections.split(",")
-    options = IngestOptions(
-        chip_size=chip_size,
-        stride=stride,
-        min_valid=min_valid,
-        batch_size=batch_size,
-        readers=readers,
-        device=device,
-    )
     if tta:
         _switch_tta(model)
     try:
         target = open_sink(sink or "catalog", source)
+        if thumbnails is None and isinstance(target, CatalogSink):
+            thumbnails = target.root / "thumbnails"
+        options = IngestOptions(
+            chip_size=chip_size,
+            stride=stride,
+            min_valid=min_valid,
+            batch_size=batch_size,
+            readers=readers,
+            device=device,
+            thumbnails=thumbnails,
+        )
         items = open_source(source, search)
         if dask:
             from stac_rscbir.ingest.distributed import ingest_dask
@@ -695,12 +705,8 @@ def serve(
     from stac_rscbir.api.app import create_api
     from stac_rscbir.extras import installed
     from stac_rscbir.models.config import load_config
-    from stac_rscbir.store.base import ItemStore, StoreError
 
-    if (db is None) == (dsn is None):
-        console.print("[red]give exactly one of --db (SQLite) and --dsn (pgstac)[/]")
-        raise typer.Exit(2)
-    if db is None and index_dir is None:
+    if db is None and dsn is not None and index_dir is None:
         console.print("[red]--index-dir is required with --dsn[/]")
         raise typer.Exit(2)
     write_token = write_token or None  # an empty RSCBIR_WRITE_TOKEN is no token
@@ -738,20 +744,8 @@ def serve(
             "[yellow]warning: without the `ml` extra, image queries are refused "
             "(pip install 'stac-rscbir\\[ml]'); queries by item or code are served[/]"
         )
-    store: ItemStore
-    if db is not None:
-        from stac_rscbir.store.sqlite import SQLiteStore
-
-        store, index = SQLiteStore(db), index_dir or db.with_suffix(".index")
-    else:
-        from stac_rscbir.store.pgstac import PgstacStore
-
-        try:
-            store = PgstacStore(str(dsn))
-        except StoreError as err:
-            console.print(f"[red]{err}[/]")
-            raise typer.Exit(1) from err
-        index = Path(str(index_dir))
+    store = _open_store(db, dsn)
+    index = (index_dir or db.with_suffix(".index")) if db is not None else Path(str(index_dir))
     api = create_api(
         store,
         index,
@@ -764,6 +758,72 @@ def serve(
     )
     console.print(f"the visual search page: http://{host}:{port}/viewer/")
     uvicorn.run(api.app, host=host, port=port)
+
+
+def _open_store(db: Path | None, dsn: str | None) -> Any:
+    """The SQLite store (``db``) or the pgstac one (``dsn``): exactly one must be given."""
+    from stac_rscbir.store.base import StoreError
+
+    if (db is None) == (dsn is None):
+        console.print("[red]give exactly one of --db (SQLite) and --dsn (pgstac)[/]")
+        raise typer.Exit(2)
+    if db is not None:
+        from stac_rscbir.store.sqlite import SQLiteStore
+
+        return SQLiteStore(db)
+    from stac_rscbir.store.pgstac import PgstacStore
+
+    try:
+        return PgstacStore(str(dsn))
+    except StoreError as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(1) from err
+
+
+@app.command()
+def thumbnails(
+    folder: Annotated[
+        Path, typer.Argument(help="Thumbnails folder (serve it: `serve --asset-root FOLDER`).")
+    ],
+    catalog: Annotated[
+        Path | None, typer.Option(help="A static catalog (catalog.json), written in place.")
+    ] = None,
+    db: Annotated[Path | None, typer.Option(help="SQLite store file.")] = None,
+    dsn: Annotated[str | None, typer.Option(help="pgstac database (postgresql://...).")] = None,
+    collections: Annotated[
+        str | None,
+        typer.Option(help="Only the chips of these scene collections (comma-separated)."),
+    ] = None,
+) -> None:
+    """Give the chips of a catalog or store a thumbnail asset each (and their scenes a
+    quicklook); items that have one are skipped, so a rerun resumes and a finished run writes
+    nothing."""
+    _require_extras("stac-rscbir thumbnails", "ingest")
+    from stac_rscbir.ingest.thumbnails import backfill
+
+    wanted = collections.split(",") if collections else None
+    if catalog is not None:
+        if db is not None or dsn is not None:
+            console.print("[red]give one of --catalog, --db and --dsn[/]")
+            raise typer.Exit(2)
+        if not catalog.is_file():
+            console.print(f"[red]catalog not found: {catalog}[/]")
+            raise typer.Exit(1)
+        run = backfill(catalog, folder, wanted)
+    else:
+        store = _open_store(db, dsn)
+        try:
+            run = backfill(store, folder, wanted)
+        finally:
+            store.close()
+    console.print(
+        f"{run.scenes_done} of {run.scenes_seen} scenes given thumbnails, "
+        f"{run.files_written} files written to {folder}"
+    )
+    for error in run.errors:
+        console.print(f"[red]{error}[/]")
+    if run.errors:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -831,6 +891,13 @@ def listen(
     ] = 64,
     report: Annotated[Path | None, typer.Option(help="Write the run report JSON here.")] = None,
     tta: Annotated[bool, typer.Option("--tta", envvar="RSCBIR_TTA", help=TTA_HELP)] = False,
+    thumbnails: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="RSCBIR_THUMBNAILS",
+            help="Write a PNG thumbnail per chip and a quicklook per scene here, as assets.",
+        ),
+    ] = None,
 ) -> None:
     """Encode items as they land in pgstac (`pypgstac load`, SQL, any writer).
 
@@ -859,7 +926,10 @@ def listen(
     previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         ingestor = Ingestor.from_checkpoint(
-            model, IngestOptions(batch_size=batch_size, device=device, progress=False)
+            model,
+            IngestOptions(
+                batch_size=batch_size, device=device, progress=False, thumbnails=thumbnails
+            ),
         )
         install_notify_trigger(dsn, channel)
         console.print(

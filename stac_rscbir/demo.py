@@ -26,6 +26,7 @@ import pystac
 import rasterio
 from pystac.extensions.eo import Band, EOExtension
 from pystac.extensions.projection import ProjectionExtension
+from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 from rasterio.warp import transform_bounds
 from rich.console import Console
 from rich.table import Table
@@ -48,6 +49,8 @@ class Scene:
     datetime: str
     assets: dict[str, tuple[str, tuple[str, ...]]]
     platform: str
+    #: the fill value of files that declare none (Landsat Level-1: 0, outside the swath)
+    nodata: float | None = None
 
 
 L8 = "LC08_L1TP_{}_20200518_20200518_01_RT"
@@ -61,6 +64,7 @@ SCENES = (
             for b, c in (("B2", "blue"), ("B3", "green"), ("B4", "red"))
         },
         "landsat-8",
+        nodata=0,
     ),
     Scene(
         "LC08_224078_20200518",
@@ -68,6 +72,7 @@ SCENES = (
         "2020-05-18T13:38:24Z",
         {"image": (f"{L8.format('224078')}.TIF", ("blue", "green", "red"))},
         "landsat-8",
+        nodata=0,
     ),
     *(
         Scene(
@@ -162,6 +167,11 @@ def _item(scene: Scene, rasters: Path) -> pystac.Item:
             proj = ProjectionExtension.ext(asset, add_if_missing=True)
             proj.shape = [src.height, src.width]
             proj.transform = list(src.transform)[:6]
+            if src.nodata is None and scene.nodata is not None:  # fill pixels are not data
+                RasterExtension.ext(asset, add_if_missing=True).bands = [
+                    RasterBand.create(nodata=scene.nodata, data_type=DataType(dtype))
+                    for dtype in src.dtypes
+                ]
         EOExtension.ext(asset, add_if_missing=True).bands = [
             Band.create(name=b, common_name=b) for b in bands
         ]
@@ -244,26 +254,16 @@ def contact_sheet(rows: list[tuple[str, list[tuple[str, np.ndarray, float]]]], p
     fig.savefig(path, dpi=120)
 
 
-def _rgb(store: Any, chip: dict[str, Any], cache: dict[str, Any]) -> np.ndarray:
-    """Display RGB of a chip item: its window of the source scene, stretched 2-98 %."""
-    from stac_rscbir.api.assets import chip_source
-    from stac_rscbir.data.profiles import PROFILES
-    from stac_rscbir.data.reader import read_item
+def chip_thumbnail(store: Any, collection: str, chip_id: str) -> np.ndarray:
+    """The RGBA pixels of a chip's thumbnail asset, as ingestion rendered it
+    (:mod:`stac_rscbir.data.render`: its scene's stretch)."""
+    from PIL import Image
 
-    source = chip_source(chip)
-    if source is None:
-        raise ValueError(f"{chip['id']} is not a chip (no cbir:chip and derived_from link)")
-    collection, scene_id = source
-    if scene_id not in cache:
-        px = read_item(pystac.Item.from_dict(store.get_item(collection, scene_id)), PROFILES["rgb"])
-        data = np.nan_to_num(px.data)
-        lo, hi = np.percentile(px.data[:, px.valid], (2, 98), axis=1)
-        cache[scene_id] = np.clip((data - lo[:, None, None]) / (hi - lo)[:, None, None], 0, 1)
-    w = chip["properties"]["cbir:chip"]["window"]
-    tile = cache[scene_id][
-        :, w["row_off"] : w["row_off"] + w["height"], w["col_off"] : w["col_off"] + w["width"]
-    ]
-    return np.moveaxis(tile, 0, -1)
+    from stac_rscbir.ingest.thumbnails import THUMBNAIL
+
+    chip = store.get_item(collection, chip_id)
+    with Image.open(chip["assets"][THUMBNAIL]["href"]) as image:
+        return np.asarray(image.convert("RGBA"))
 
 
 def run_demo(
@@ -301,6 +301,7 @@ def run_demo(
     for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
         path.unlink(missing_ok=True)
     store = SQLiteStore(db)
+    thumbnails = workdir / "thumbnails"  # a chip's thumbnail and a scene's quicklook, as assets
     models: dict[str, Path] = {}
     model_of: dict[str, str] = {}
     for cid in COLLECTIONS:
@@ -317,7 +318,8 @@ def run_demo(
             f"{'views of chips' if fitted.settings.views else 'chips'} of {cid} "
             "(no labels exist for these scenes)"
         )
-        ingestor = Ingestor.from_checkpoint(ckpt, IngestOptions(chip_size=CHIP, progress=True))
+        options = IngestOptions(chip_size=CHIP, progress=True, thumbnails=thumbnails)
+        ingestor = Ingestor.from_checkpoint(ckpt, options)
         report = ingestor.run(
             [pystac.Item.from_dict(store.get_item(cid, s.id)) for s in scenes], StoreSink(store)
         )
@@ -327,8 +329,9 @@ def run_demo(
             f"in {report.wall_seconds:.1f} s"
         )
 
-    # the scenes' files are served (and chip thumbnails rendered) from their folders only
+    # the scenes' files and the thumbnails are served from their folders only
     roots = sorted({Path(a.href).parent for i in items for a in i.assets.values()})
+    roots.append(thumbnails)
     api = create_api(store, workdir / "index", models, asset_roots=roots)
     server = BackgroundServer(api.app, port).start()
     url = server.url
@@ -337,7 +340,6 @@ def run_demo(
     client = Client.open(url)
     results: dict[str, Any] = {}
     sheet = []
-    cache: dict[str, Any] = {}
     queries = _queries(store, model_of)
     for title, query_item, model, kwargs in queries:
         search = search_similar(client, item=query_item, model=model, k=7, **kwargs)
@@ -349,9 +351,11 @@ def run_demo(
         for rank, (iid, dist, d) in enumerate(hits, 1):
             table.add_row(str(rank), iid, d["collection"], d["properties"]["datetime"], str(dist))
         console.print(table)
-        query_dict = store.get_item(*query_item)
-        tiles = [(_label(query_item[1]), _rgb(store, query_dict, cache), 0.0)]
-        tiles += [(_label(iid), _rgb(store, d, cache), dist) for iid, dist, d in hits[1:]]
+        tiles = [(_label(query_item[1]), chip_thumbnail(store, *query_item), 0.0)]
+        tiles += [
+            (_label(iid), chip_thumbnail(store, d["collection"], iid), dist)
+            for iid, dist, d in hits[1:]
+        ]
         sheet.append((title, tiles))
     png = workdir / "contact_sheet.png"
     contact_sheet(sheet, png)

@@ -13,14 +13,17 @@ point nowhere. The rule
   allowed ``asset_roots`` (symlinks resolved) is served by the API at
   ``/collections/{c}/items/{i}/assets/{key}``; any other asset is dropped. Nothing outside the
   roots is ever served: the file is found from the stored item, never from the request path.
-* a chip item gets a ``thumbnail`` asset: ``/collections/{c}/items/{i}/thumbnail``, a PNG of the
-  scene's red, green and blue bands under the chip (one 2-98 % stretch), read from the scene's
-  files under the asset roots (so only when roots are configured) over the chip's bbox only.
+* a chip item gets a ``thumbnail`` asset: the one ingestion wrote (``roles: ["thumbnail"]``, a
+  PNG under the asset roots, served as above, stretched per scene by
+  :mod:`stac_rscbir.data.render`); a chip without one gets
+  ``/collections/{c}/items/{i}/thumbnail``, a PNG of the scene's red, green and blue bands (or
+  VV and VH) under the chip, rendered on request by the same renderer from the scene's files
+  under the asset roots (so only when roots are configured) over the chip's bbox only (so
+  stretched over the chip, not the scene: ``stac-rscbir thumbnails`` writes the per-scene ones).
 """
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.responses import FileResponse, Response
 from stac_fastapi.types.extension import ApiExtension
 
+from stac_rscbir.data.render import Look, chip_slices, png_bytes
 from stac_rscbir.extras import require
 from stac_rscbir.store.base import ItemStore, NotFoundError
 
@@ -180,29 +184,6 @@ class Hrefs:
         return collection
 
 
-def _stretch(data: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """(bands, H, W) to uint8 (H, W, bands), stretched from the 2nd to the 98th percentile of
-    the valid pixels of all bands together (one scale keeps the colours' balance); invalid
-    pixels are black."""
-    mask = valid & np.isfinite(data).all(axis=0)
-    values = data[:, mask]
-    if values.size == 0:
-        return np.zeros((*data.shape[1:], data.shape[0]), dtype=np.uint8)
-    lo, hi = np.percentile(values, (2, 98))
-    scaled = (np.nan_to_num(data, nan=lo) - lo) / (hi - lo if hi > lo else 1.0)
-    out = (np.clip(scaled, 0, 1) * 255).round().astype(np.uint8) * mask
-    return np.moveaxis(out, 0, -1)
-
-
-def png(rgb: np.ndarray) -> bytes:
-    """PNG bytes of an (H, W, 3) uint8 image."""
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(rgb).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 @attr.s
 class AssetsExtension(ApiExtension):
     """The endpoints behind served hrefs: chip thumbnails and files under the asset roots."""
@@ -251,7 +232,8 @@ class AssetsExtension(ApiExtension):
         return FileResponse(path, media_type=media, filename=path.name)
 
     def thumbnail(self, collection_id: str, item_id: str) -> Response:
-        """A PNG of a chip: the scene's red, green and blue bands over the chip's footprint."""
+        """A PNG of a chip: the scene's red, green and blue bands (or VV and VH) over the chip's
+        footprint."""
         chip = self._item(collection_id, item_id)
         scene_key = chip_source(chip)
         if scene_key is None:
@@ -259,42 +241,39 @@ class AssetsExtension(ApiExtension):
         scene = self._item(*scene_key)
         try:
             require("rendering a chip thumbnail", "ingest")  # the scene reader (odc-stac)
-            data, valid = chip_rgb(chip, scene, self.hrefs)
+            data, valid, bands = chip_window(chip, scene, self.hrefs)
+            look = Look.of(data, valid, bands)
+            if look is None:
+                raise ValueError("it has neither red, green and blue nor VV and VH bands")
         except Exception as exc:  # unreadable rasters, no RGB bands: the reader says which
             raise HTTPException(
                 404, f"the thumbnail of {item_id!r} cannot be rendered: {exc}"
             ) from exc
-        return Response(png(_stretch(data, valid)), media_type="image/png")
+        return Response(png_bytes(look.rgba(data, valid)), media_type="image/png")
 
 
-def chip_rgb(
+def chip_window(
     chip: dict[str, Any], scene: dict[str, Any], hrefs: Hrefs
-) -> tuple[np.ndarray, np.ndarray]:
-    """The scene's red, green and blue bands (and validity) under the chip: read over the
-    chip's bbox only, then cut to its grid (``proj:transform``, ``proj:shape``) when it has one.
-    Only the scene's files under ``hrefs``' roots are read: never another server file, never a
-    remote URL."""
+) -> tuple[np.ndarray, np.ndarray, tuple[Any, ...]]:
+    """The scene's display bands (red, green, blue, or VV and VH:
+    :func:`~stac_rscbir.data.reader.display_profile`), their validity and specs, under the chip:
+    read over the chip's bbox only, then cut to its grid (``proj:transform``, ``proj:shape``)
+    when it has one. Only the scene's files under ``hrefs``' roots are read: never another
+    server file, never a remote URL."""
     import pystac
-    from affine import Affine
 
-    from stac_rscbir.data.profiles import PROFILES
-    from stac_rscbir.data.reader import read_item
+    from stac_rscbir.data.reader import display_profile, read_item
 
     scene = dict(scene)
     assets = scene.get("assets") if isinstance(scene.get("assets"), dict) else {}
     scene["assets"] = {
         k: a for k, a in assets.items() if isinstance(a, dict) and hrefs.local_file(a.get("href"))
     }
-    pixels = read_item(pystac.Item.from_dict(scene), PROFILES["rgb"], bbox=tuple(chip["bbox"]))
+    item = pystac.Item.from_dict(scene)
+    profile = display_profile(item)
+    pixels = read_item(item, profile, bbox=tuple(chip["bbox"]))
     data, valid = pixels.data, pixels.valid
-    props = chip["properties"]
-    grid, shape = props.get("proj:transform"), props.get("proj:shape")
-    if grid and shape:  # the chip's corners in pixels of the grid read
-        xs, ys = Affine(*grid[:6]) @ (np.array([0, shape[1]]), np.array([0, shape[0]]))
-        cols, rows = ~pixels.transform @ (xs, ys)
-        rows_max, cols_max = data.shape[-2:]
-        r0, r1 = (int(np.clip(round(v), 0, rows_max)) for v in sorted(rows))
-        c0, c1 = (int(np.clip(round(v), 0, cols_max)) for v in sorted(cols))
-        if r1 > r0 and c1 > c0:
-            data, valid = data[:, r0:r1, c0:c1], valid[r0:r1, c0:c1]
-    return data, valid
+    window = chip_slices(chip["properties"], pixels.transform, valid.shape)
+    if window is not None:  # the chip's own grid, cut from the bbox read
+        data, valid = data[(slice(None), *window)], valid[window]
+    return data, valid, profile.bands

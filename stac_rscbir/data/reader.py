@@ -48,9 +48,9 @@ from pystac.extensions.raster import RasterExtension
 from rasterio.crs import CRS
 from rasterio.errors import CRSError, RasterioError
 
-from stac_rscbir.data.profiles import BandSpec, SensorProfile
+from stac_rscbir.data.profiles import PROFILES, BandSpec, SensorProfile
 
-__all__ = ["ErrorKind", "ItemReadError", "Pixels", "read_item"]
+__all__ = ["ErrorKind", "ItemReadError", "Pixels", "display_profile", "read_item"]
 
 ErrorKind = Literal["unreadable-asset", "missing-band", "all-nodata", "bad-crs"]
 
@@ -243,6 +243,13 @@ def _to_db(x: np.ndarray, unit: str | None, negatives_seen: bool) -> np.ndarray:
 def missing_bands(item: pystac.Item, profile: SensorProfile) -> list[str]:
     """The profile's bands that ``item`` has no asset for (nothing is read); [] if it has all."""
     return [spec.name for spec in profile.bands if _resolve(item, spec, profile) is None]
+
+
+def display_profile(item: pystac.Item) -> SensorProfile:
+    """The bands a picture of ``item`` shows (:mod:`stac_rscbir.data.render`): Sentinel-1 VV and
+    VH when it has both, else its red, green and blue."""
+    sar = PROFILES["sentinel1-grd"]
+    return sar if not missing_bands(item, sar) else PROFILES["rgb"]
 
 
 def read_item(

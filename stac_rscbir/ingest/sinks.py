@@ -76,10 +76,11 @@ class CatalogSink:
 
     Items that live under ``root`` (read from this catalog) are rewritten where they are, with
     only ``properties`` and ``stac_extensions`` replaced so links and asset hrefs stay as they
-    were. Items from elsewhere (an API, an ItemCollection) go to ``<collection>/<id>/<id>.json``
-    with absolute asset hrefs; chip items to ``<collection>-chips/<id>/<id>.json``. ``finalize``
-    writes or refreshes each new collection's ``collection.json`` (item links, extent, model)
-    and links it from ``catalog.json``.
+    were (assets the run added, a quicklook, are added). Items from elsewhere (an API, an
+    ItemCollection) go to ``<collection>/<id>/<id>.json`` with absolute asset hrefs; chip items
+    to ``<collection>-chips/<id>/<id>.json``. ``finalize`` writes or refreshes each new
+    collection's ``collection.json`` (item links, extent, model) and links it from
+    ``catalog.json``.
     """
 
     def __init__(self, root: Path) -> None:
@@ -128,6 +129,8 @@ class CatalogSink:
             new = scene.to_dict(include_self_link=False, transform_hrefs=False)
             stored["properties"] = new["properties"]
             stored["stac_extensions"] = new["stac_extensions"]
+            # assets the run added (the scene's quicklook); the stored ones stay as they were
+            stored["assets"] = {**new.get("assets", {}), **stored.get("assets", {})}
             atomic_write_text(path, _dump(stored))
             collection = scene.get_single_link("collection")
             href = collection.get_absolute_href() if collection else None

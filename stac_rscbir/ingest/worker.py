@@ -34,9 +34,11 @@ from stac_rscbir.data.chips import (
 )
 from stac_rscbir.data.profiles import SensorProfile, profile_for_bands
 from stac_rscbir.data.reader import ItemReadError, Pixels, missing_bands, read_item
+from stac_rscbir.data.render import Look, png_bytes
 from stac_rscbir.extension.cbir import CBIRExtension, CBIRModel, Descriptor, HashCode
 from stac_rscbir.ingest.report import ItemError, RunReport
 from stac_rscbir.ingest.sinks import Sink, has_code
+from stac_rscbir.ingest.thumbnails import CHIP_TITLE, SCENE_TITLE, write_thumbnail
 from stac_rscbir.models.encoder import HashEncoder
 from stac_rscbir.models.training import pick_device
 
@@ -56,6 +58,8 @@ class IngestOptions:
     device: str | None = None  # default: CUDA when present, else CPU
     descriptors: bool = True  # store the relaxed codes as float descriptors (for re-ranking)
     progress: bool = True
+    #: write a thumbnail per chip and a quicklook per scene here (stac_rscbir.ingest.thumbnails)
+    thumbnails: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,9 @@ class _Prepared:
     source: int = 0  # the model branch that encodes it
     dropped: int = 0
     outputs: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    #: PNGs of the chips (in ``chips`` order) and of the scene, when thumbnails are written
+    thumbnails: list[bytes] = field(default_factory=list)
+    quicklook: bytes | None = None
 
     @property
     def complete(self) -> bool:
@@ -198,7 +205,9 @@ class Ingestor:
                 size = (self.chip_size, self.chip_size)
                 data = F.interpolate(torch.from_numpy(data)[None], size=size, mode="bilinear")[0]
                 data = data.numpy()
-            return _Prepared(item, data[None], None, branch.source)
+            prep = _Prepared(item, data[None], None, branch.source)
+            self._render(prep, pixels, branch)
+            return prep
         try:
             kept, dropped = make_chips(
                 pixels.valid,
@@ -213,7 +222,23 @@ class Ingestor:
         if not kept:
             return self._too_empty(item, f"all {len(dropped)} chips")
         inputs = np.stack([chip_pixels(data, c) for c in kept])
-        return _Prepared(item, inputs, kept, branch.source, dropped=len(dropped))
+        prep = _Prepared(item, inputs, kept, branch.source, dropped=len(dropped))
+        self._render(prep, pixels, branch)
+        return prep
+
+    def _render(self, prep: _Prepared, pixels: Pixels, branch: _Branch) -> None:
+        """The scene's quicklook and its chips' thumbnails, with one look for the scene (a
+        model whose bands show nothing, e.g. NIR only, gets none)."""
+        if self.options.thumbnails is None:
+            return
+        look = Look.of(pixels.data, pixels.valid, branch.profile.bands)
+        if look is None:
+            return
+        prep.quicklook = png_bytes(look.quicklook(pixels.data, pixels.valid))
+        prep.thumbnails = [
+            png_bytes(look.rgba(chip_pixels(pixels.data, c), chip_pixels(pixels.valid, c)))
+            for c in prep.chips or []
+        ]
 
     def _too_empty(self, item: pystac.Item, what: str) -> ItemError:
         return ItemError(
@@ -261,6 +286,10 @@ class Ingestor:
             chip_it.collection_id = scene_chip_collection_id(prep.item.collection_id or "items")
             CBIRExtension.ext(chip_it, add_if_missing=True).add_code(self._code(b, h, prep.source))
             chips.append(chip_it)
+        folder = self.options.thumbnails
+        if folder is not None:  # the files first: no item names a file not yet written
+            for chip_it, png in zip(chips, prep.thumbnails, strict=False):
+                write_thumbnail(folder, chip_it, png, CHIP_TITLE)
         if prep.chips is None:
             scene_bits, scene_relaxed = bits[0], relaxed[0]
         else:  # scene-level code: the model's binarisation of the chips' mean relaxed code
@@ -271,6 +300,8 @@ class Ingestor:
         CBIRExtension.ext(scene, add_if_missing=True).add_code(
             self._code(scene_bits, scene_relaxed, prep.source)
         )
+        if folder is not None and prep.quicklook is not None:
+            write_thumbnail(folder, scene, prep.quicklook, SCENE_TITLE)
         return scene, chips
 
     # ------------------------------------------------------------------ the run
