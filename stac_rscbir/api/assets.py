@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote
 
 import attr
 import numpy as np
@@ -35,43 +35,17 @@ from fastapi import APIRouter, FastAPI, HTTPException
 from fastapi.responses import FileResponse, Response
 from stac_fastapi.types.extension import ApiExtension
 
+from stac_rscbir.data.chiplinks import CHIP_SUFFIX, DERIVED_FROM, chip_source
 from stac_rscbir.data.render import Look, chip_slices, png_bytes
 from stac_rscbir.extras import require
 from stac_rscbir.store.base import ItemStore, NotFoundError
 
-CHIP_SUFFIX = "-chips"  # stac_rscbir.data.chips.CHIP_SUFFIX (not imported: keeps rasterio out)
-DERIVED_FROM = "derived_from"
 THUMBNAIL = "thumbnail"
 _API_RELS = {"self", "parent", "collection", "root", "items"}
 
 
 def _is_url(href: object) -> bool:
     return isinstance(href, str) and href.startswith(("http://", "https://"))
-
-
-def chip_source(item: dict[str, Any]) -> tuple[str, str] | None:
-    """(collection, id) of the scene a chip item was cut from; None for other items.
-
-    The scene is the chip's ``derived_from`` link: an API URL ``.../collections/{c}/items/{i}``,
-    or a file ``[...]/<scene id>[.json]`` in the chip collection's scene collection
-    (``<scene collection>-chips``, as :func:`stac_rscbir.data.chips.chip_item` writes it).
-    """
-    props = item.get("properties")
-    if not isinstance(props, dict) or "cbir:chip" not in props:
-        return None
-    for link in item.get("links") or []:
-        if not isinstance(link, dict) or link.get("rel") != DERIVED_FROM:
-            continue
-        href = link.get("href")
-        if not isinstance(href, str) or not href:
-            continue
-        parts = [unquote(p) for p in urlsplit(href).path.split("/") if p]
-        if len(parts) >= 4 and parts[-4] == "collections" and parts[-2] == "items":
-            return parts[-3], parts[-1]
-        collection = str(item.get("collection") or "")
-        if parts and collection.endswith(CHIP_SUFFIX):
-            return collection.removesuffix(CHIP_SUFFIX), parts[-1].removesuffix(".json")
-    return None
 
 
 def _item_url(base: str, collection_id: str, item_id: str) -> str:

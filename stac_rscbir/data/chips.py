@@ -47,6 +47,7 @@ from rasterio.windows import Window
 from shapely.geometry import MultiPolygon, Polygon, box, mapping
 from shapely.geometry.polygon import orient
 
+from stac_rscbir.data.chiplinks import CHIP_SUFFIX, DERIVED_FROM
 from stac_rscbir.extension.cbir import CBIRExtension, CBIRModel, ChipWindow
 
 __all__ = [
@@ -63,10 +64,6 @@ __all__ = [
     "scene_chip_collection_id",
 ]
 
-#: Suffix of the derived chip collection's id.
-CHIP_SUFFIX: str = "-chips"
-#: Link relation from a chip (collection) to its scene (collection).
-DERIVED_FROM: str = "derived_from"
 #: Common metadata copied from the scene to its chips (eo:cloud_cover and the like describe the
 #: whole scene, not the chip, and are left out).
 COMMON_METADATA: tuple[str, ...] = ("platform", "constellation", "mission", "instruments", "gsd")

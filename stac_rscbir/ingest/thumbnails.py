@@ -22,6 +22,7 @@ from typing import Any
 import pystac
 from tqdm.auto import tqdm
 
+from stac_rscbir.data.chiplinks import chip_source
 from stac_rscbir.data.render import Look, chip_slices, png_bytes
 from stac_rscbir.fsutil import atomic_write, atomic_write_text
 
@@ -165,7 +166,6 @@ def backfill(
     ``collections``' chips, or all) that lacks one a thumbnail, and its scene a quicklook.
     Scene by scene (read once): the files first, then the chips and the scene written, so a
     killed run resumes where it stopped and a second run writes nothing."""
-    from stac_rscbir.api.assets import chip_source
 
     items = (
         _CatalogItems(source, collections)
