@@ -842,7 +842,7 @@ def export(
             "collection declares, each at the version it lists last)."
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Items per batch (one row group).")] = 10_000,
+    batch_size: Annotated[int, typer.Option(help="Items per batch (one row group).")] = 5000,
 ) -> None:
     """Write a collection's items with their codes and descriptors as stac-geoparquet (a
     fixed-size binary code column and a float32 descriptor column per model) and, beside it,
@@ -886,7 +886,7 @@ def import_(
     source: Annotated[Path, typer.Argument(help="A .parquet file written by `export`.")],
     db: Annotated[Path | None, typer.Option(help="SQLite store file (created if missing).")] = None,
     dsn: Annotated[str | None, typer.Option(help="pgstac database (postgresql://...).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Items per write transaction.")] = 10_000,
+    batch_size: Annotated[int, typer.Option(help="Items per write transaction.")] = 5000,
 ) -> None:
     """Load an export into a store: its collection (created when missing), then its items
     (upserted) with their cbir:codes rebuilt from the code and descriptor columns."""

@@ -25,6 +25,7 @@ from stac_rscbir.store.sqlite import SQLiteStore
 
 from .api_builders import MODEL, _collection, _item
 
+pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 pytest.importorskip("stac_geoparquet")
 
@@ -257,6 +258,7 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     with SQLiteStore(db) as store:
         _fill(store)
     out = str(tmp_path / "x.parquet")
+    pq.write_table(pa.table({"id": ["a"]}), tmp_path / "plain.parquet")
     cases = [
         (["export", out, "--collection", "nope", "--db", str(db)], "collection 'nope' not found"),
         (
@@ -276,6 +278,10 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
         (["export", out, "--collection", "scenes"], "exactly one of --db"),
         (["import", str(tmp_path / "none.parquet"), "--db", str(db)], "file not found"),
         (["import", str(db), "--db", str(tmp_path / "b.db")], "not a readable Parquet file"),
+        (
+            ["import", str(tmp_path / "plain.parquet"), "--db", str(tmp_path / "b.db")],
+            "not an export of stac-rscbir",
+        ),
     ]
     for args, message in cases:
         result = _invoke(args)
@@ -284,3 +290,32 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
         assert message in " ".join(result.output.split()), (args, result.output)
     assert not (tmp_path / "no.db").exists()
     assert not Path(out).exists()
+
+
+def test_descriptors_keep_their_dtype_when_the_model_declares_none(tmp_path: Path) -> None:
+    from stac_rscbir.extension import Descriptor
+
+    collection = _collection()
+    collection["cbir:models"] = [CBIRModel.create("f16", "1", 32, ["red"]).to_dict()]
+    items = []
+    for i in range(6):
+        item = _item(i)
+        rng = np.random.default_rng(i)
+        desc = Descriptor.create(rng.normal(size=16), dtype="float16")
+        code = HashCode.from_bits("f16", "1", rng.integers(0, 2, 32), descriptor=desc)
+        item["properties"]["cbir:codes"] = [code.to_dict()]
+        items.append(item)
+    with SQLiteStore(tmp_path / "a.db") as store:
+        store.create_collection(collection)
+        store.upsert_items(items)
+    out = tmp_path / "f16.parquet"
+    result = _invoke(["export", str(out), "--collection", "scenes", "--db", str(tmp_path / "a.db")])
+    assert result.exit_code == 0, result.output
+    field = pq.read_schema(out).field("cbir:descriptor:f16")
+    assert str(field.type) == "fixed_size_list<element: float>[16]"
+    assert field.metadata[b"cbir:descriptor_dtype"] == b"float16"
+    assert _invoke(["import", str(out), "--db", str(tmp_path / "b.db")]).exit_code == 0
+    with SQLiteStore(tmp_path / "b.db") as store:
+        for item in items:
+            copy = store.get_item("scenes", item["id"])
+            assert copy["properties"]["cbir:codes"] == item["properties"]["cbir:codes"]

@@ -68,6 +68,8 @@ CODE_COLUMN = "cbir:code:{model}"
 DESCRIPTOR_COLUMN = "cbir:descriptor:{model}"
 #: Arrow field metadata key of a code/descriptor column: the model's ``cbir:models`` entry.
 FIELD_MODEL_KEY = b"cbir:model"
+#: ... and of a descriptor column: the dtype its items stored (float32 here, re-imported as that).
+DTYPE_KEY = b"cbir:descriptor_dtype"
 EMB_SCHEMA_URI = "https://stac-extensions.github.io/embeddings/v0.0.1/schema.json"
 _EMB_LINK_RELS = ("emb:model", "emb:source-data")
 _EMB_FIELDS = (
@@ -149,6 +151,7 @@ class _Columns:
         self.dim = descriptor_dim
         self.codes: list[bytes | None] = []
         self.descriptors: list[np.ndarray | None] = []
+        self.dtype: str | None = None  # the stored descriptors' dtype (the first one seen)
         self.written = 0
         self.skipped = 0
 
@@ -163,6 +166,8 @@ class _Columns:
         self.codes.append(None if code is None else code.packed().tobytes())
         desc = None if code is None or self.dim is None else code.descriptor
         vector = None if desc is None else desc.array().astype(np.float32)
+        if desc is not None and self.dtype is None:
+            self.dtype = desc.dtype
         self.descriptors.append(vector if vector is not None and vector.size == self.dim else None)
         self.written += code is not None
 
@@ -188,7 +193,9 @@ class _Columns:
                 pa.array(flat.reshape(-1)), self.dim, mask=pa.array(missing)
             )
             name = DESCRIPTOR_COLUMN.format(model=self.model.id)
-            out.append((pa.field(name, values.type, True, meta), values))
+            dtype = self.dtype or self.model.properties.get("descriptor", {}).get("dtype")
+            desc_meta = {**meta, DTYPE_KEY: (dtype or "float32").encode()}
+            out.append((pa.field(name, values.type, True, desc_meta), values))
         self.codes, self.descriptors = [], []
         return out
 
@@ -272,10 +279,27 @@ def export_collection(
     Collection beside it. ``batches()`` is called twice: stac-geoparquet's schema inference,
     then the rows (``progress``: a progress bar for each pass)."""
     import pyarrow as pa
+
+    check_writable(path)
+    try:
+        return _export(batches, collection, path, models, progress)
+    except pa.ArrowException as exc:
+        raise ExportError(
+            f"collection {collection.get('id')!r}: stac-geoparquet cannot convert its items: {exc}"
+        ) from exc
+
+
+def _export(
+    batches: Batches,
+    collection: dict[str, Any],
+    path: Path,
+    models: Sequence[CBIRModel],
+    progress: bool,
+) -> ExportResult:
+    import pyarrow as pa
     import stac_geoparquet.arrow as sga
     from stac_geoparquet.arrow._schema.models import InferredSchema  # its streaming inference
 
-    check_writable(path)
     schema = InferredSchema()
     dims: dict[str, int | None] = {m.id: m.descriptor_dim for m in models}
     for batch in _counted(batches(), None, "scan items", progress):
@@ -363,7 +387,10 @@ def check_writable(path: Path) -> None:
 
 def _file_collection(meta: dict[bytes, bytes] | None, path: Path) -> dict[str, Any]:
     raw = (meta or {}).get(b"stac-geoparquet")
-    collections = json.loads(raw).get("collections") if raw else None
+    try:
+        collections = json.loads(raw).get("collections") if raw else None
+    except (ValueError, AttributeError):
+        collections = None
     if not isinstance(collections, dict) or len(collections) != 1:
         raise ExportError(
             f"{path}: not an export of stac-rscbir (no single collection in its "
@@ -372,36 +399,50 @@ def _file_collection(meta: dict[bytes, bytes] | None, path: Path) -> dict[str, A
     return undescribe(next(iter(collections.values())))
 
 
-def _model_columns(schema: Any) -> dict[str, tuple[CBIRModel, str, str | None]]:
-    """model id -> (its description, its code column, its descriptor column or None)."""
-    out: dict[str, tuple[CBIRModel, str, str | None]] = {}
+@dataclass(frozen=True)
+class _ModelColumns:
+    """Where one model's codes are in an export."""
+
+    model: CBIRModel
+    code: str  # the code column
+    descriptor: str | None  # the descriptor column
+    dtype: str  # the dtype descriptors are re-encoded in
+
+
+def _model_columns(schema: Any) -> dict[str, _ModelColumns]:
+    """model id -> its columns, from the fields' metadata."""
+    import pyarrow as pa
+
+    out: dict[str, _ModelColumns] = {}
     for fld in schema:
         raw = (fld.metadata or {}).get(FIELD_MODEL_KEY)
-        if raw is None:
-            continue
+        if raw is None or not pa.types.is_fixed_size_binary(fld.type):
+            continue  # not a code column (a descriptor column carries the model too)
         model = CBIRModel.from_dict(json.loads(raw), f"{fld.name} (field metadata)")
-        code_col = CODE_COLUMN.format(model=model.id)
-        desc_col = DESCRIPTOR_COLUMN.format(model=model.id)
-        out[model.id] = (model, code_col, desc_col if desc_col in schema.names else None)
+        desc_col: str | None = DESCRIPTOR_COLUMN.format(model=model.id)
+        dtype = "float32"
+        if desc_col in schema.names:
+            dtype = (schema.field(desc_col).metadata or {}).get(DTYPE_KEY, b"float32").decode()
+        else:
+            desc_col = None
+        out[model.id] = _ModelColumns(model, fld.name, desc_col, dtype)
     return out
 
 
 def _codes_of_row(
-    row: int,
-    models: dict[str, tuple[CBIRModel, str, str | None]],
-    columns: dict[str, Any],
+    row: int, models: dict[str, _ModelColumns], columns: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """The ``cbir:codes`` entries of one row, rebuilt from the model columns."""
     entries = []
-    for model, code_col, desc_col in models.values():
-        packed = columns[code_col][row]
+    for cols in models.values():
+        model = cols.model
+        packed = columns[cols.code][row]
         if packed is None:
             continue
         descriptor = None
-        vector = columns[desc_col][row] if desc_col is not None else None
+        vector = columns[cols.descriptor][row] if cols.descriptor is not None else None
         if vector is not None:
-            dtype = (model.properties.get("descriptor") or {}).get("dtype", "float32")
-            descriptor = Descriptor.create(np.asarray(vector, dtype=np.float32), dtype)
+            descriptor = Descriptor.create(np.asarray(vector, dtype=np.float32), cols.dtype)
         code = HashCode.create(
             model.id,
             model.version,
@@ -416,7 +457,7 @@ def _codes_of_row(
 
 
 def read_export(
-    path: Path, batch_size: int = 10_000
+    path: Path, batch_size: int = 5000
 ) -> tuple[dict[str, Any], int, Iterator[list[dict[str, Any]]]]:
     """(the Collection, the number of rows, the items in batches with ``cbir:codes`` rebuilt)
     of an export; the file is read one batch at a time."""
@@ -430,8 +471,11 @@ def read_export(
         raise ExportError(f"{path}: not a readable Parquet file: {exc}") from exc
     schema = parquet.schema_arrow
     collection = _file_collection(schema.metadata, path)
-    models = _model_columns(schema)
-    model_cols = {c for _, code, desc in models.values() for c in (code, desc) if c}
+    try:
+        models = _model_columns(schema)
+    except (CBIRFieldError, ValueError) as exc:
+        raise ExportError(f"{path}: a code column's model description is invalid: {exc}") from exc
+    model_cols = {c for m in models.values() for c in (m.code, m.descriptor) if c}
 
     def items() -> Iterator[list[dict[str, Any]]]:
         for batch in parquet.iter_batches(batch_size=batch_size):
@@ -449,10 +493,12 @@ def read_export(
 
 
 def import_file(
-    store: Any, path: Path, batch_size: int = 10_000, progress: bool = True
+    store: Any, path: Path, batch_size: int = 5000, progress: bool = True
 ) -> ImportResult:
     """Load an export into ``store`` (any ItemStore): its Collection, created when missing, then
     its items, upserted batch by batch with their ``cbir:codes`` rebuilt."""
+    import pyarrow as pa
+
     from stac_rscbir.store.base import NotFoundError
 
     collection, total, batches = read_export(path, batch_size)
@@ -462,7 +508,14 @@ def import_file(
     except NotFoundError:
         store.create_collection(collection)
     result = ImportResult(cid, 0)
-    for items in _counted(batches, total, "import items", progress):
+    counted = _counted(batches, total, "import items", progress)
+    while True:
+        try:
+            items = next(counted, None)
+        except (pa.ArrowException, CBIRFieldError) as exc:
+            raise ExportError(f"{path}: unreadable rows: {exc}") from exc
+        if items is None:
+            break
         store.upsert_items(list(items))
         result.items += len(items)
         for item in items:
