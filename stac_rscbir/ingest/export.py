@@ -12,9 +12,11 @@ exported model:
 
 A row without a code of the model's exported version (the one the Collection lists last in
 ``cbir:models``, or the one asked for) holds nulls there. Each column's Arrow field metadata
-``cbir:model`` is the model's ``cbir:models`` entry (JSON): the file describes itself. The
-``cbir:codes`` property is not a column; the re-import rebuilds it from these columns (codes of
-other models or versions, and a code entry's ``bands``, are not exported).
+``cbir:model`` is the model's ``cbir:models`` entry (JSON), a descriptor column's
+``cbir:descriptor_dtype`` the dtype the items stored (float16 descriptors come back as float16):
+the file describes itself. The ``cbir:codes`` property is not a column; the re-import rebuilds
+it from these columns (codes of other models or versions, and a code entry's ``bands``, are not
+exported).
 
 The Collection goes into the file's ``stac-geoparquet`` metadata (``collections``) and into a
 sidecar ``<name>.collection.json``, described with the fields of the proposed STAC Embedding
