@@ -827,6 +827,93 @@ def thumbnails(
 
 
 @app.command()
+def export(
+    out: Annotated[Path, typer.Argument(help="The .parquet file to write.")],
+    collection: Annotated[str, typer.Option(help="The collection to export.")],
+    db: Annotated[Path | None, typer.Option(help="SQLite store file.")] = None,
+    dsn: Annotated[str | None, typer.Option(help="pgstac database (postgresql://...).")] = None,
+    catalog: Annotated[
+        Path | None, typer.Option(help="A static catalog (catalog.json) instead of a store.")
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Model ID or ID@VERSION to export; repeatable (default: every model the "
+            "collection declares, each at the version it lists last)."
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Items per batch (one row group).")] = 5000,
+) -> None:
+    """Write a collection's items with their codes and descriptors as stac-geoparquet (a
+    fixed-size binary code column and a float32 descriptor column per model) and, beside it,
+    the collection described with the STAC Embedding extension (<name>.collection.json)."""
+    _require_extras("stac-rscbir export", "ingest")
+    from stac_rscbir.ingest import export as ex
+    from stac_rscbir.store.base import StoreError
+
+    if batch_size < 1:
+        console.print("[red]--batch-size must be at least 1[/]")
+        raise typer.Exit(2)
+    store = None
+    try:
+        if catalog is not None:
+            if db is not None or dsn is not None:
+                console.print("[red]give one of --catalog, --db and --dsn[/]")
+                raise typer.Exit(2)
+            coll, batches = ex.catalog_source(catalog, collection, batch_size)
+        else:
+            if db is not None and not db.is_file():
+                console.print(f"[red]SQLite store not found: {db}[/]")
+                raise typer.Exit(1)
+            store = _open_store(db, dsn)
+            coll, batches = ex.store_source(store, collection, batch_size)
+        models = ex.select_models(coll, model)
+        result = ex.export_collection(batches, coll, out, models)
+    except (ex.ExportError, StoreError) as err:
+        console.print(f"[red]{escape(str(err))}[/]")
+        raise typer.Exit(1) from err
+    finally:
+        if store is not None:
+            store.close()
+    codes = ", ".join(f"{m}: {n} codes" for m, n in result.codes.items())
+    console.print(f"{result.rows} items ({codes}) -> {result.path}; collection -> {result.sidecar}")
+    for m, n in result.skipped.items():
+        console.print(f"[yellow]{n} codes of {m} not in its declared format were left out[/]")
+
+
+@app.command("import")
+def import_(
+    source: Annotated[Path, typer.Argument(help="A .parquet file written by `export`.")],
+    db: Annotated[Path | None, typer.Option(help="SQLite store file (created if missing).")] = None,
+    dsn: Annotated[str | None, typer.Option(help="pgstac database (postgresql://...).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Items per write transaction.")] = 5000,
+) -> None:
+    """Load an export into a store: its collection (created when missing), then its items
+    (upserted) with their cbir:codes rebuilt from the code and descriptor columns."""
+    _require_extras("stac-rscbir import", "ingest")
+    from stac_rscbir.ingest import export as ex
+    from stac_rscbir.store.base import StoreError
+    from stac_rscbir.store.items import InvalidItemError
+
+    if batch_size < 1:
+        console.print("[red]--batch-size must be at least 1[/]")
+        raise typer.Exit(2)
+    if not source.is_file():
+        console.print(f"[red]file not found: {source}[/]")
+        raise typer.Exit(1)
+    store = _open_store(db, dsn)
+    try:
+        result = ex.import_file(store, source, batch_size)
+    except (ex.ExportError, StoreError, InvalidItemError, CBIRFieldError) as err:
+        console.print(f"[red]{escape(str(err))}[/]")
+        raise typer.Exit(1) from err
+    finally:
+        store.close()
+    codes = ", ".join(f"{m}: {n} codes" for m, n in result.codes.items())
+    console.print(f"{result.items} items ({codes}) -> collection {result.collection!r}")
+
+
+@app.command()
 def demo(
     workdir: Annotated[Path, typer.Option(help="Where the catalog, models and store go.")] = Path(
         ".demo"

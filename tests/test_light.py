@@ -181,6 +181,11 @@ MODEL_COMMANDS = (
     ),
     (["demo"], "stac-rscbir demo needs the `ml` and `ingest` extras"),
     (
+        ["export", "x.parquet", "--collection", "c", "--db", "x.db"],
+        "stac-rscbir export needs the `ingest` extra: pip install 'stac-rscbir[ingest]'",
+    ),
+    (["import", "x.parquet", "--db", "x.db"], "stac-rscbir import needs the `ingest` extra"),
+    (
         ["train", "--images", ".", "--labels", "l.csv", "--method", "milan", "--out", "m"],
         "stac-rscbir train needs the `ml` extra: pip install 'stac-rscbir[ml]'",
     ),
@@ -188,8 +193,9 @@ MODEL_COMMANDS = (
 
 
 def test_model_commands_name_their_extras(tmp_path: Path) -> None:
-    """``serve --encode-with``, ``ingest``, ``listen``, ``demo``, ``train`` without the
-    extras: exit code 2 and a message naming them, before anything is opened."""
+    """``serve --encode-with``, ``ingest``, ``listen``, ``demo``, ``export``, ``import``,
+    ``train`` without the extras: exit code 2 and a message naming them, before anything is
+    opened."""
     out = _run_light(
         f"""
         from typer.testing import CliRunner

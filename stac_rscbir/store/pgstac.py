@@ -490,6 +490,24 @@ class PgstacStore:
             ).fetchall()
         return [_null_datetime(r[0]) for r in rows]
 
+    def iter_items(
+        self, collection_id: str, batch_size: int = 1000
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The items of ``collection_id`` (hydrated) in batches, by id: streamed by a
+        server-side cursor in one snapshot, never more than one batch in memory. Raises
+        NotFoundError for an unknown collection."""
+        self.get_collection(collection_id)
+        with self._read() as conn, conn.transaction():
+            cur = conn.cursor(name="rscbir_items")
+            cur.execute(
+                "SELECT pgstac.content_hydrate(i) FROM pgstac.items i "
+                "WHERE i.collection = %s ORDER BY i.id",
+                (collection_id,),
+            )
+            while rows := cur.fetchmany(batch_size):
+                yield [_null_datetime(r[0]) for r in rows]
+            cur.close()
+
     # -- search -------------------------------------------------------------------------
 
     @staticmethod

@@ -665,6 +665,23 @@ class SQLiteStore:
         )
         return [json.loads(r[0]) for r in rows]
 
+    def iter_items(
+        self, collection_id: str, batch_size: int = 1000
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The items of ``collection_id`` in batches, by id: each batch is one short read
+        (keyset on the (collection, id) index), so a long export holds no read snapshot and
+        never more than one batch in memory. Raises NotFoundError for an unknown collection."""
+        self.get_collection(collection_id)
+        sql = "SELECT id, content FROM items WHERE collection = ? AND id > ? ORDER BY id LIMIT ?"
+        last = ""
+        while True:
+            rows = self._read(sql, (collection_id, last, batch_size))
+            if rows:
+                yield [json.loads(r[1]) for r in rows]
+                last = rows[-1][0]
+            if len(rows) < batch_size:
+                return
+
     # -- search -------------------------------------------------------------------------
 
     def _candidates(
