@@ -151,6 +151,12 @@ def test_sqlite_changes_since_logs_every_writer(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", script, str(path), str(ROOT)], check=True, cwd=ROOT)
     g3 = store.generation()
     assert store.changes_since(g2) == (g3, [("scenes", "item-007")])
+    with sqlite3.connect(path) as conn:  # SQL behind the store's back, the counter not bumped:
+        conn.execute("UPDATE items SET content = content WHERE id = 'item-000'")
+    assert store.changes_since(g3) == (g3, [])
+    other.delete_item("scenes", "item-007")  # ...is seen with the next write that bumps it
+    assert store.changes_since(g3) == (g3 + 1, [("scenes", "item-000"), ("scenes", "item-007")])
+    g3 += 1
     other.create_collection(_collection("others"))
     other.upsert_items([_item(i, "others") for i in range(3)])
     g4 = store.generation()
