@@ -104,6 +104,21 @@ def test_refusals_reach_a_cross_origin_page(client: TestClient) -> None:
         assert r.json()["description"]
 
 
+def test_a_one_condition_filter_as_stac_browser_sends_it(client: TestClient) -> None:
+    """STAC Browser's search form wraps its conditions in an ``and``, one condition too; CQL2's
+    schema wants two operands, the server takes one as that condition (not a 400)."""
+    condition = {"op": "=", "args": [{"property": "platform"}, "sentinel-2a"]}
+    wrapped = {"filter-lang": "cql2-json", "filter": {"op": "and", "args": [condition]}}
+    r = client.post("/search", json={**wrapped, "limit": 100})
+    assert r.status_code == 200, r.text
+    bare = client.post("/search", json={"filter": condition, "limit": 100}).json()
+    ids = [f["id"] for f in r.json()["features"]]
+    assert ids and ids == [f["id"] for f in bare["features"]]
+    assert {f["properties"]["platform"] for f in r.json()["features"]} == {"sentinel-2a"}
+    r = client.post("/search", json={"filter": {"op": "and", "args": []}})
+    assert r.status_code == 400  # no operand is still no expression
+
+
 def test_the_links_stac_browser_follows(client: TestClient) -> None:
     """The landing page is its own catalog URL (`self` with the trailing slash STAC Browser
     matches exactly), links its collections and both search methods, and claims what the
@@ -297,4 +312,26 @@ def test_item_search_shows_the_results_of_post_search(browsing: Browsing, tmp_pa
     shown = browsing.thumbnails(len(thumbnails))
     assert sorted(src for src, _ in shown) == sorted(thumbnails)
     browsing.page.screenshot(path=tmp_path / "stac-browser-search.png")
+    browsing.check()
+
+
+@pytest.mark.browser
+def test_a_filter_from_the_search_form(browsing: Browsing) -> None:
+    """A condition added in the form (a queryable from /queryables) filters the results as
+    ``POST /search`` does with the body STAC Browser sent."""
+    browsing.open("/search")
+    browsing.page.get_by_role("button", name="Add filter").click()
+    browsing.page.get_by_role("menuitem", name="Platform").click()
+    browsing.page.locator("input.value").fill("sentinel-2a")
+    with browsing.page.expect_request(
+        lambda r: r.url == f"{browsing.api}/search" and r.method == "POST"
+    ) as posted:
+        browsing.page.get_by_role("button", name="Submit").click()
+    body = posted.value.post_data_json
+    assert "sentinel-2a" in str(body["filter"])
+    expected = httpx.post(f"{browsing.api}/search", json=body).json()["features"]
+    assert expected and {f["properties"]["platform"] for f in expected} == {"sentinel-2a"}
+    thumbnails = [f["assets"]["thumbnail"]["href"] for f in expected if f["assets"]]
+    shown = browsing.thumbnails(len(thumbnails))
+    assert sorted(src for src, _ in shown) == sorted(thumbnails)
     browsing.check()
