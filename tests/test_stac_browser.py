@@ -5,7 +5,7 @@ runs it: ``scripts/stac-browser serve`` on one origin, our app over chips with t
 Two layers: what a cross-origin client needs from the API (CORS on GET, POST and its preflight,
 on thumbnails and on errors; the links STAC Browser follows), checked with an HTTP client and
 no browser; then STAC Browser itself in headless Chromium (the ``browser`` marker): built once
-per machine by the script (npm install + build, about 3 minutes, cached under
+per machine by the script (npm install + build, 2.5 minutes, cached under
 ~/.cache/stac-rscbir), it shows the landing page's collections, a collection's items with their
 thumbnails, an item with its thumbnail, and item search (POST /search) results, with no request
 to the API failing."""
