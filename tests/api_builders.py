@@ -4,10 +4,11 @@ fixture (tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI
@@ -16,11 +17,16 @@ from shapely.geometry import box, mapping
 from stac_rscbir.extension.cbir import CBIRModel, Descriptor, HashCode
 from stac_rscbir.store.base import ItemStore
 
+if TYPE_CHECKING:
+    from stac_rscbir.api.server import BackgroundServer
+
 MODEL = "test-64"
 N = 80
 RNG = np.random.default_rng(7)
 CENTRES = RNG.integers(0, 2, size=(4, 64), dtype=np.uint8)
 T0 = datetime(2021, 1, 1, tzinfo=UTC)
+OTHER = "scenes-s1"  # the second collection of :func:`thumbnail_archive`
+COLOURS = [(200, 60, 40), (40, 160, 70), (50, 90, 200), (210, 190, 60)]  # by code cluster
 
 
 def _bits(i: int) -> np.ndarray:
@@ -75,6 +81,52 @@ def _collection(cid: str = "scenes") -> dict[str, Any]:
         },
         "links": [],
     }
+
+
+def thumbnail_archive(folder: Path) -> Path:
+    """A SQLite store of ``N`` chips (four code clusters), each with a PNG thumbnail asset under
+    ``folder/thumbs``, plus ``OTHER``: every fourth chip in another collection under the same
+    model (as Sentinel-1 chips under a cross-modal one). Returns ``folder``."""
+    from PIL import Image
+
+    from stac_rscbir.store.sqlite import SQLiteStore
+
+    thumbs = folder / "thumbs"
+    thumbs.mkdir()
+    items = []
+    for i in range(N):
+        png = thumbs / f"item-{i:03d}.png"
+        shade = tuple(min(255, c + 3 * (i // 4)) for c in COLOURS[i % 4])
+        Image.new("RGB", (32, 32), shade).save(png)
+        item = _item(i)
+        item["assets"] = {
+            "thumbnail": {"href": str(png), "type": "image/png", "roles": ["thumbnail"]}
+        }
+        items.append(item)
+    store = SQLiteStore(folder / "archive.db")
+    store.create_collection(_collection())
+    store.upsert_items(items)
+    store.create_collection(_collection(OTHER))
+    store.upsert_items([_item(i, OTHER) for i in range(0, N, 4)])
+    store.close()
+    return folder
+
+
+@contextmanager
+def serving(folder: Path, models: dict[str, Path] | None = None) -> Iterator[BackgroundServer]:
+    """Our app over the :func:`thumbnail_archive` in ``folder`` (its thumbnails served), on a
+    free port."""
+    from stac_rscbir.api.app import create_api
+    from stac_rscbir.api.server import BackgroundServer
+    from stac_rscbir.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(folder / "archive.db")
+    try:
+        api = create_api(store, folder / "index", models, asset_roots=[folder / "thumbs"])
+        with BackgroundServer(api.app) as running:
+            yield running
+    finally:
+        store.close()
 
 
 class StoreFactory:

@@ -20,12 +20,27 @@ ROOT = Path(__file__).resolve().parents[1]
 settings.register_profile("rscbir", deadline=None)
 settings.load_profile("rscbir")
 
+CHROMIUM = Path("/usr/bin/chromium")
 EXAMPLES = ROOT / "extension-schema" / "examples"
 SCHEMA_FILE = ROOT / "extension-schema" / "json-schema" / "schema.json"
 
 
 def load_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium (Debian's, through Playwright: its own browser download is not used)."""
+    require(CHROMIUM.exists(), f"{CHROMIUM} not found: apt-get install chromium")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        require(False, "playwright is not installed (the dev extra)")
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
 
 
 @pytest.fixture(params=sorted(p.name for p in EXAMPLES.glob("*.json")))

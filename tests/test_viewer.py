@@ -8,85 +8,31 @@ import base64
 import importlib.util
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
 import pytest
-from PIL import Image
 from shapely.geometry import box, shape
 
 from stac_rscbir.api.app import create_api
 from stac_rscbir.api.server import BackgroundServer
 from stac_rscbir.store.sqlite import SQLiteStore
 
-from .api_builders import MODEL, N, _collection, _item, rgb_checkpoint
+from .api_builders import MODEL, OTHER, N, _item, rgb_checkpoint, serving, thumbnail_archive
 from .conftest import ROOT, require
-
-CHROMIUM = Path("/usr/bin/chromium")
-OTHER = "scenes-s1"
-COLOURS = [(200, 60, 40), (40, 160, 70), (50, 90, 200), (210, 190, 60)]  # by code cluster
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SQLite store of 80 chips (four code clusters), each with a PNG thumbnail asset under
-    ``thumbs/``, in the folder returned."""
-    folder = tmp_path_factory.mktemp("viewer")
-    thumbs = folder / "thumbs"
-    thumbs.mkdir()
-    items = []
-    for i in range(N):
-        png = thumbs / f"item-{i:03d}.png"
-        shade = tuple(min(255, c + 3 * (i // 4)) for c in COLOURS[i % 4])
-        Image.new("RGB", (32, 32), shade).save(png)
-        item = _item(i)
-        item["assets"] = {
-            "thumbnail": {"href": str(png), "type": "image/png", "roles": ["thumbnail"]}
-        }
-        items.append(item)
-    store = SQLiteStore(folder / "archive.db")
-    store.create_collection(_collection())
-    store.upsert_items(items)
-    # another collection under the same model (as Sentinel-1 chips under a cross-modal one)
-    store.create_collection(_collection(OTHER))
-    store.upsert_items([_item(i, OTHER) for i in range(0, N, 4)])
-    store.close()
-    return folder
-
-
-@contextmanager
-def serving(folder: Path, models: dict[str, Path] | None = None) -> Iterator[BackgroundServer]:
-    """Our app over the archive in ``folder`` (its thumbnails served), on a free port."""
-    store = SQLiteStore(folder / "archive.db")
-    try:
-        api = create_api(store, folder / "index", models, asset_roots=[folder / "thumbs"])
-        with BackgroundServer(api.app) as running:
-            yield running
-    finally:
-        store.close()
+    return thumbnail_archive(tmp_path_factory.mktemp("viewer"))
 
 
 @pytest.fixture(scope="module")
 def server(archive: Path) -> Iterator[BackgroundServer]:
     with serving(archive) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """Headless Chromium (Debian's, through Playwright: its own browser download is not used)."""
-    require(CHROMIUM.exists(), f"{CHROMIUM} not found: apt-get install chromium")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        require(False, "playwright is not installed (the dev extra)")
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        yield chromium
-        chromium.close()
 
 
 class Page:

@@ -272,9 +272,11 @@ def create_api(
             description=DESCRIPTION,
             lifespan=indexes_lifespan(indexes),
         ),
+        # the later wraps the earlier: the body cap sits inside stac-fastapi's own (CORS as the
+        # STAC API spec recommends, proxy headers), so its 413 reaches a cross-origin page
         middlewares=[
-            *attr.fields(StacApi).middlewares.default.factory(),  # stac-fastapi's own
-            Middleware(BodySizeLimit, max_bytes=max_body_bytes),  # outermost
+            Middleware(BodySizeLimit, max_bytes=max_body_bytes),
+            *attr.fields(StacApi).middlewares.default.factory(),
         ],
         client=client,
         extensions=[

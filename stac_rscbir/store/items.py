@@ -252,12 +252,26 @@ def collection_json(collection: dict[str, Any]) -> tuple[str, str]:
         raise InvalidItemError(None, "collection", f"is not JSON-serialisable ({exc})") from exc
 
 
+def _one_operand_logic(node: Any) -> Any:
+    """CQL2 JSON with each ``and`` / ``or`` of a single operand replaced by that operand. CQL2's
+    schema wants two or more, but clients build the list from a form (STAC Browser sends
+    ``{"op": "and", "args": [<its one condition>]}``) and the meaning is not in doubt."""
+    if isinstance(node, list):
+        return [_one_operand_logic(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _one_operand_logic(v) for k, v in node.items()}
+    op, args = node.get("op"), node.get("args")
+    one = isinstance(args, list) and len(args) == 1
+    return args[0] if one and isinstance(op, str) and op.lower() in ("and", "or") else node
+
+
 def parse_filter(value: dict[str, Any] | str) -> cql2.Expr:
     """A validated CQL2 expression from text or JSON (raises InvalidQueryError with the cause)."""
     try:
         if isinstance(value, str):
             return _cached_filter(value, False)
-        return _cached_filter(json.dumps(value, sort_keys=True), True)
+        return _cached_filter(json.dumps(_one_operand_logic(value), sort_keys=True), True)
     except Exception as exc:  # cql2 raises ParseError, ValidationError or plain Exception
         raise InvalidQueryError(f"filter: invalid CQL2: {exc}".strip()) from exc
 
