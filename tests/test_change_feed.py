@@ -399,6 +399,33 @@ def test_the_follower_thread_catches_up_an_idle_index(
     assert _counts(restarted) == {"rebuilds": 0, "loads": 1}
 
 
+def test_a_flat_index_followed_past_flat_max_becomes_ivf_without_reading_the_store(
+    filled: tuple[ItemStore, ItemStore], tmp_path: Path
+) -> None:
+    """An index that only follows the log grows past ``flat_max``: reshape() swaps in an IVF
+    index built from its own codes (no rebuild), which still equals the store and keeps
+    following it; a saved copy of it loads as IVF."""
+    store, other = filled
+    indexes = LiveIndexes(store, tmp_path / "index")
+    idx = indexes.index(MODEL)
+    idx.flat_max = 60  # a configuration, as an archive's default 200,000 is here
+    assert not indexes.reshape(MODEL)  # 40 codes: flat is right
+    other.upsert_items([_coded(i) for i in range(100, 130)])
+    indexes.follow()
+    assert indexes.index(MODEL) is idx and idx.kind == "flat" and idx.count == 70
+    assert indexes.reshape(MODEL)
+    grown = indexes.index(MODEL)
+    assert grown is not idx and grown.kind == "ivf" and grown.flat_max == 60
+    _assert_equals_the_store(indexes, other)
+    other.upsert_items([_coded(i) for i in range(130, 135)])
+    other.delete_item("scenes", "item-102")
+    _assert_equals_the_store(indexes, other)
+    assert indexes.stats()[MODEL]["reshapes"] == 1
+    assert _counts(indexes) == {"rebuilds": 1, "loads": 0}
+    indexes.close()
+    assert HashIndex.load(indexes.index_path(MODEL)).kind == "ivf"
+
+
 # ----------------------------------------------------------------------------- GET /_mgmt/indexes
 
 
@@ -421,6 +448,7 @@ def test_mgmt_indexes(deployment: Deployment) -> None:
             "rebuilds": 1,
             "loads": 0,
             "followed_changes": 0,
+            "reshapes": 0,
         }
         deployment().upsert_items([_item(i) for i in range(20, 25)])  # another process
 

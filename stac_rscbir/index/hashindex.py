@@ -15,7 +15,8 @@ Which FAISS index
     configurable. ``kind="hnsw"`` (``IndexBinaryHNSW``) is available but ~20x slower than IVF at
     the same recall and cannot remove vectors (removals become tombstones, filtered out).
     The index never switches kind by itself as it grows: :attr:`HashIndex.preferred_kind`
-    says when a rebuild would pick another one.
+    says when a rebuild would pick another one, and :meth:`HashIndex.reshaped` builds that
+    from the index's own codes (the live indexes' follower thread swaps it in).
     Besides the FAISS index, the codes are kept as a numpy array by id (``bits / 8`` bytes per
     item, 160 MB for 10^7 x 128 bit) for ``gather`` and exact scans of approximate indexes.
 
@@ -1058,6 +1059,32 @@ class HashIndex:
             index.nprobe = self.nprobe  # read_index_binary returns the concrete class
         self._index = index
         return self
+
+    @_reads
+    def reshaped(self) -> HashIndex:
+        """A compact copy of the live codes (and descriptors), built the way a rebuild would
+        build it now (:attr:`preferred_kind`: a flat index grown past ``flat_max`` becomes
+        IVF, trained on its own codes), at the same generation. The store is not read: this
+        is how an index that only ever follows the change log changes kind as it grows."""
+        rows = np.flatnonzero(self._alive[: self._next_id])
+        keys = [self._keys[i] for i in rows]
+        desc = None
+        if self._desc is not None:
+            desc = [None if np.isnan(d[0]) else d for d in self._desc[rows]]
+        copy = HashIndex(
+            self.model,
+            self.bits,
+            version=self.version,
+            kind=self.requested_kind,
+            flat_max=self.flat_max,
+            nlist=self.nlist_option,
+            nprobe=self.nprobe,
+            train_size=self.train_size,
+            hnsw_m=self.hnsw_m,
+            ef_search=self.ef_search,
+            costs=self.costs,
+        )
+        return copy.build_arrays(keys, self._codes[rows], self.generation, desc)  # type: ignore[arg-type]
 
     @_writes
     def set_nprobe(self, nprobe: int) -> None:

@@ -51,6 +51,8 @@ from stac_rscbir.store.models import served_model
 
 log = logging.getLogger(__name__)
 
+# what stats() counts per model since the process started
+COUNTS = ("rebuilds", "loads", "followed_changes", "reshapes")
 FOLLOW_CHUNK = 2000  # items read from the store and applied at a time when following the log
 
 
@@ -98,15 +100,14 @@ class LiveIndexes:
 
     def _count(self, model: str, what: str, n: int = 1) -> None:
         with self._lock:
-            counts = self._counts.setdefault(
-                model, {"rebuilds": 0, "loads": 0, "followed_changes": 0}
-            )
+            counts = self._counts.setdefault(model, dict.fromkeys(COUNTS, 0))
             counts[what] += n
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Per loaded model: the generation and number of codes of its index, and since the
         process started: ``rebuilds`` (full builds from the store's codes), ``loads`` (saved
-        copies loaded and caught up) and ``followed_changes`` (keys applied from the change
+        copies loaded and caught up), ``reshapes`` (kind changed as it grew, from its own codes:
+        :meth:`reshape`) and ``followed_changes`` (keys applied from the change
         log: items written, and items of deleted collections taken out)."""
         with self._lock:
             loaded = dict(self._indexes)
@@ -115,7 +116,7 @@ class LiveIndexes:
             model: {
                 "generation": idx.generation,
                 "count": idx.count,
-                **counts.get(model, {"rebuilds": 0, "loads": 0, "followed_changes": 0}),
+                **counts.get(model, dict.fromkeys(COUNTS, 0)),
             }
             for model, idx in sorted(loaded.items())
         }
@@ -338,6 +339,31 @@ class LiveIndexes:
                 log.exception("hash index of %s: could not open it", model)
         while not self._follower_stop.wait(self.follow_interval):
             self.follow()
+            for model in list(self._indexes):
+                try:
+                    self.reshape(model)
+                except Exception:
+                    log.exception("hash index of %s: could not change its kind", model)
+
+    def reshape(self, model: str) -> bool:
+        """Swap the model's loaded index for :meth:`HashIndex.reshaped` when its size now calls
+        for another kind (a flat index followed past ``flat_max`` becomes IVF): built from the
+        index's own codes, not the store, outside every lock, then caught up with the change
+        log and swapped in under the model's follow lock. True when swapped (``reshapes`` in
+        :meth:`stats`); not a rebuild."""
+        idx = self._indexes.get(model)
+        if idx is None or idx.preferred_kind == idx.kind:
+            return False
+        copy = idx.reshaped()
+        with self._model_lock(self._follow_locks, model):
+            if self._indexes.get(model) is not idx or self._apply_log(copy) is None:
+                return False  # dropped or replaced meanwhile; or it must be rebuilt anyway
+            with self._lock:
+                self._indexes[model] = copy
+        log.info("hash index of %s: %s -> %s at %d codes", model, idx.kind, copy.kind, copy.count)
+        self._count(model, "reshapes")
+        self._schedule_save(model)
+        return True
 
     def _follow_safely(self, model: str) -> HashIndex | None:
         """Bring the model's loaded index up to the store by the change log (:meth:`_apply_log`),
