@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from stac_rscbir.extension.cbir import code_of
+from stac_rscbir.extension.cbir import CODES_PROP, code_of
 from stac_rscbir.index.hashindex import HashIndex, IndexLoadError, open_or_rebuild
 from stac_rscbir.store.base import COLLECTION_DELETED, COLLECTION_WRITTEN, ItemStore
 from stac_rscbir.store.models import served_model
@@ -391,9 +391,10 @@ class LiveIndexes:
 
     def _apply_log(self, idx: HashIndex) -> int | None:
         """Apply to ``idx`` what the store's change log says was written since its generation:
-        the items written are read again (:data:`FOLLOW_CHUNK` at a time) and their codes put
-        in or taken out, a deleted collection's keys taken out; the index is then at the
-        log's generation. Returns the number of keys applied (added to ``followed_changes``),
+        the codes of the items written are read again (their ``cbir:codes`` only,
+        :meth:`~stac_rscbir.store.base.ItemStore.item_codes`, :data:`FOLLOW_CHUNK` items at a
+        time) and put in or taken out, a deleted collection's keys taken out; the index is then
+        at the log's generation. Returns the number of keys applied (added to ``followed_changes``),
         None when it cannot follow: the log does not reach back to the index's generation, or
         the model's declaration no longer names the version and bits the index serves."""
         found = self.store.changes_since(idx.generation)
@@ -409,9 +410,16 @@ class LiveIndexes:
         items = [k for k in keys if k[1] not in (COLLECTION_WRITTEN, COLLECTION_DELETED)]
         for start in range(0, len(items), FOLLOW_CHUNK):
             chunk = items[start : start + FOLLOW_CHUNK]
-            stored = {(i["collection"], i["id"]): i for i in self.store.get_items(chunk)}
+            stored = self.store.item_codes(chunk)
             idx.apply(
-                {key: self._entry(idx, key, stored.get(key)) for key in chunk},
+                {
+                    key: self._entry(
+                        idx,
+                        key,
+                        {"properties": {CODES_PROP: stored[key]}} if key in stored else None,
+                    )
+                    for key in chunk
+                },
                 generation=idx.generation,  # the log's generation once every chunk is in
             )
         idx.advance(generation)

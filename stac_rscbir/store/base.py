@@ -110,6 +110,9 @@ class ItemStore(Protocol):
         self, query: SearchQuery, keys: Sequence[ItemKey] | None = None
     ) -> list[ItemKey]: ...  # keys matching the query's filters (all matches when keys is None)
     def get_items(self, keys: Sequence[ItemKey]) -> list[dict[str, Any]]: ...  # in keys order
+    def item_codes(
+        self, keys: Sequence[ItemKey]
+    ) -> dict[ItemKey, Any]: ...  # the raw cbir:codes of each of keys' items that exists
     def iter_items(
         self, collection_id: str, batch_size: int = 1000
     ) -> Iterator[list[dict[str, Any]]]: ...  # a collection's items in batches, by id (bulk export)

@@ -492,6 +492,20 @@ class PgstacStore:
             ).fetchall()
         return [_null_datetime(r[0]) for r in rows]
 
+    def item_codes(self, keys: Sequence[ItemKey]) -> dict[ItemKey, Any]:
+        """The raw ``cbir:codes`` property (None when absent) of each item of ``keys`` that
+        exists: what following the change log needs, without hydrating whole items."""
+        if not keys:
+            return {}
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT i.collection, i.id, i.content->'properties'->'cbir:codes' "
+                "FROM unnest(%s::text[], %s::text[]) AS k(collection, id) "
+                "JOIN pgstac.items i ON i.collection = k.collection AND i.id = k.id",
+                _keys_params(keys),
+            ).fetchall()
+        return {(c, i): raw for c, i, raw in rows}
+
     def iter_items(
         self, collection_id: str, batch_size: int = 1000
     ) -> Iterator[list[dict[str, Any]]]:
