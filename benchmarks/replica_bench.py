@@ -1,0 +1,406 @@
+"""Replicas over one catalog (issue 18): how stale each replica's similarity search is after a
+write acknowledged by another, at 10^4-10^5 items, with a ``pypgstac load`` mid-run.
+
+Per configuration (2 and 4 ``stac-rscbir serve`` processes over one pgstac database, each with
+an index folder of its own, as on separate hosts; 2 over one SQLite file sharing one index
+folder, as on one host), started by tests/replicas.py over ``--items`` preloaded items of
+benchmarks/service_bench.py (pgstac: loaded once, each configuration on a copy of that
+database):
+
+1. every replica's first similarity search (loads or builds its index), then
+   ``GET /_mgmt/indexes`` (rebuilds so far);
+2. ``--writes`` writes through the API, one at a time, round-robin over the replicas: POST of a
+   new item with a random 64-bit code (50 %), PUT of an existing item with a new code (30 %),
+   DELETE (20 %). After each acknowledgement every replica is polled back to back (a thread
+   each) until a search by the code shows the write (the item first at distance 0; after a PUT
+   also no longer at its old code; after a DELETE gone): the **staleness** of a replica is the
+   time from the acknowledgement to the answer that shows it (its resolution is one search);
+3. halfway, on a thread of its own while the writes go on, ``--load`` items of a new collection
+   are written behind every replica's back (``pypgstac load`` of a new partition; on SQLite a
+   second store object in this process): the time from the load's end until sampled loaded
+   items are visible on each replica;
+4. at the end: rebuilds since step 1 (target 0), and each replica's top ``--k`` for a few query
+   codes against the brute-force Hamming ranking over the store's codes (tie-aware).
+
+Target: staleness <= 1 s. Client, servers (and PostgreSQL) share the machine's cores; the load
+average before and after each configuration is recorded. Writes
+benchmarks/results/replicas/replica_bench.json and .png, and prints a markdown table.
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 .venv/bin/python benchmarks/replica_bench.py
+    PYTHONPATH=. .venv/bin/python benchmarks/replica_bench.py --items 10000 --writes 60  # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from service_bench import COLLECTION, MODEL, bench_item, items  # noqa: E402
+
+from stac_rscbir.extension.cbir import HashCode  # noqa: E402
+from stac_rscbir.store.base import ItemKey  # noqa: E402
+from tests.replicas import (  # noqa: E402
+    Catalog,
+    Replicas,
+    brute_force,
+    first_code,
+    random_codes,
+    ranking_mismatch,
+)
+
+OUT = ROOT / "benchmarks" / "results" / "replicas"
+CONFIGS = [("pgstac", 2, False), ("pgstac", 4, False), ("sqlite", 2, True)]
+KINDS = {"post": 0.5, "put": 0.3, "delete": 0.2}
+DEADLINE_S = 60.0  # a replica not showing a write by then counts as never (inf)
+LOADED_SAMPLES = 5  # loaded items polled on every replica after the load
+
+
+def new_item(item_id: str, collection: str, code: HashCode, rng: np.random.Generator) -> dict:
+    """A benchmark item with ``code`` at a random place of the grid."""
+    x, y = 10 + rng.random() * 2.99, 45 + rng.random() * 2.99
+    bits = np.unpackbits(code.packed())[:64]
+    item = bench_item(item_id, x, y, 0.01, "2024-01-01T00:00:00Z", bits)
+    item["collection"] = collection
+    return item
+
+
+def preload_pgstac(dsn: str, n: int) -> float:
+    """The preloaded items into ``dsn`` (batches of 10^4); seconds it took."""
+    from stac_rscbir.store.pgstac import PgstacStore
+
+    start = time.perf_counter()
+    with PgstacStore(dsn) as store:
+        store.create_collection(COLLECTION)
+        data = items(n)
+        for i in range(0, n, 10_000):
+            store.upsert_items(data[i : i + 10_000])
+    return time.perf_counter() - start
+
+
+def preload_sqlite(path: Path, n: int) -> float:
+    from stac_rscbir.store.sqlite import SQLiteStore
+
+    start = time.perf_counter()
+    with SQLiteStore(path) as store:
+        store.create_collection(COLLECTION)
+        store.upsert_items(items(n))
+    return time.perf_counter() - start
+
+
+def copy_database(cluster_dsn: str, template: str, name: str) -> str:
+    """A copy of the database ``template`` of the cluster as ``name``; its DSN."""
+    import psycopg
+
+    with psycopg.connect(cluster_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template} STRATEGY FILE_COPY")
+    return f"{cluster_dsn.rsplit('/', 1)[0]}/{name}"
+
+
+def others(records: list[dict[str, Any]], only: str | None = None) -> list[float]:
+    """The staleness on the replicas other than the writer, of the writes of kind ``only``
+    (or made while the load ran: ``"during_load"``; or all)."""
+    keep = [r for r in records if only is None or r["kind"] == only or r.get(only) is True]
+    return [s for r in keep for i, s in enumerate(r["s"]) if i != r["writer"]]
+
+
+def summary(seconds: list[float]) -> dict[str, Any]:
+    """n, p50 / p95 / max ms, share within 1 s, count never seen (inf)."""
+    finite = np.asarray([s for s in seconds if math.isfinite(s)]) * 1000
+    out: dict[str, Any] = {"n": len(seconds), "never": len(seconds) - len(finite)}
+    if len(finite):
+        out.update(
+            p50_ms=round(float(np.percentile(finite, 50)), 1),
+            p95_ms=round(float(np.percentile(finite, 95)), 1),
+            max_ms=round(float(finite.max()), 1),
+            within_1s=round(float(np.mean(np.asarray(seconds) <= 1.0)), 4),
+        )
+    return out
+
+
+class Run:
+    """One configuration's writes, load and checks over running ``replicas``."""
+
+    def __init__(self, replicas: Replicas, work: Path, args: argparse.Namespace) -> None:
+        self.replicas = replicas
+        self.work = work
+        self.args = args
+        self.rng = np.random.default_rng(args.seed)
+        self.live: dict[ItemKey, HashCode] = {}  # items written by the run: their codes
+        self.records: list[dict[str, Any]] = []
+        self.load_report: dict[str, Any] = {}
+        self.loading = threading.Event()
+
+    def staleness(self, check: Any) -> list[float]:
+        return self.replicas.wait_all(check, DEADLINE_S)
+
+    def one_write(self, n: int) -> None:
+        r, rng = self.replicas, self.rng
+        kind = rng.choice(list(KINDS), p=list(KINDS.values()))
+        if kind != "post" and not self.live:
+            kind = "post"
+        writer = r.next_writer()
+        code = random_codes(MODEL, rng, 1)[0]
+        during_load = self.loading.is_set()
+        if kind == "post":
+            item = new_item(f"w{n:06d}", "bench", code, rng)
+            r.post_item(writer, item)
+            key = ("bench", item["id"])
+            self.live[key] = code
+            took = self.staleness(lambda i: r.shows(i, MODEL, code, key))
+        elif kind == "put":
+            keys = sorted(self.live)
+            key = keys[int(rng.integers(len(keys)))]
+            old = self.live[key]
+            r.put_item(writer, new_item(key[1], key[0], code, rng))
+            self.live[key] = code
+            took = self.staleness(
+                lambda i: r.shows(i, MODEL, code, key) and r.hides(i, MODEL, old, key)
+            )
+        else:
+            keys = sorted(self.live)
+            key = keys[int(rng.integers(len(keys)))]
+            gone = self.live.pop(key)
+            r.delete_item(writer, key)
+            took = self.staleness(lambda i: r.hides(i, MODEL, gone, key))
+        self.records.append(
+            {"n": n, "kind": str(kind), "writer": writer, "during_load": during_load, "s": took}
+        )
+
+    def load_behind(self) -> None:
+        """The mid-run load of a new collection, then its visibility on every replica."""
+        cid = "bench-load"
+        rng = np.random.default_rng(self.args.seed + 1)
+        codes = random_codes(MODEL, rng, self.args.load)
+        loaded = [new_item(f"l{j:07d}", cid, c, rng) for j, c in enumerate(codes)]
+        collection = {**copy.deepcopy(COLLECTION), "id": cid}
+        self.loading.set()
+        t0 = time.perf_counter()
+        try:
+            self.replicas.catalog.write_behind(collection, loaded, self.work)
+        finally:
+            self.loading.clear()
+        load_s = time.perf_counter() - t0
+        picks = np.linspace(0, len(loaded) - 1, LOADED_SAMPLES).astype(int)
+        samples = [loaded[int(j)] for j in picks]
+        r = self.replicas
+
+        def all_visible(i: int) -> bool:
+            return all(r.shows(i, MODEL, first_code(s), (cid, s["id"])) for s in samples)
+
+        took = r.wait_all(all_visible, DEADLINE_S)
+        self.load_report = {
+            "items": len(loaded),
+            "how": "pypgstac load" if r.catalog.kind == "pgstac" else "second SQLite store object",
+            "load_s": round(load_s, 2),
+            "visible_after_load_s": [round(t, 3) for t in took],
+        }
+
+    def go(self) -> None:
+        loader = None
+        for n in range(self.args.writes):
+            if n == self.args.writes // 2 and self.args.load:
+                loader = threading.Thread(target=self.load_behind)
+                loader.start()
+            self.one_write(n)
+            if n % 50 == 0:
+                print(
+                    f"  write {n}: {self.records[-1]['kind']} {self.records[-1]['s']}", flush=True
+                )
+        if loader is not None:
+            loader.join()
+
+    def rankings(self) -> dict[str, Any]:
+        """Top-k of a few queries on every replica against the brute-force ranking."""
+        codes = self.replicas.catalog.codes(MODEL)
+        queries = random_codes(MODEL, self.rng, 2) + list(self.live.values())[:2]
+        bad = []
+        for q, query in enumerate(queries):
+            truth = brute_force(codes, query)
+            for i in range(len(self.replicas)):
+                got = self.replicas.ranked(i, MODEL, query, self.args.k)
+                why = ranking_mismatch(got, truth) if len(got) == self.args.k else "short list"
+                if why:
+                    bad.append({"query": q, "replica": i, "why": why})
+        return {"queries": len(queries), "k": self.args.k, "codes": len(codes), "mismatches": bad}
+
+
+def run_config(
+    kind: str, n: int, shared: bool, target: str, work: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    """One configuration over the store ``target``."""
+    load_before = os.getloadavg()
+    catalog = Catalog(kind, target)
+    probe = first_code(items(1)[0])  # the first preloaded item's code
+    with Replicas(catalog, n, work, shared_index=shared, timeout=300) as replicas:
+        first = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            top = replicas.top(i, MODEL, probe, 1)
+            first.append(round(time.perf_counter() - t0, 2))
+            assert top and top[0][0] == 0, top
+        before = replicas.rebuilds(MODEL)
+        run = Run(replicas, work, args)
+        t0 = time.perf_counter()
+        run.go()
+        elapsed = time.perf_counter() - t0
+        indexes = [replicas.indexes(i) for i in range(n)]
+        after = [int(x["models"][MODEL]["rebuilds"]) for x in indexes]
+        ranking = run.rankings()
+    records = run.records
+    own = [r["s"][r["writer"]] for r in records]
+    return {
+        "config": f"{kind}, {n} replicas",
+        "store": kind,
+        "replicas": n,
+        "index_folders": "one shared" if shared else "one per replica",
+        "first_search_s": first,
+        "writes": len(records),
+        "elapsed_s": round(elapsed, 1),
+        "staleness_other_replicas": summary(others(records)),
+        "staleness_by_kind": {k: summary(others(records, k)) for k in KINDS},
+        "staleness_during_load": summary(others(records, "during_load")),
+        "read_your_writes_writer": summary(own),
+        "load": run.load_report,
+        "rebuilds_before": before,
+        "rebuilds_after": after,
+        "rebuilds_after_start": [a - b for a, b in zip(after, before, strict=True)],
+        "indexes_at_end": indexes,
+        "ranking": ranking,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "samples_s": [  # per write: kind, writer, seconds per replica (None: never)
+            [r["kind"], r["writer"], [round(s, 4) if math.isfinite(s) else None for s in r["s"]]]
+            for r in records
+        ],
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"{report['items']:,} items preloaded, {report['writes']} writes per configuration, "
+        f"{report['load_items']:,} items loaded mid-run; {report['machine']}",
+        "",
+        "| configuration | index folders | staleness p50 / p95 / max ms | <= 1 s | never "
+        "| during the load p95 / max ms | load (s) then visible after (s, max) "
+        "| rebuilds after start | ranking |",
+        "|---|---|---|---:|---:|---|---|---|---|",
+    ]
+    for c in report["configs"]:
+        s, d, ld = c["staleness_other_replicas"], c["staleness_during_load"], c["load"]
+        vis = max(ld.get("visible_after_load_s") or [math.nan])
+        rank = (
+            "equal" if not c["ranking"]["mismatches"] else f"{len(c['ranking']['mismatches'])} bad"
+        )
+        lines.append(
+            f"| {c['config']} | {c['index_folders']} | {s.get('p50_ms')} / {s.get('p95_ms')} / "
+            f"{s.get('max_ms')} | {s.get('within_1s', 0):.1%} | {s['never']} | "
+            f"{d.get('p95_ms')} / {d.get('max_ms')} | {ld.get('load_s')} then {vis:.2f} "
+            f"| {c['rebuilds_after_start']} | {rank} (top {c['ranking']['k']}) |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Empirical CDF of the staleness on the other replicas, one line per configuration."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for c in report["configs"]:
+        stale = sorted(
+            s * 1000
+            for _, writer, per in c["samples_s"]
+            for i, s in enumerate(per)
+            if i != writer and s is not None
+        )
+        if stale:
+            ax.step(
+                stale, np.arange(1, len(stale) + 1) / len(stale), where="post", label=c["config"]
+            )
+    ax.axvline(1000, color="black", ls="--", lw=1, label="target 1 s")
+    ax.set_xscale("log")
+    ax.set_xlabel("ms from a write's acknowledgement to its visibility on another replica")
+    ax.set_ylabel("share of (write, replica) pairs")
+    ax.set_title(f"replica staleness, {report['items']:,} items preloaded", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=50_000, help="items preloaded")
+    parser.add_argument("--writes", type=int, default=300, help="writes per configuration")
+    parser.add_argument("--load", type=int, default=10_000, help="items loaded mid-run")
+    parser.add_argument("--k", type=int, default=100, help="ranking checked to this depth")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--configs", default="pgstac-2,pgstac-4,sqlite-2", help="comma-separated store-replicas"
+    )
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    wanted = set(args.configs.split(","))
+    configs = [c for c in CONFIGS if f"{c[0]}-{c[1]}" in wanted]
+    work = Path(tempfile.mkdtemp(prefix="rscbir-replicas-"))
+    report: dict[str, Any] = {
+        "items": args.items,
+        "writes": args.writes,
+        "load_items": args.load,
+        "write_mix": KINDS,
+        "machine": f"{platform.node()}, {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.2f} at the start; client, servers and PostgreSQL share them",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join([".venv/bin/python", *sys.argv]),
+        "configs": [],
+    }
+    cluster = None
+    try:
+        if any(kind == "pgstac" for kind, _, _ in configs):
+            from tests.pgcluster import start_cluster
+
+            cluster = start_cluster()
+            report["preload_pgstac_s"] = round(preload_pgstac(cluster.dsn, args.items), 1)
+            print(f"pgstac preloaded in {report['preload_pgstac_s']} s", flush=True)
+        for j, (kind, n, shared) in enumerate(configs):
+            here = work / f"{kind}-{n}"
+            here.mkdir()
+            if kind == "pgstac":
+                assert cluster is not None
+                target = copy_database(cluster.dsn, "pgstac", f"replicas_{j}")
+            else:
+                target = str(here / "stac.db")
+                report["preload_sqlite_s"] = round(preload_sqlite(Path(target), args.items), 1)
+            print(f"{kind}, {n} replicas", flush=True)
+            report["configs"].append(run_config(kind, n, shared, target, here, args))
+            print(markdown({**report, "configs": report["configs"][-1:]}), flush=True)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    report["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "replica_bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / "replica_bench.png")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
