@@ -103,7 +103,7 @@ def _follow_and_rebuild(
     store: ItemStore, index_dir: Path, name: str, versions: list[str], writes: Writes
 ) -> dict[tuple[str, str], HashCode]:
     """Declare model ``name`` in collection ``name`` in ``versions``, make ``writes`` (one
-    transaction each) with an index following them through the hook, rebuild another from the
+    transaction each) with an index following them through the hook (the change log), rebuild another from the
     store; assert both hold the code the rule picks of each item (spelled out here: the last
     listed entry of the model, at the served version, that decodes, if 64 bits long), and that
     ``get_code`` agrees. The indexed codes."""
@@ -120,20 +120,19 @@ def _follow_and_rebuild(
         followed = indexes.index(name)  # built now, then kept in step by the hook alone
         live: dict[str, dict[str, Any]] = {}
         for item_id, codes in writes:
-            with indexes.writing():
-                if codes is None:
-                    if item_id not in live:
-                        continue
-                    store.delete_item(name, item_id)
-                    del live[item_id]
-                    indexes.on_item(name, None, item_id)
+            if codes is None:
+                if item_id not in live:
                     continue
-                item = _item(int(item_id.rsplit("-", 1)[1]), collection=name)
-                item["id"] = item_id
-                item["properties"]["cbir:codes"] = codes
-                _write(store, kind, item)
-                live[item_id] = item
-                indexes.on_item(name, item, item_id)
+                store.delete_item(name, item_id)
+                del live[item_id]
+                indexes.on_item(name, None, item_id)
+                continue
+            item = _item(int(item_id.rsplit("-", 1)[1]), collection=name)
+            item["id"] = item_id
+            item["properties"]["cbir:codes"] = codes
+            _write(store, kind, item)
+            live[item_id] = item
+            indexes.on_item(name, item, item_id)
         assert indexes.index(name) is followed, "a hook failed: the index was rebuilt"
     finally:
         indexes.close()

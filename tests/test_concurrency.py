@@ -34,11 +34,6 @@ def test_sqlite_readers_and_one_writer_through_the_index(tmp_path: Path) -> None
     store.create_collection(_collection())
     store.upsert_items([_item(i) for i in range(n0)])
     service = SimilarityClient(store, tmp_path / "index")
-    # A search that finds the store ahead of the index waits up to catch_up_wait for the write's
-    # hook before rebuilding. Here every commit is followed by its hook, so with a deadline no
-    # scheduling delay reaches, a correct service never rebuilds (the default 0.25 s can be
-    # outlasted by a descheduled writer on a loaded machine: a rebuild there is no bug).
-    service.indexes.catch_up_wait = 120.0
     query_bits = _bits(2)
     code = base64.b64encode(np.packbits(query_bits).tobytes()).decode()
     sim = SimilarityQuery(model=MODEL, code=code, k=k)
@@ -224,10 +219,6 @@ def test_concurrent_api_writes_are_followed_by_the_index_without_rebuilds(
     errors: list[BaseException] = []
     stop = threading.Event()
     api = create_api(store, tmp_path / "index", {})
-    # a search that finds a write committed but its hook not yet run waits this long for the
-    # hook before rebuilding: generous, so that a rebuild means a hook that never came, not a
-    # descheduled writer thread
-    api.client.similarity.indexes.catch_up_wait = 120.0
     with BackgroundServer(api.app) as server:
         url = server.url
         assert httpx.post(f"{url}/search", json=search).status_code == 200

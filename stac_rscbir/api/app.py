@@ -42,6 +42,7 @@ from stac_rscbir import __version__
 from stac_rscbir.api.assets import AssetsExtension, Hrefs
 from stac_rscbir.api.core import StoreCoreClient, StoreTransactionsClient
 from stac_rscbir.api.errors import error_response, install_error_handlers
+from stac_rscbir.api.mgmt import install_mgmt
 from stac_rscbir.api.openapi import install_openapi
 from stac_rscbir.api.queryables import StoreFiltersClient
 from stac_rscbir.api.similarity import (
@@ -228,9 +229,7 @@ def create_api(
 
         ingestor = Ingestor.from_checkpoint(Path(encode_with), IngestOptions(progress=False))
         similarity.model_dirs.setdefault(ingestor.model_id, Path(encode_with))
-        encode_queue = EncodeQueue(
-            ingestor, store, after_write=[indexes.on_item], write_scope=indexes.writing
-        )
+        encode_queue = EncodeQueue(ingestor, store, after_write=[indexes.on_item])
         hooks.append(encode_queue.submit)
     extension = SimilarityExtension()
     hrefs = Hrefs(asset_roots)
@@ -246,9 +245,7 @@ def create_api(
         guard = [Depends(write_guard(write_token))] if write_token is not None else None
         write_extensions.append(
             TransactionExtension(
-                client=StoreTransactionsClient(
-                    store=store, on_item=hooks, write_scope=indexes.writing, hrefs=hrefs
-                ),
+                client=StoreTransactionsClient(store=store, on_item=hooks, hrefs=hrefs),
                 settings=settings,
                 route_dependencies=guard,
             )
@@ -303,12 +300,13 @@ def create_api(
     install_error_handlers(api.app)
     install_openapi(api.app, write_protected=api.app.state.write_protected)
     mount_viewer(api.app, viewer_basemap)
+    install_mgmt(api.app, lambda: indexes)
     return api
 
 
 def indexes_lifespan(indexes: LiveIndexes) -> Callable[[FastAPI], Any]:
-    """The app's lifespan: the indexes take background saves while it serves, and shutting
-    down saves their pending writes."""
+    """The app's lifespan: while it serves, the indexes follow the store's change log in the
+    background and take background saves; shutting down stops that and saves what is pending."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

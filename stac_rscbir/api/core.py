@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 from urllib.parse import urlencode
 
@@ -388,18 +387,12 @@ def _flat(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
 
 @attr.s
 class StoreTransactionsClient(BaseTransactionsClient):
-    """Transactions through the store; ``on_item`` hooks run after each committed write.
-
-    Each write and its hooks run inside ``write_scope()`` (e.g. the similarity service's
-    :meth:`~stac_rscbir.index.live.LiveIndexes.writing`), so the hooks of one write
-    see the store as that write left it.
-    """
+    """Transactions through the store; ``on_item`` hooks run after each committed write,
+    before it is acknowledged (the live indexes follow the store's change log there, so a
+    search after the answer sees the write)."""
 
     store: ItemStore = attr.ib(kw_only=True)
     on_item: list[ItemHook] = attr.ib(factory=list, kw_only=True)
-    write_scope: Callable[[], AbstractContextManager[Any]] = attr.ib(
-        default=nullcontext, kw_only=True
-    )
     hrefs: Hrefs = attr.ib(factory=Hrefs, kw_only=True)  # the serving rule, undone on writes
 
     def _notify(self, collection_id: str, item: dict[str, Any] | None, item_id: str) -> None:
@@ -434,13 +427,12 @@ class StoreTransactionsClient(BaseTransactionsClient):
     @store_errors
     def create_item(self, collection_id: str, item: Any, **kwargs: Any) -> dict | None:
         items = self._items(collection_id, item, kwargs.get("request"))
-        with self.write_scope():
-            if len(items) == 1:
-                self.store.create_item(items[0])
-            else:
-                self.store.upsert_items(items)
-            for i in items:
-                self._notify(collection_id, i, i["id"])
+        if len(items) == 1:
+            self.store.create_item(items[0])
+        else:
+            self.store.upsert_items(items)
+        for i in items:
+            self._notify(collection_id, i, i["id"])
         return items[0] if len(items) == 1 else None
 
     @store_errors
@@ -448,9 +440,8 @@ class StoreTransactionsClient(BaseTransactionsClient):
         (data,) = self._items(collection_id, item, kwargs.get("request"))
         if data.get("id", item_id) != item_id:
             raise HTTPException(400, f"item id {data['id']!r} differs from the path's {item_id!r}")
-        with self.write_scope():
-            self.store.update_item(data)
-            self._notify(collection_id, data, item_id)
+        self.store.update_item(data)
+        self._notify(collection_id, data, item_id)
         return data
 
     def patch_item(self, collection_id: str, item_id: str, patch: Any, **kwargs: Any) -> Any:
@@ -458,16 +449,14 @@ class StoreTransactionsClient(BaseTransactionsClient):
 
     @store_errors
     def delete_item(self, item_id: str, collection_id: str, **kwargs: Any) -> None:
-        with self.write_scope():
-            self.store.delete_item(collection_id, item_id)
-            self._notify(collection_id, None, item_id)
+        self.store.delete_item(collection_id, item_id)
+        self._notify(collection_id, None, item_id)
 
     @store_errors
     def create_collection(self, collection: Any, **kwargs: Any) -> dict:
         data = _body(collection, "a STAC Collection")
-        with self.write_scope():
-            self.store.create_collection(data)
-            self._notify(data["id"], None, "")
+        self.store.create_collection(data)
+        self._notify(data["id"], None, "")
         return data
 
     @store_errors
@@ -475,9 +464,8 @@ class StoreTransactionsClient(BaseTransactionsClient):
         data = _body(collection, "a STAC Collection")
         if data.get("id") != collection_id:
             raise HTTPException(400, f"collection id {data.get('id')!r} differs from the path's")
-        with self.write_scope():
-            self.store.update_collection(data)
-            self._notify(collection_id, None, "")
+        self.store.update_collection(data)
+        self._notify(collection_id, None, "")
         return data
 
     def patch_collection(self, collection_id: str, patch: Any, **kwargs: Any) -> Any:
@@ -485,6 +473,5 @@ class StoreTransactionsClient(BaseTransactionsClient):
 
     @store_errors
     def delete_collection(self, collection_id: str, **kwargs: Any) -> None:
-        with self.write_scope():
-            self.store.delete_collection(collection_id)
-            self._notify(collection_id, None, "*")
+        self.store.delete_collection(collection_id)
+        self._notify(collection_id, None, "*")

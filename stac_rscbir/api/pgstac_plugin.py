@@ -14,14 +14,15 @@ pools, middlewares and extensions are left as they are. The plugin adds
 - :class:`~stac_rscbir.api.similarity.SimilarityExtension` among the search extensions (its
   conformance class, the ``similarity`` request fields, the /similar route);
 - a lifespan doing what stac-fastapi-pgstac's does (its connection pools) plus opening the
-  similarity indexes over a :class:`~stac_rscbir.store.pgstac.PgstacStore` on the same database,
-  and saving their pending writes on shutdown.
+  similarity indexes over a :class:`~stac_rscbir.store.pgstac.PgstacStore` on the same database
+  (with their follower thread), and saving their pending writes on shutdown;
+- ``GET /_mgmt/indexes`` (:mod:`stac_rscbir.api.mgmt`).
 
 Index upkeep: writes through stac-fastapi-pgstac's Transactions (or ``pypgstac load``, or SQL)
 fire the store's generation triggers (installed by ``PgstacStore`` on first use), which log the
-items each write touched; a search that finds the store ahead of its index applies those items
-to it (:class:`~stac_rscbir.index.live.LiveIndexes`, rebuilding only when the log does not reach
-back).
+items each write touched; the follower thread, and a search that finds the store ahead of its
+index, apply those items to it (:class:`~stac_rscbir.index.live.LiveIndexes`, rebuilding only
+when the log does not reach back).
 
 Run it with stac-fastapi-pgstac's environment (PGHOST, PGUSER, PGPASSWORD, PGDATABASE, PGPORT,
 ENABLED_EXTENSIONS, ENABLE_TRANSACTIONS_EXTENSIONS...) plus RSCBIR_INDEX_DIR, RSCBIR_MODELS
@@ -59,6 +60,7 @@ from stac_pydantic.shared import MimeTypes
 from starlette.concurrency import run_in_threadpool
 
 from stac_rscbir.api.core import store_errors
+from stac_rscbir.api.mgmt import install_mgmt
 from stac_rscbir.api.similarity import (
     MAX_IMAGE_BYTES,
     MAX_IMAGE_PIXELS,
@@ -71,6 +73,7 @@ from stac_rscbir.api.similarity import (
     annotate,
     similarity_from_get,
 )
+from stac_rscbir.index.live import LiveIndexes
 from stac_rscbir.store.base import ItemKey
 
 if TYPE_CHECKING:
@@ -312,7 +315,14 @@ def instantiate_similarity_api(
         settings=settings,
     )
     similarity.client = api.client
+    install_mgmt(api.app, lambda: _indexes_of(api))
     return api
+
+
+def _indexes_of(api: StacApi | None) -> LiveIndexes | None:
+    """The live indexes of the plugin app (None before its lifespan started them)."""
+    service = getattr(api.client, "similarity", None) if api is not None else None
+    return None if service is None else service.indexes
 
 
 def _similarity_client(

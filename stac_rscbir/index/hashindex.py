@@ -15,7 +15,7 @@ Which FAISS index
     configurable. ``kind="hnsw"`` (``IndexBinaryHNSW``) is available but ~20x slower than IVF at
     the same recall and cannot remove vectors (removals become tombstones, filtered out).
     The index never switches kind by itself as it grows: :attr:`HashIndex.preferred_kind`
-    says when a rebuild would pick another one (``open_or_rebuild`` after the next write).
+    says when a rebuild would pick another one.
     Besides the FAISS index, the codes are kept as a numpy array by id (``bits / 8`` bytes per
     item, 160 MB for 10^7 x 128 bit) for ``gather`` and exact scans of approximate indexes.
 
@@ -78,7 +78,7 @@ import math
 import os
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,8 +285,7 @@ def _writes(method: _F) -> _F:
 class HashIndex:
     """A Hamming index over the codes of one model, keyed by STAC item (collection, id).
 
-    ``generation`` is the store generation the content reflects; ``built_generation`` the one
-    of the last full build (or of the saved set it was loaded from): every write the store had
+    ``generation`` is the store generation the content reflects: every write the store had
     committed by then is in the index.
     """
 
@@ -323,7 +322,6 @@ class HashIndex:
         self.ef_search = ef_search
         self.costs = costs
         self.generation = -1
-        self.built_generation = -1
         self.last_exact = True
         self.last_strategy = "empty"
         self._index: Any = None
@@ -539,7 +537,7 @@ class HashIndex:
         self._index = self._new_faiss(kind, train, nlist)
         if n:
             self._index.add_with_ids(self._codes, np.arange(n, dtype=np.int64))
-        self.generation = self.built_generation = generation
+        self.generation = generation
         return self
 
     @_writes
@@ -617,6 +615,14 @@ class HashIndex:
             if entry is not None:
                 self.add(key, entry[0], entry[1])
         self.generation = generation
+
+    @_writes
+    def drop_collections(self, collections: Collection[str]) -> int:
+        """Take out every key of ``collections`` (deleted collections), in one batch; returns
+        how many there were. The generation is left as it is."""
+        gone = [key for key in self._ids if key[0] in collections]
+        self.apply(dict.fromkeys(gone), generation=self.generation)
+        return len(gone)
 
     @_writes
     def update(
@@ -1024,7 +1030,7 @@ class HashIndex:
         )
         self.kind = meta["kind"]
         self.nlist = meta["nlist"]
-        self.generation = self.built_generation = int(meta["generation"])
+        self.generation = int(meta["generation"])
         n = int(meta["next_id"])
         codes = np.load(path / CODES_FILE, allow_pickle=False)
         raw_keys = json.loads((path / KEYS_FILE).read_text(encoding="utf-8"))
@@ -1120,19 +1126,24 @@ def open_or_rebuild(
     model: str,
     version: str | None = None,
     bits: int | None = None,
+    *,
+    catch_up: Callable[[HashIndex], bool] | None = None,
     **options: Any,
 ) -> HashIndex:
-    """Load the index saved in ``directory`` if it is current, else rebuild it from the store.
+    """The index saved in ``directory`` brought up to the store, else one rebuilt from it.
 
-    Current means readable, consistent, of the same model/version/bit length (``bits`` None:
-    any), and saved at the store's present ``generation()``. Otherwise the codes of ``version``
-    (every version when None) are read again from ``store.iter_codes`` and the new index saved;
-    a corrupt or half-written set only costs a logged warning and the rebuild. ``options`` go
-    to :class:`HashIndex` on rebuild.
+    A saved index is used when it is readable, consistent, of the same model/version/bit length
+    (``bits`` None: any) and not ahead of the store's ``generation()``, and then either
+    ``catch_up(index)`` (given) brings it up to the store (it applies the writes since the
+    index's generation and returns False when it cannot, e.g. the store's change log no longer
+    reaches back), or (without ``catch_up``) it was saved at the store's present generation.
+    Otherwise the codes of ``version`` (every version when None) are read again from
+    ``store.iter_codes`` and the new index saved; a corrupt or half-written set only costs a
+    logged warning and the rebuild. ``options`` go to :class:`HashIndex` on rebuild.
     """
     path = Path(directory)
     generation = int(store.generation())  # read before the codes: a write during the rebuild
-    # leaves the index marked older than the store, hence stale at the next open
+    # leaves the index marked older than the store, hence caught up at its next use
     try:
         index = HashIndex.load(path)
     except IndexLoadError as err:
@@ -1141,13 +1152,11 @@ def open_or_rebuild(
         elif any(path.glob(f"{VERSION_PREFIX}*")):
             log.warning("hash index in %s has no current version (invalidated): rebuilding", path)
     else:
-        if (
-            index.model == model
-            and index.version == version
-            and bits in (None, index.bits)
-            and index.generation == generation
-        ):
-            return index
+        if index.model == model and index.version == version and bits in (None, index.bits):
+            if catch_up is not None and index.generation <= generation and catch_up(index):
+                return index
+            if catch_up is None and index.generation == generation:
+                return index
         log.info(
             "hash index in %s is stale (model %s/%s generation %s, store %s): rebuilding",
             path,

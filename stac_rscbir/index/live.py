@@ -1,23 +1,34 @@
-"""The live hash indexes of a store: one per model, opened or rebuilt from the store, kept in step
-with every write, saved in the background.
+"""The live hash indexes of a store: one per model, opened from their saved copies or rebuilt
+from the store, kept in step with every write by following the store's change log, saved in the
+background.
 
 The lifecycle, in explicit phases:
 
-* **open**: :meth:`LiveIndexes.index` loads the saved index when it names the store's present
-  generation, else rebuilds it from the store (one rebuild per model at a time, outside the
-  lock, so searches of current indexes and writes never wait for it);
-* **catch up**: with a store that logs what each generation wrote (pgstac:
-  ``rscbir.changes``), the index follows the log, whoever wrote (this process, another replica,
-  stac-fastapi-pgstac's Transactions, ``pypgstac load``): the items written since its generation
-  are read again and applied; it is rebuilt only when the log does not reach back far enough,
-  a collection was deleted, the model's declaration changed, or more than a twentieth of the items
-  changed. Without a log (SQLite), :meth:`LiveIndexes.on_item` (the transaction hook) applies
-  each committed write of this process, and a search that finds the store ahead (another
-  process wrote) waits a moment for a hook under way, then rebuilds;
-* **save**: writes schedule a coalesced background save (one per model at most every
-  ``save_delay`` seconds); :meth:`flush` saves what is pending, :meth:`close` stops the saver
-  and flushes (the app's shutdown). A lost save costs a rebuild at the next start: a saved copy
-  names its generation.
+* **open**: :meth:`LiveIndexes.index` loads the model's saved index and catches it up from the
+  store's change log (:meth:`~stac_rscbir.store.base.ItemStore.changes_since`: the items
+  written since the saved generation are read again and applied), or rebuilds it from every
+  code in the store when there is no usable saved copy (missing, corrupt, of another model
+  version or bit length) or the log no longer reaches back to it (the retention:
+  :data:`~stac_rscbir.store.base.CHANGES_KEPT` generations). One open per model at a time,
+  outside the service lock, so searches of other indexes and writes never wait for it;
+* **follow**: both stores log every write (triggers: writes of this process, of another
+  replica, of stac-fastapi-pgstac's Transactions, of ``pypgstac load``), and a loaded index
+  found behind the store reads the log and applies what changed, in chunks of
+  :data:`FOLLOW_CHUNK` items, whatever their number; a deleted collection drops its keys. It
+  happens on a search that finds the store ahead, in the transaction hook
+  (:meth:`LiveIndexes.on_item`, so a write acknowledged by this process is seen by its next
+  search), and on the follower thread every ``follow_interval`` seconds (started by
+  :meth:`LiveIndexes.open`, the app's startup), so an idle replica is caught up before a search
+  comes. An index is rebuilt, never followed, only when the log no longer reaches back to it,
+  when the collections' declaration of the model changes the version or bit length it serves,
+  or when applying the log failed;
+* **save**: a followed index schedules a coalesced background save (one per model at most every
+  ``save_delay`` seconds); :meth:`flush` saves what is pending, :meth:`close` stops the
+  threads and flushes (the app's shutdown). A lost save costs a longer catch-up at the next
+  start (a saved copy names its generation).
+
+:meth:`LiveIndexes.stats` counts, per model, the full rebuilds from the store, the loads of saved
+copies and the changes followed since the process started (``GET /_mgmt/indexes``).
 
 Which version and bit length a model's index serves is the model's declaration
 (:func:`~stac_rscbir.store.models.served_model`); codes of another version or length are left out.
@@ -27,8 +38,6 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,44 +45,46 @@ import numpy as np
 
 from stac_rscbir.extension.cbir import code_of
 from stac_rscbir.index.hashindex import HashIndex, open_or_rebuild
-from stac_rscbir.store.base import ItemStore
+from stac_rscbir.store.base import COLLECTION_DELETED, COLLECTION_WRITTEN, ItemStore
 from stac_rscbir.store.models import served_model
 
 log = logging.getLogger(__name__)
+
+FOLLOW_CHUNK = 2000  # items read from the store and applied at a time when following the log
 
 
 class LiveIndexes:
     """The hash indexes of ``store``'s models, saved under ``index_dir``."""
 
-    def __init__(self, store: ItemStore, index_dir: Path, *, save_delay: float = 1.0) -> None:
+    def __init__(
+        self,
+        store: ItemStore,
+        index_dir: Path,
+        *,
+        save_delay: float = 1.0,
+        follow_interval: float = 0.5,
+    ) -> None:
         self.store = store
         self.index_dir = Path(index_dir)
         self._indexes: dict[str, HashIndex] = {}
-        self._lock = threading.RLock()  # guards _indexes, _disk_stale, _saved and the locks
-        self._build_locks: dict[str, threading.Lock] = {}  # one (re)build per model at a time
+        self._lock = threading.RLock()  # guards _indexes, _disk_stale, _saved, _counts, locks
+        self._build_locks: dict[str, threading.Lock] = {}  # one open per model at a time
         self._follow_locks: dict[str, threading.Lock] = {}  # one follow of the log per model
-        # a store with a change log (pgstac) says what each generation wrote: indexes follow
-        # it (writes of other processes included) instead of being rebuilt
-        self._logged = callable(getattr(store, "changes_since", None))
         self._save_locks: dict[str, threading.Lock] = {}
         self._disk_stale: set[str] = set()  # models whose saved index must not be loaded
         self._saved: dict[str, tuple[HashIndex, int]] = {}  # what was saved last, at which gen
-        # a search that finds the store ahead of the index first waits this long for the
-        # transaction hook (which follows the commit by a moment) before rebuilding
-        self.catch_up_wait = 0.25
-        self._caught_up = threading.Condition(self._lock)
+        self._counts: dict[str, dict[str, int]] = {}  # model -> rebuilds, loads, followed
         # saves after writes are coalesced: one background save per model at most every
-        # save_delay seconds, not one full save per write (a lost save only costs a rebuild
-        # from the store at the next start: the saved copy names its generation)
+        # save_delay seconds, not one full save per write (a lost save only lengthens the
+        # catch-up at the next start: the saved copy names its generation)
         self.save_delay = save_delay
         self._pending_saves: set[str] = set()
-        # in-process writes run one at a time with their hooks (writing()); a search that finds
-        # the store one generation ahead while one is under way serves the current index: that
-        # write is not acknowledged yet, and its hook brings the index along
-        self._write_lock = threading.Lock()
-        self._writing = 0
         self._saver: threading.Thread | None = None
         self._saver_wake = threading.Condition(self._lock)
+        # the follower thread keeps loaded indexes caught up when no search or write comes
+        self.follow_interval = follow_interval
+        self._follower: threading.Thread | None = None
+        self._follower_stop = threading.Event()
         self._closed = False
 
     def index_path(self, model: str) -> Path:
@@ -84,48 +95,55 @@ class LiveIndexes:
         with self._lock:
             return locks.setdefault(model, threading.Lock())
 
-    def index(self, model: str) -> HashIndex:
-        """The model's index, rebuilt from the store when missing or stale.
+    def _count(self, model: str, what: str, n: int = 1) -> None:
+        with self._lock:
+            counts = self._counts.setdefault(
+                model, {"rebuilds": 0, "loads": 0, "followed_changes": 0}
+            )
+            counts[what] += n
 
-        Lock-free when the loaded index is current; a rebuild runs outside the service lock
-        (one per model at a time, other threads wanting the same model wait for it), so
-        searches of current indexes and transactions never wait for a rebuild.
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per loaded model: the generation and number of codes of its index, and since the
+        process started: ``rebuilds`` (full builds from the store's codes), ``loads`` (saved
+        copies loaded and caught up) and ``followed_changes`` (keys applied from the change
+        log: items written, and items of deleted collections taken out)."""
+        with self._lock:
+            loaded = dict(self._indexes)
+            counts = {m: dict(c) for m, c in self._counts.items()}
+        return {
+            model: {
+                "generation": idx.generation,
+                "count": idx.count,
+                **counts.get(model, {"rebuilds": 0, "loads": 0, "followed_changes": 0}),
+            }
+            for model, idx in sorted(loaded.items())
+        }
+
+    def index(self, model: str) -> HashIndex:
+        """The model's index, caught up with the store.
+
+        Lock-free when the loaded index is current; otherwise it follows the store's change
+        log, and a model not loaded yet (or whose index cannot follow) is opened: loaded and
+        caught up, or rebuilt. An open runs outside the service lock (one per model at a time,
+        other threads wanting the same model wait for it), so searches of current indexes and
+        transactions never wait for it.
         """
         idx = self._indexes.get(model)
-        wanted = self.store.generation()
-        if idx is not None and idx.generation >= wanted:
-            return idx
-        if idx is not None and self._writing and wanted - idx.generation <= 1:
-            return idx  # the write under way is not acknowledged: its hook catches up
-        if idx is not None and self._logged:  # another process wrote: read what it wrote
+        if idx is not None:
+            if idx.generation >= self.store.generation():
+                return idx
             followed = self._follow_safely(model)
             if followed is not None:
-                self._schedule_save(model)
                 return followed
-        elif idx is not None:  # most likely a write of this process whose hook is under way
-            deadline = time.monotonic() + self.catch_up_wait
-            with self._caught_up:
-                while (idx := self._indexes.get(model)) is not None:
-                    if idx.generation >= wanted:
-                        return idx
-                    if self._writing and wanted - idx.generation <= 1:
-                        return idx  # as above: a write began (and committed) since the check
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._caught_up.wait(left)
         with self._model_lock(self._build_locks, model):
             idx = self._indexes.get(model)
-            if idx is not None and idx.generation >= wanted:
-                return idx  # another thread rebuilt it, or a transaction caught it up
+            if idx is not None:  # another thread opened it meanwhile
+                return idx
             fresh = self._open(model)
             with self._lock:
-                idx = self._indexes.get(model)
-                if idx is None or idx.generation < fresh.generation:
-                    self._indexes[model] = idx = fresh
-                stale_on_disk = model in self._disk_stale
-            if stale_on_disk:
-                self._save(model)
+                idx = self._indexes.setdefault(model, fresh)
+            if idx is fresh:
+                self._schedule_save(model)  # a no-op when the saved copy is this state
             return idx
 
     def _served(self, model: str) -> tuple[str | None, int | None]:
@@ -136,19 +154,42 @@ class LiveIndexes:
         return (None, None) if spec is None else (spec.version, spec.bits)
 
     def _open(self, model: str) -> HashIndex:
-        """Load the saved index if current, else build it from the store (no service lock)."""
+        """Load the saved index and catch it up from the log, else build it from the store
+        (no service lock); counted in :meth:`stats`."""
         with self._lock:
             stale_on_disk = model in self._disk_stale
         version, bits = self._served(model)
-        if not stale_on_disk:
-            return open_or_rebuild(self.index_path(model), self.store, model, version, bits)
-        generation = self.store.generation()  # before the codes, as in open_or_rebuild
-        index = HashIndex(model, bits, version=version)
-        return index.build(self.store.iter_codes(model, version), generation=generation)
+        if stale_on_disk:  # dropped, and its saved copy could not be invalidated
+            generation = self.store.generation()  # before the codes, as in open_or_rebuild
+            index = HashIndex(model, bits, version=version)
+            index.build(self.store.iter_codes(model, version), generation=generation)
+            self._count(model, "rebuilds")
+            return index
+        loaded: list[tuple[HashIndex, int]] = []  # the saved copy caught up, at its generation
+
+        def catch_up(saved: HashIndex) -> bool:
+            generation = saved.generation
+            if self._apply_log(saved) is None:
+                return False
+            loaded.append((saved, generation))
+            return True
+
+        index = open_or_rebuild(
+            self.index_path(model), self.store, model, version, bits, catch_up=catch_up
+        )
+        if loaded and loaded[0][0] is index:
+            self._count(model, "loads")
+            with self._lock:
+                self._saved[model] = loaded[0]
+        else:
+            self._count(model, "rebuilds")
+            with self._lock:
+                self._saved[model] = (index, index.generation)
+        return index
 
     def _drop(self, model: str) -> None:
-        """Forget the model's index (rebuilt at its next use) and its saved copy, which may
-        name the present generation without holding every write. Under ``self._lock``."""
+        """Forget the model's index (opened again at its next use, by a rebuild) and its saved
+        copy. Under ``self._lock``."""
         self._indexes.pop(model, None)
         self._saved.pop(model, None)
         self._disk_stale.add(model)
@@ -160,7 +201,7 @@ class LiveIndexes:
     def _save(self, model: str) -> None:
         """Save the model's loaded index unless a save of this state is done; a failure is
         logged (the index keeps serving from memory; the saved copy stays at an older
-        generation, so the next start rebuilds it from the store)."""
+        generation, which the next start catches up from the log, or rebuilds)."""
         with self._model_lock(self._save_locks, model):
             idx = self._indexes.get(model)
             if idx is None:
@@ -175,8 +216,8 @@ class LiveIndexes:
             except Exception as err:
                 log.warning(
                     "could not save the hash index of model %s to %s (%s: %s): serving it from "
-                    "memory; the store is unaffected and the index will be rebuilt from it at "
-                    "the next start",
+                    "memory; the store is unaffected and the next start catches the saved "
+                    "copy up from the store (or rebuilds it)",
                     model,
                     path,
                     type(err).__name__,
@@ -230,94 +271,106 @@ class LiveIndexes:
             self._save(model)
 
     def open(self) -> None:
-        """Accept background saves again after :meth:`close` (the app's startup calls this)."""
+        """Accept background saves (again, after :meth:`close`) and start the follower thread
+        (unless ``follow_interval`` is 0): the app's startup calls this."""
         with self._lock:
             self._closed = False
+            if self.follow_interval > 0 and self._follower is None:
+                self._follower_stop.clear()
+                self._follower = threading.Thread(
+                    target=self._follow_loop, name="hash-index-follower", daemon=True
+                )
+                self._follower.start()
 
     def close(self) -> None:
-        """Stop the saver thread and save what is pending (the app's shutdown calls this)."""
+        """Stop the follower and saver threads and save what is pending (the app's shutdown
+        calls this)."""
         with self._lock:
             self._closed = True
             self._saver_wake.notify_all()
             saver, self._saver = self._saver, None
-        if saver is not None:
-            saver.join()
+            follower, self._follower = self._follower, None
+            self._follower_stop.set()
+        for thread in (follower, saver):
+            if thread is not None:
+                thread.join()
         self.flush()
 
-    @contextmanager
-    def writing(self) -> Iterator[None]:
-        """Scope of one write of this process and its hooks: writes run one at a time, so each
-        hook sees the store generation of its own write and the index follows it exactly."""
-        with self._write_lock:
-            with self._lock:
-                self._writing += 1
-            try:
-                yield
-            finally:
-                with self._lock:
-                    self._writing -= 1
-
     def on_item(self, collection: str, item: dict[str, Any] | None, item_id: str) -> None:
-        """Transaction hook: keep every loaded index in step with a committed write.
+        """Transaction hook, after a write of this process committed: every loaded index
+        follows the change log (:meth:`follow`), so the write's acknowledgement comes after the
+        indexes hold it. The arguments (the written key) are not needed: the log says what
+        changed, this write and any other. Never raises (the write is committed)."""
+        self.follow()
 
-        ``item_id`` "*" means the collection was deleted, "" that only the collection itself
-        was written. Several items of one transaction each get a call at the same generation.
-        With a store that logs its changes, each index follows the log (:meth:`_follow`);
-        otherwise the hook applies ``item`` itself. Never raises: the write is committed, the
-        store is the source of truth. An index that cannot follow (another writer came
-        between, a collection went, an update failed) is dropped and rebuilt at its next use;
-        a failed save is logged and the index keeps serving from memory.
-        """
-        if self._logged:
-            loaded = list(self._indexes)
-            changed = [m for m in loaded if self._follow_safely(m) is not None]
-            with self._lock:
-                for model in set(loaded) - set(changed):
-                    self._drop(model)
-                self._caught_up.notify_all()
-            for model in changed:
-                self._schedule_save(model)
-            return
-        changed = []
-        try:
-            with self._lock:
-                generation = self.store.generation()
-                for model, idx in list(self._indexes.items()):
-                    if item_id != "*" and idx.built_generation >= generation:
-                        continue  # built after this write committed: it holds it already
-                    if item_id == "*" or idx.generation not in (generation - 1, generation):
-                        self._drop(model)  # a collection went, or another writer: rebuild
-                        continue
-                    if not item_id:  # the collection was written: no codes changed, but
-                        # its cbir:models may change the version or bit length the index serves
-                        if not self._still_served(model, idx):
-                            self._drop(model)
-                            continue
-                        idx.advance(generation)
-                        changed.append(model)
-                        continue
-                    try:
-                        key = (collection, item_id)
-                        idx.apply({key: self._entry(idx, key, item)}, generation=generation)
-                    except Exception:
-                        log.exception(
-                            "hash index of %s: could not apply %s/%s; rebuilding it from the store",
-                            model,
-                            collection,
-                            item_id,
-                        )
+    def follow(self) -> None:
+        """Bring every loaded index up to the store (the hook, the follower thread): by the
+        change log, or by a rebuild when it cannot follow. Never raises: a failure is logged
+        and the next search tries again."""
+        for model in list(self._indexes):
+            try:
+                self.index(model)
+            except Exception:
+                log.exception("hash index of %s: could not catch up with the store", model)
+
+    def _follow_loop(self) -> None:
+        """The follower thread: :meth:`follow` every ``follow_interval`` seconds until close."""
+        while not self._follower_stop.wait(self.follow_interval):
+            self.follow()
+
+    def _follow_safely(self, model: str) -> HashIndex | None:
+        """Bring the model's loaded index up to the store by the change log (:meth:`_apply_log`),
+        one follow per model at a time. None when it is not loaded, or cannot follow (a
+        failure is logged): then it is dropped, to be rebuilt at its next use."""
+        with self._model_lock(self._follow_locks, model):
+            idx = self._indexes.get(model)
+            if idx is None:
+                return None
+            before = idx.generation
+            try:
+                applied = self._apply_log(idx)
+            except Exception:
+                log.exception("hash index of %s: could not follow the store's change log", model)
+                applied = None
+            if applied is None:
+                log.info("hash index of %s cannot follow the change log: rebuilding it", model)
+                with self._lock:
+                    if self._indexes.get(model) is idx:
                         self._drop(model)
-                        continue
-                    changed.append(model)
-                self._caught_up.notify_all()
-        except Exception:  # the store's generation() failed: rebuild everything later
-            log.exception("hash indexes: could not follow the write of %s/%s", collection, item_id)
-            with self._lock:
-                for model in list(self._indexes):
-                    self._drop(model)
-            return
-        for model in changed:
+                return None
+        if idx.generation > before:
             self._schedule_save(model)
+        return idx
+
+    def _apply_log(self, idx: HashIndex) -> int | None:
+        """Apply to ``idx`` what the store's change log says was written since its generation:
+        the items written are read again (:data:`FOLLOW_CHUNK` at a time) and their codes put
+        in or taken out, a deleted collection's keys taken out; the index is then at the
+        log's generation. Returns the number of keys applied (added to ``followed_changes``),
+        None when it cannot follow: the log does not reach back to the index's generation, or
+        the model's declaration no longer names the version and bits the index serves."""
+        found = self.store.changes_since(idx.generation)
+        if found is None:
+            return None
+        generation, keys = found
+        if generation <= idx.generation:
+            return 0
+        if any(i == COLLECTION_WRITTEN for _, i in keys) and not self._still_served(idx.model, idx):
+            return None
+        deleted = {c for c, i in keys if i == COLLECTION_DELETED}
+        applied = idx.drop_collections(deleted) if deleted else 0
+        items = [k for k in keys if k[1] not in (COLLECTION_WRITTEN, COLLECTION_DELETED)]
+        for start in range(0, len(items), FOLLOW_CHUNK):
+            chunk = items[start : start + FOLLOW_CHUNK]
+            stored = {(i["collection"], i["id"]): i for i in self.store.get_items(chunk)}
+            idx.apply(
+                {key: self._entry(idx, key, stored.get(key)) for key in chunk},
+                generation=idx.generation,  # the log's generation once every chunk is in
+            )
+        idx.advance(generation)
+        applied += len(items)
+        self._count(idx.model, "followed_changes", applied)
+        return applied
 
     def _still_served(self, model: str, idx: HashIndex) -> bool:
         """Whether the model's declaration still names the version and bits ``idx`` serves."""
@@ -344,43 +397,6 @@ class LiveIndexes:
         if code is None:
             return None
         return code.packed().tobytes(), code.descriptor.array() if code.descriptor else None
-
-    def _follow_safely(self, model: str) -> HashIndex | None:
-        """:meth:`_follow`, a failure logged (None: rebuild)."""
-        try:
-            return self._follow(model)
-        except Exception:
-            log.exception("hash index of %s: could not follow the store's change log", model)
-            return None
-
-    def _follow(self, model: str) -> HashIndex | None:
-        """Bring the model's loaded index up to the store by the store's change log: the items
-        written since the index's generation are read again and applied. None when it cannot:
-        the log does not reach back that far, a collection was deleted, the model's
-        declaration changed, or so many items changed that a rebuild is cheaper."""
-        with self._model_lock(self._follow_locks, model):
-            idx = self._indexes.get(model)
-            if idx is None:
-                return None
-            found = self.store.changes_since(idx.generation)  # type: ignore[attr-defined]
-            if found is None:
-                return None
-            generation, keys = found
-            if generation <= idx.generation:
-                return idx
-            items = [k for k in keys if k[1] not in ("", "*")]
-            # at 10^5 codes following 1000 changed items took 0.35 s, a rebuild 1.8 s
-            # (benchmarks/RESULTS.md, the plugin at 10^5 items): past a twentieth, rebuild
-            if any(k[1] == "*" for k in keys) or len(items) > max(1000, idx.count // 20):
-                return None
-            if any(k[1] == "" for k in keys) and not self._still_served(model, idx):
-                return None
-            stored = {(i["collection"], i["id"]): i for i in self.store.get_items(items)}
-            idx.apply(
-                {key: self._entry(idx, key, stored.get(key)) for key in items},
-                generation=generation,
-            )
-            return idx
 
     def models_with_codes(self) -> set[str]:
         """The models whose loaded index holds codes (its bit length is known)."""

@@ -15,7 +15,6 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import pystac
@@ -36,13 +35,11 @@ class EncodeQueue:
         ingestor: Ingestor,
         store: Any,
         after_write: list[AfterWrite] | None = None,
-        write_scope: Callable[[], AbstractContextManager[Any]] = nullcontext,
     ) -> None:
         self.ingestor = ingestor
         self.sink = StoreSink(store)
         self.store = store
         self.after_write = list(after_write or [])
-        self.write_scope = write_scope  # each write and its listeners run inside it
         self.report = RunReport(ingestor.model_id, ingestor.version)
         self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="encode-queue", daemon=True)
@@ -91,7 +88,7 @@ class EncodeQueue:
             item = pystac.Item.from_dict(self.store.get_item(collection, item_id))
         except NotFoundError:
             return  # deleted meanwhile
-        run = self.ingestor.run([item], _Notifying(self.sink, self.after_write, self.write_scope))
+        run = self.ingestor.run([item], _Notifying(self.sink, self.after_write))
         self.report.merge(run)
         for e in run.errors:
             log.warning(
@@ -100,15 +97,10 @@ class EncodeQueue:
 
 
 class _Notifying:
-    """A sink wrapper that tells the after-write listeners of each write, in its write scope."""
+    """A sink wrapper that tells the after-write listeners of each write."""
 
-    def __init__(
-        self,
-        sink: StoreSink,
-        listeners: list[AfterWrite],
-        scope: Callable[[], AbstractContextManager[Any]],
-    ) -> None:
-        self.sink, self.listeners, self.scope = sink, listeners, scope
+    def __init__(self, sink: StoreSink, listeners: list[AfterWrite]) -> None:
+        self.sink, self.listeners = sink, listeners
 
     def is_encoded(self, item: pystac.Item, model: str, version: str) -> bool:
         return self.sink.is_encoded(item, model, version)
@@ -117,12 +109,11 @@ class _Notifying:
         self.sink.begin(model)
 
     def write(self, scene: pystac.Item, chips: Any) -> None:
-        with self.scope():
-            self.sink.write(scene, chips)
-            for it in [*chips, scene]:
-                d = it.to_dict(include_self_link=False, transform_hrefs=False)
-                for listener in self.listeners:
-                    listener(d["collection"], d, d["id"])
+        self.sink.write(scene, chips)
+        for it in [*chips, scene]:
+            d = it.to_dict(include_self_link=False, transform_hrefs=False)
+            for listener in self.listeners:
+                listener(d["collection"], d, d["id"])
 
     def finalize(self, model: Any) -> None:
         self.sink.finalize(model)

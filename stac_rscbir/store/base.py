@@ -17,6 +17,18 @@ if TYPE_CHECKING:
 
 ItemKey = tuple[str, str]  # (collection id, item id)
 
+# The change log both stores keep (SQLite: the ``changes`` table; pgstac: ``rscbir.changes``),
+# filled by triggers, so writes of any process are logged. ``changes_since(g)`` answers
+# (the present generation, the keys written after ``g``, each once, sorted); an item id of
+# COLLECTION_WRITTEN says the collection itself was written, COLLECTION_DELETED that it was
+# deleted (with its items). Retention: every PRUNE_EVERY-th generation drops the rows of all but
+# the last CHANGES_KEPT generations and moves the horizon there; ``changes_since(g)`` for a ``g``
+# below the horizon answers None (the log no longer reaches back: the reader rebuilds).
+CHANGES_KEPT = 10_000
+PRUNE_EVERY = 100
+COLLECTION_WRITTEN = ""
+COLLECTION_DELETED = "*"
+
 
 class StoreError(Exception):
     """Base of store errors; the API maps each subclass to an HTTP status."""
@@ -109,3 +121,6 @@ class ItemStore(Protocol):
     def generation(
         self,
     ) -> int: ...  # grows with every write: an index built at g is stale if g < this
+    def changes_since(
+        self, generation: int
+    ) -> tuple[int, list[ItemKey]] | None: ...  # the change log (CHANGES_KEPT, above)

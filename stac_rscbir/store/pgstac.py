@@ -30,9 +30,10 @@ collection's items leave with its partitions (DROP TABLE fires no row trigger): 
 generation whose writes it cannot see yet. Not counted: TRUNCATE of a partition by hand.
 
 Change log: the same triggers record which items (and collections) each generation wrote in
-``rscbir.changes`` (the last :data:`CHANGES_KEPT` generations; ``rscbir.changes_horizon`` says
-where the pruned part ends), read by :meth:`PgstacStore.changes_since`, so that a hash index
-follows writes made anywhere instead of being rebuilt from every code.
+``rscbir.changes`` (the retention and the contract: :data:`~stac_rscbir.store.base.CHANGES_KEPT`;
+``rscbir.changes_horizon`` says where the pruned part ends), read by
+:meth:`PgstacStore.changes_since`, so that a hash index follows writes made anywhere instead of
+being rebuilt from every code.
 
 Needs the ``pgstac`` extra (psycopg 3, psycopg-pool, pypgstac-migrated database).
 """
@@ -52,6 +53,8 @@ from psycopg_pool import ConnectionPool
 
 from stac_rscbir.extension.cbir import CODES_PROP, code_of
 from stac_rscbir.store.base import (
+    CHANGES_KEPT,
+    PRUNE_EVERY,
     ConflictError,
     InvalidQueryError,
     ItemKey,
@@ -78,7 +81,6 @@ __all__ = ["PgstacStore", "PgstacStoreError", "install_generation"]
 
 
 _CODES_BATCH = 5000
-CHANGES_KEPT = 10_000  # generations of the change log kept (rscbir.changes)
 
 _GENERATION_DDL = """
 CREATE SCHEMA IF NOT EXISTS rscbir;
@@ -124,8 +126,8 @@ BEGIN
     PERFORM rscbir.bump_generation();
     SELECT value INTO g FROM rscbir.generation;
     INSERT INTO rscbir.changes VALUES (g, coll, item) ON CONFLICT DO NOTHING;
-    -- every 100th generation, keep the last %(keep)s generations of the log
-    IF g %% 100 = 0 AND (SELECT horizon FROM rscbir.changes_horizon) < g - %(keep)s THEN
+    -- every %(every)sth generation, keep the last %(keep)s generations of the log
+    IF g %% %(every)s = 0 AND (SELECT horizon FROM rscbir.changes_horizon) < g - %(keep)s THEN
         DELETE FROM rscbir.changes WHERE generation <= g - %(keep)s;
         UPDATE rscbir.changes_horizon SET horizon = g - %(keep)s;
     END IF;
@@ -219,7 +221,7 @@ def install_generation(conn: psycopg.Connection[Any]) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('rscbir.install_generation'))")
         row = conn.execute(_GENERATION_INSTALLED).fetchone()
         if row is None or not row[0]:
-            conn.execute(_GENERATION_DDL % {"keep": CHANGES_KEPT})
+            conn.execute(_GENERATION_DDL % {"keep": CHANGES_KEPT, "every": PRUNE_EVERY})
 
 
 def _query_error(exc: psycopg.Error) -> StoreError:
@@ -651,8 +653,8 @@ class PgstacStore:
 
     def changes_since(self, generation: int) -> tuple[int, list[ItemKey]] | None:
         """(present generation, the keys written after ``generation``), from the change log;
-        None when the log no longer reaches back that far. A key ``(collection, "")`` says the
-        collection itself was written, ``(collection, "*")`` that it was deleted."""
+        None when the log no longer reaches back that far (the contract:
+        :data:`~stac_rscbir.store.base.CHANGES_KEPT`)."""
         with self._read() as conn:  # one statement: one snapshot of the counter and the log
             row = conn.execute(_CHANGES_SQL, {"since": generation}).fetchone()
         if row is None or generation < row[1]:

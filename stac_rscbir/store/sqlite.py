@@ -1,6 +1,6 @@
 """The embedded item store: one SQLite file, no server.
 
-Layout (schema version 1):
+Layout (schema version 2):
 
 * ``collections(id PRIMARY KEY, content)``: the Collection JSON.
 * ``items(rowid, collection, id, dt, start_dt, end_dt, geom, content, UNIQUE(collection, id))``:
@@ -14,7 +14,16 @@ Layout (schema version 1):
   ``bbox`` was written too small); it is only a prefilter, exact tests run with shapely.
 * ``codes(item_rowid, model, version, code, descriptor)``: one row per ``cbir:codes`` entry,
   rewritten on every item write (packed bits, float32 little-endian descriptor), ON DELETE CASCADE.
-* ``meta(key, value)``: ``schema_version`` and ``generation`` (bumped by every write transaction).
+* ``meta(key, value)``: ``schema_version``, ``generation`` (bumped first thing by every write
+  transaction) and ``changes_horizon``.
+* ``changes(generation, collection, id)``: the change log (the contract and the retention:
+  :data:`~stac_rscbir.store.base.CHANGES_KEPT`), filled by triggers on ``items`` and
+  ``collections``, so the writes of every process on the file are logged: an item inserted,
+  updated or deleted logs its key at the writing transaction's generation, a collection written
+  ``(id, "")``, a collection deleted ``(id, "*")`` (its items, deleted by the cascade, are not
+  logged one by one). A trigger on the generation counter prunes the log to its horizon. Read by
+  :meth:`SQLiteStore.changes_since`. A version-1 file gets the log on open (its horizon: the
+  generation at that moment).
 
 Concurrency: one connection per thread (``threading.local``), opened on first use, so the
 threads of an async web app's pool read in parallel (WAL: readers never block the writer nor each
@@ -57,6 +66,10 @@ from shapely.errors import GEOSException
 
 from stac_rscbir.extension.cbir import code_of
 from stac_rscbir.store.base import (
+    CHANGES_KEPT,
+    COLLECTION_DELETED,
+    COLLECTION_WRITTEN,
+    PRUNE_EVERY,
     ConflictError,
     InvalidQueryError,
     ItemKey,
@@ -82,7 +95,7 @@ from stac_rscbir.store.items import (
 
 __all__ = ["InvalidItemError", "SQLiteStore", "StoreDatabaseError"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _CODES_CHUNK = 5000
 _R = TypeVar("_R")
 
@@ -124,6 +137,74 @@ CREATE INDEX IF NOT EXISTS codes_model ON codes (model, version, item_rowid);
 INSERT OR IGNORE INTO meta (key, value)
     VALUES ('generation', CAST((julianday('now') - 2440587.5) * 86400000000 AS INTEGER));
 """
+
+# the change log (version 2), added to a version-1 file in place; the rule: store/base.py
+_CHANGES = f"""
+CREATE TABLE IF NOT EXISTS changes (
+    generation INTEGER NOT NULL,
+    collection TEXT NOT NULL,
+    id TEXT NOT NULL,
+    PRIMARY KEY (generation, collection, id)
+) WITHOUT ROWID;
+INSERT OR IGNORE INTO meta (key, value)
+    SELECT 'changes_horizon', value FROM meta WHERE key = 'generation';
+CREATE TRIGGER IF NOT EXISTS items_insert_logged AFTER INSERT ON items BEGIN
+    INSERT INTO changes VALUES ((SELECT value FROM meta WHERE key = 'generation'),
+        NEW.collection, NEW.id) ON CONFLICT DO NOTHING;
+END;
+CREATE TRIGGER IF NOT EXISTS items_update_logged AFTER UPDATE ON items BEGIN
+    INSERT INTO changes VALUES ((SELECT value FROM meta WHERE key = 'generation'),
+        OLD.collection, OLD.id) ON CONFLICT DO NOTHING;
+    INSERT INTO changes VALUES ((SELECT value FROM meta WHERE key = 'generation'),
+        NEW.collection, NEW.id) ON CONFLICT DO NOTHING;
+END;
+-- the items of a deleted collection (the cascade) go with its '*' row, not one row each
+CREATE TRIGGER IF NOT EXISTS items_delete_logged AFTER DELETE ON items
+WHEN EXISTS (SELECT 1 FROM collections WHERE id = OLD.collection) BEGIN
+    INSERT INTO changes VALUES ((SELECT value FROM meta WHERE key = 'generation'),
+        OLD.collection, OLD.id) ON CONFLICT DO NOTHING;
+END;
+CREATE TRIGGER IF NOT EXISTS collections_insert_logged AFTER INSERT ON collections BEGIN
+    INSERT INTO changes VALUES ((SELECT value FROM meta WHERE key = 'generation'),
+        NEW.id, '{COLLECTION_WRITTEN}') ON CONFLICT DO NOTHING;
+END;
+CREATE TRIGGER IF NOT EXISTS collections_update_logged AFTER UPDATE ON collections BEGIN
+    INSERT INTO changes VALUES ((SELECT value FROM meta WHERE key = 'generation'),
+        NEW.id, '{COLLECTION_WRITTEN}') ON CONFLICT DO NOTHING;
+END;
+CREATE TRIGGER IF NOT EXISTS collections_delete_logged AFTER DELETE ON collections BEGIN
+    INSERT INTO changes VALUES ((SELECT value FROM meta WHERE key = 'generation'),
+        OLD.id, '{COLLECTION_DELETED}') ON CONFLICT DO NOTHING;
+END;
+CREATE TRIGGER IF NOT EXISTS changes_pruned AFTER UPDATE OF value ON meta
+WHEN NEW.key = 'generation' AND NEW.value % {PRUNE_EVERY} = 0
+    AND (SELECT value FROM meta WHERE key = 'changes_horizon') < NEW.value - {CHANGES_KEPT} BEGIN
+    DELETE FROM changes WHERE generation <= NEW.value - {CHANGES_KEPT};
+    UPDATE meta SET value = NEW.value - {CHANGES_KEPT} WHERE key = 'changes_horizon';
+END;
+"""
+
+# one statement, one snapshot of the counter, the horizon and the log
+_CHANGES_SQL = """
+SELECT (SELECT value FROM meta WHERE key = 'generation'),
+       (SELECT value FROM meta WHERE key = 'changes_horizon'),
+       (SELECT json_group_array(json_array(collection, id)) FROM (
+            SELECT DISTINCT collection, id FROM changes
+            WHERE generation > ? AND generation <= (SELECT value FROM meta WHERE key = 'generation')
+            ORDER BY collection, id))
+"""
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of ``script`` (a trigger's body holds several ``;``)."""
+    out, part = [], ""
+    for line in script.splitlines(keepends=True):
+        part += line
+        if sqlite3.complete_statement(part):
+            out.append(part)
+            part = ""
+    return out
+
 
 # ---------------------------------------------------------------------------------------------
 # parsing helpers
@@ -398,15 +479,16 @@ class SQLiteStore:
                     if statement.strip():
                         conn.execute(statement)
                 row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-                if row is None:
-                    conn.execute(
-                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                        (SCHEMA_VERSION,),
-                    )
-                elif row[0] != SCHEMA_VERSION:
+                if row is not None and row[0] not in (1, SCHEMA_VERSION):
                     raise StoreDatabaseError(
                         f"{self.path}: schema version {row[0]}, this code reads {SCHEMA_VERSION}"
                     )
+                for statement in _statements(_CHANGES):  # version 1 -> 2: the change log
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (SCHEMA_VERSION,),
+                )
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -465,8 +547,9 @@ class SQLiteStore:
             except sqlite3.Error as exc:
                 raise StoreDatabaseError(f"{self.path}: {exc}") from exc
             try:
-                yield conn
+                # first: the log's triggers record the writes at this transaction's generation
                 conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
+                yield conn
                 conn.execute("COMMIT")
             except BaseException as exc:
                 with suppress(sqlite3.Error):
@@ -815,6 +898,15 @@ class SQLiteStore:
     def generation(self) -> int:
         """Bumped by every write transaction: an index built at g is stale if g < this."""
         return int(self._read("SELECT value FROM meta WHERE key = 'generation'")[0][0])
+
+    def changes_since(self, generation: int) -> tuple[int, list[ItemKey]] | None:
+        """(present generation, the keys written after ``generation``), from the change log;
+        None when the log no longer reaches back that far (the contract:
+        :data:`~stac_rscbir.store.base.CHANGES_KEPT`)."""
+        present, horizon, keys = self._read(_CHANGES_SQL, (generation,))[0]
+        if generation < horizon:
+            return None
+        return int(present), [(c, i) for c, i in json.loads(keys)]
 
     def count(self) -> int:
         """The number of items in the store."""
