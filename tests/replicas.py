@@ -246,6 +246,12 @@ class Replicas:
         """Full rebuilds of ``model``'s index since each replica started."""
         return [int(self.indexes(i)["models"][model]["rebuilds"]) for i in range(len(self))]
 
+    def index_generation(self, i: int, model: str) -> int:
+        """The store generation replica ``i``'s index of ``model`` reflects (no search asked:
+        what the replica did by itself), -1 while it has not loaded it."""
+        got = self.indexes(i)["models"].get(model)
+        return -1 if got is None else int(got["generation"])
+
     def top(self, i: int, model: str, code: HashCode, k: int = 5) -> list[Hit]:
         """Replica ``i``'s first ``k`` hits of a search by ``code``."""
         r = self.clients[i].post("/search", json=query_body(model, code, k, k))
@@ -261,6 +267,15 @@ class Replicas:
         """Replica ``i`` does not return ``key`` at distance 0 for a search by ``code`` (the
         item is gone, or its code changed)."""
         return (0, key) not in self.top(i, model, code, 5)
+
+    def reflects(
+        self, i: int, model: str, key: ItemKey, new: HashCode | None, old: HashCode | None
+    ) -> bool:
+        """Replica ``i``'s similarity search reflects a write of ``key``: it shows the item by
+        its ``new`` code (None: deleted) and no longer by its ``old`` one (None: created)."""
+        return (new is None or self.shows(i, model, new, key)) and (
+            old is None or self.hides(i, model, old, key)
+        )
 
     def ranked(self, i: int, model: str, code: HashCode, k: int) -> list[Hit]:
         return ranked(self.clients[i], model, code, k)
