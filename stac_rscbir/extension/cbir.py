@@ -298,8 +298,8 @@ class HashCode:
 
 
 def code_of(obj: dict[str, Any] | None, model: str, version: str | None = None) -> HashCode | None:
-    """The code of ``model`` on an item: the one rule that the index's transaction hook, its
-    rebuild from either store and :meth:`CBIRExtension.get_code` apply.
+    """The code of ``model`` on an item: the one rule that the index following the store's
+    change log, its rebuild from either store and :meth:`CBIRExtension.get_code` apply.
 
     ``obj`` is an Item (dict), its ``properties``, or any object whose fields hold
     ``cbir:codes`` (an Asset's). The candidates are the entries of ``model`` (of ``version``

@@ -159,7 +159,7 @@ class LiveIndexes:
         with self._lock:
             stale_on_disk = model in self._disk_stale
         version, bits = self._served(model)
-        if stale_on_disk:  # dropped, and its saved copy could not be invalidated
+        if stale_on_disk:  # dropped: its saved copy (if it could not be invalidated) is not used
             generation = self.store.generation()  # before the codes, as in open_or_rebuild
             index = HashIndex(model, bits, version=version)
             index.build(self.store.iter_codes(model, version), generation=generation)

@@ -14,12 +14,14 @@ Layout (schema version 2):
   ``bbox`` was written too small); it is only a prefilter, exact tests run with shapely.
 * ``codes(item_rowid, model, version, code, descriptor)``: one row per ``cbir:codes`` entry,
   rewritten on every item write (packed bits, float32 little-endian descriptor), ON DELETE CASCADE.
-* ``meta(key, value)``: ``schema_version``, ``generation`` (bumped first thing by every write
+* ``meta(key, value)``: ``schema_version``, ``generation`` (bumped last by every write
   transaction) and ``changes_horizon``.
 * ``changes(generation, collection, id)``: the change log (the contract and the retention:
   :data:`~stac_rscbir.store.base.CHANGES_KEPT`), filled by triggers on ``items`` and
   ``collections``, so the writes of every process on the file are logged: an item inserted,
-  updated or deleted logs its key at the writing transaction's generation, a collection written
+  updated or deleted logs its key at the generation its transaction commits (the counter + 1:
+  a writer bumps it last, as this store and its older versions do; a writer behind its back
+  that does not bump it at all is seen with the next write that does), a collection written
   ``(id, "")``, a collection deleted ``(id, "*")`` (its items, deleted by the cascade, are not
   logged one by one). A trigger on the generation counter prunes the log to its horizon. Read by
   :meth:`SQLiteStore.changes_since`. A version-1 file gets the log on open (its horizon: the
@@ -149,31 +151,31 @@ CREATE TABLE IF NOT EXISTS changes (
 INSERT OR IGNORE INTO meta (key, value)
     SELECT 'changes_horizon', value FROM meta WHERE key = 'generation';
 CREATE TRIGGER IF NOT EXISTS items_insert_logged AFTER INSERT ON items BEGIN
-    INSERT INTO changes VALUES ((SELECT value FROM meta WHERE key = 'generation'),
+    INSERT INTO changes VALUES ((SELECT value + 1 FROM meta WHERE key = 'generation'),
         NEW.collection, NEW.id) ON CONFLICT DO NOTHING;
 END;
 CREATE TRIGGER IF NOT EXISTS items_update_logged AFTER UPDATE ON items BEGIN
-    INSERT INTO changes VALUES ((SELECT value FROM meta WHERE key = 'generation'),
+    INSERT INTO changes VALUES ((SELECT value + 1 FROM meta WHERE key = 'generation'),
         OLD.collection, OLD.id) ON CONFLICT DO NOTHING;
-    INSERT INTO changes VALUES ((SELECT value FROM meta WHERE key = 'generation'),
+    INSERT INTO changes VALUES ((SELECT value + 1 FROM meta WHERE key = 'generation'),
         NEW.collection, NEW.id) ON CONFLICT DO NOTHING;
 END;
 -- the items of a deleted collection (the cascade) go with its '*' row, not one row each
 CREATE TRIGGER IF NOT EXISTS items_delete_logged AFTER DELETE ON items
 WHEN EXISTS (SELECT 1 FROM collections WHERE id = OLD.collection) BEGIN
-    INSERT INTO changes VALUES ((SELECT value FROM meta WHERE key = 'generation'),
+    INSERT INTO changes VALUES ((SELECT value + 1 FROM meta WHERE key = 'generation'),
         OLD.collection, OLD.id) ON CONFLICT DO NOTHING;
 END;
 CREATE TRIGGER IF NOT EXISTS collections_insert_logged AFTER INSERT ON collections BEGIN
-    INSERT INTO changes VALUES ((SELECT value FROM meta WHERE key = 'generation'),
+    INSERT INTO changes VALUES ((SELECT value + 1 FROM meta WHERE key = 'generation'),
         NEW.id, '{COLLECTION_WRITTEN}') ON CONFLICT DO NOTHING;
 END;
 CREATE TRIGGER IF NOT EXISTS collections_update_logged AFTER UPDATE ON collections BEGIN
-    INSERT INTO changes VALUES ((SELECT value FROM meta WHERE key = 'generation'),
+    INSERT INTO changes VALUES ((SELECT value + 1 FROM meta WHERE key = 'generation'),
         NEW.id, '{COLLECTION_WRITTEN}') ON CONFLICT DO NOTHING;
 END;
 CREATE TRIGGER IF NOT EXISTS collections_delete_logged AFTER DELETE ON collections BEGIN
-    INSERT INTO changes VALUES ((SELECT value FROM meta WHERE key = 'generation'),
+    INSERT INTO changes VALUES ((SELECT value + 1 FROM meta WHERE key = 'generation'),
         OLD.id, '{COLLECTION_DELETED}') ON CONFLICT DO NOTHING;
 END;
 CREATE TRIGGER IF NOT EXISTS changes_pruned AFTER UPDATE OF value ON meta
@@ -547,9 +549,8 @@ class SQLiteStore:
             except sqlite3.Error as exc:
                 raise StoreDatabaseError(f"{self.path}: {exc}") from exc
             try:
-                # first: the log's triggers record the writes at this transaction's generation
-                conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
                 yield conn
+                conn.execute("UPDATE meta SET value = value + 1 WHERE key = 'generation'")
                 conn.execute("COMMIT")
             except BaseException as exc:
                 with suppress(sqlite3.Error):
