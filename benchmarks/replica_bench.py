@@ -58,7 +58,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from service_bench import COLLECTION, MODEL, bench_item, items  # noqa: E402
 
-from stac_rscbir.extension.cbir import CBIRModel, HashCode  # noqa: E402
+from stac_rscbir.extension.cbir import HashCode  # noqa: E402
 from stac_rscbir.store.base import ItemKey  # noqa: E402
 from tests.replicas import (  # noqa: E402
     Catalog,
@@ -76,18 +76,6 @@ DEADLINE_S = 60.0  # a replica not showing a write by then counts as never (inf)
 LOADED_SAMPLES = 5  # loaded items polled on every replica after the load
 
 
-def declared(cid: str) -> dict[str, Any]:
-    """The benchmark collection as ``cid``, declaring the benchmark model (API writes are
-    checked against it)."""
-    model = CBIRModel.create(MODEL, "1.0.0", 64, ["red", "green", "blue"])
-    return {
-        **copy.deepcopy(COLLECTION),
-        "id": cid,
-        "stac_extensions": ["https://stac-extensions.github.io/cbir/v1.0.0/schema.json"],
-        "cbir:models": [model.to_dict()],
-    }
-
-
 def new_item(item_id: str, collection: str, code: HashCode, rng: np.random.Generator) -> dict:
     """A benchmark item with ``code`` at a random place of the grid."""
     x, y = 10 + rng.random() * 2.99, 45 + rng.random() * 2.99
@@ -103,7 +91,7 @@ def preload_pgstac(dsn: str, n: int) -> float:
 
     start = time.perf_counter()
     with PgstacStore(dsn) as store:
-        store.create_collection(declared("bench"))
+        store.create_collection(COLLECTION)
         data = items(n)
         for i in range(0, n, 10_000):
             store.upsert_items(data[i : i + 10_000])
@@ -115,7 +103,7 @@ def preload_sqlite(path: Path, n: int) -> float:
 
     start = time.perf_counter()
     with SQLiteStore(path) as store:
-        store.create_collection(declared("bench"))
+        store.create_collection(COLLECTION)
         store.upsert_items(items(n))
     return time.perf_counter() - start
 
@@ -218,7 +206,7 @@ class Run:
         rng = np.random.default_rng(self.args.seed + 1)
         codes = random_codes(MODEL, rng, self.args.load)
         loaded = [new_item(f"l{j:07d}", cid, c, rng) for j, c in enumerate(codes)]
-        collection = declared(cid)
+        collection = {**copy.deepcopy(COLLECTION), "id": cid}
         self.loading.set()
         t0 = time.perf_counter()
         try:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from stac_rscbir.extension.cbir import HashCode  # noqa: E402
+from stac_rscbir.extension.cbir import CBIRModel, HashCode  # noqa: E402
 from tests.serving import ServeProcess, store_args  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "service"
@@ -75,9 +75,11 @@ def items(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-COLLECTION = {
+COLLECTION = {  # declares the model: API writes of its codes are checked against it
     "type": "Collection",
     "stac_version": "1.1.0",
+    "stac_extensions": ["https://stac-extensions.github.io/cbir/v1.0.0/schema.json"],
+    "cbir:models": [CBIRModel.create(MODEL, "1.0.0", 64, ["red", "green", "blue"]).to_dict()],
     "id": "bench",
     "description": "service benchmark",
     "license": "other",
