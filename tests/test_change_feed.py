@@ -370,7 +370,8 @@ def test_the_follower_thread_catches_up_an_idle_index(
     filled: tuple[ItemStore, ItemStore], tmp_path: Path
 ) -> None:
     """Started by open() (the app's startup), stopped by close(): with no search and no hook,
-    a write of another process reaches the loaded index."""
+    a write of another process reaches the loaded index; after a restart, the saved index is
+    opened before any search."""
     store, other = filled
     indexes = LiveIndexes(store, tmp_path / "index", follow_interval=0.05)
     indexes.index(MODEL)
@@ -379,10 +380,23 @@ def test_the_follower_thread_catches_up_an_idle_index(
     target = other.generation()
     _until(lambda: indexes.stats()[MODEL]["generation"] >= target, "the follower caught up")
     assert indexes.stats()[MODEL]["followed_changes"] == 4
-    indexes.close()
+    indexes.close()  # saves
     assert indexes._follower is None
     _assert_equals_the_store(indexes, other)
     assert _counts(indexes) == {"rebuilds": 1, "loads": 0}
+    # a restart: the follower first opens the saved index (loaded, caught up), before a search
+    other.upsert_items([_coded(i) for i in range(64, 66)])
+    restarted = LiveIndexes(store, tmp_path / "index", follow_interval=0.05)
+    assert restarted.saved_models() == [MODEL] and restarted.stats() == {}
+    restarted.open()
+    target = other.generation()
+    _until(
+        lambda: restarted.stats().get(MODEL, {}).get("generation", 0) >= target,
+        "the follower loaded the saved index",
+    )
+    restarted.close()
+    _assert_equals_the_store(restarted, other)
+    assert _counts(restarted) == {"rebuilds": 0, "loads": 1}
 
 
 # ----------------------------------------------------------------------------- GET /_mgmt/indexes

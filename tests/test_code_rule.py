@@ -103,10 +103,10 @@ def _follow_and_rebuild(
     store: ItemStore, index_dir: Path, name: str, versions: list[str], writes: Writes
 ) -> dict[tuple[str, str], HashCode]:
     """Declare model ``name`` in collection ``name`` in ``versions``, make ``writes`` (one
-    transaction each) with an index following them through the hook (the change log), rebuild another from the
-    store; assert both hold the code the rule picks of each item (spelled out here: the last
-    listed entry of the model, at the served version, that decodes, if 64 bits long), and that
-    ``get_code`` agrees. The indexed codes."""
+    transaction each) with an index following them (the hook reads the change log), rebuild
+    another from the store; assert both hold the code the rule picks of each item (spelled out
+    here: the last listed entry of the model, at the served version, that decodes, if 64 bits
+    long), and that ``get_code`` agrees. The indexed codes."""
     kind = "sqlite" if isinstance(store, SQLiteStore) else "pgstac"
     collection = {**_collection(name), "id": name}
     collection["cbir:models"] = [CBIRModel.create(name, v, 64, ["red"]).to_dict() for v in versions]

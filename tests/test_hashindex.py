@@ -353,6 +353,27 @@ def test_open_or_rebuild_uses_current_index_and_rebuilds_stale(tmp_path, fake_st
     assert store.reads == 4 and rebuilt.count == 501
 
 
+def test_open_or_rebuild_catches_an_older_saved_index_up(tmp_path, fake_store):
+    """With ``catch_up``, a saved index older than the store is handed to it and used when it
+    says it caught up; rebuilt when it cannot (e.g. a change log that no longer reaches back)."""
+    store, codes = fake_store
+    open_or_rebuild(tmp_path, store, "m64")
+    store.codes[("new", "item")] = codes[0].tobytes()
+    store.gen = 2
+    handed: list[int] = []
+
+    def catch_up(index: HashIndex) -> bool:  # what a change log would say: one item added
+        handed.append(index.generation)
+        index.apply({("new", "item"): (codes[0].tobytes(), None)}, generation=2)
+        return True
+
+    caught = open_or_rebuild(tmp_path, store, "m64", catch_up=catch_up)
+    assert handed == [1] and store.reads == 1  # loaded, not rebuilt
+    assert caught.generation == 2 and caught.count == 501
+    rebuilt = open_or_rebuild(tmp_path, store, "m64", catch_up=lambda index: False)
+    assert store.reads == 2 and rebuilt.generation == 2 and rebuilt.count == 501
+
+
 @pytest.mark.parametrize(
     "damage",
     [

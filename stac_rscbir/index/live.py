@@ -18,10 +18,11 @@ The lifecycle, in explicit phases:
   happens on a search that finds the store ahead, in the transaction hook
   (:meth:`LiveIndexes.on_item`, so a write acknowledged by this process is seen by its next
   search), and on the follower thread every ``follow_interval`` seconds (started by
-  :meth:`LiveIndexes.open`, the app's startup), so an idle replica is caught up before a search
-  comes. An index is rebuilt, never followed, only when the log no longer reaches back to it,
-  when the collections' declaration of the model changes the version or bit length it serves,
-  or when applying the log failed;
+  :meth:`LiveIndexes.open`, the app's startup; it first opens every index saved under
+  ``index_dir``), so an idle replica is caught up before a search comes. An index is rebuilt,
+  never followed, only when the log no longer reaches back to it, when the collections'
+  declaration of the model changes the version or bit length it serves, or when applying the
+  log failed;
 * **save**: a followed index schedules a coalesced background save (one per model at most every
   ``save_delay`` seconds); :meth:`flush` saves what is pending, :meth:`close` stops the
   threads and flushes (the app's shutdown). A lost save costs a longer catch-up at the next
@@ -44,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from stac_rscbir.extension.cbir import code_of
-from stac_rscbir.index.hashindex import HashIndex, open_or_rebuild
+from stac_rscbir.index.hashindex import HashIndex, IndexLoadError, open_or_rebuild
 from stac_rscbir.store.base import COLLECTION_DELETED, COLLECTION_WRITTEN, ItemStore
 from stac_rscbir.store.models import served_model
 
@@ -313,8 +314,28 @@ class LiveIndexes:
             except Exception:
                 log.exception("hash index of %s: could not catch up with the store", model)
 
+    def saved_models(self) -> list[str]:
+        """The models whose index has a saved copy under ``index_dir`` (read from its meta)."""
+        found = []
+        for folder in sorted(self.index_dir.glob("*")):
+            try:
+                model = HashIndex.read_meta(folder)["model"]
+            except (IndexLoadError, KeyError, TypeError):
+                continue
+            if isinstance(model, str) and folder == self.index_path(model):
+                found.append(model)
+        return found
+
     def _follow_loop(self) -> None:
-        """The follower thread: :meth:`follow` every ``follow_interval`` seconds until close."""
+        """The follower thread: first opens the saved indexes (loaded and caught up before a
+        search needs them), then :meth:`follow` every ``follow_interval`` seconds until close."""
+        for model in self.saved_models():
+            if self._follower_stop.is_set():
+                return
+            try:
+                self.index(model)
+            except Exception:
+                log.exception("hash index of %s: could not open it", model)
         while not self._follower_stop.wait(self.follow_interval):
             self.follow()
 
