@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,10 +48,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from service_bench import MODEL, bench_item, items, load, serve_command  # noqa: E402
+from service_bench import MODEL, bench_item, items, load  # noqa: E402
 
-from stac_rscbir.api.server import free_port  # noqa: E402
 from stac_rscbir.extension.cbir import HashCode  # noqa: E402
+from tests.serving import ServeProcess, store_args  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "load"
 TYPES = ["search", "search_bbox", "post", "put", "get_after_post", "search_after_post"]
@@ -329,19 +328,6 @@ def plot(reports: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def wait_ready(base_url: str, server: subprocess.Popen[bytes]) -> None:
-    with httpx.Client(base_url=base_url, timeout=30) as client:
-        for _ in range(1200):
-            if server.poll() is not None:
-                raise RuntimeError(f"the API server exited ({server.returncode})")
-            try:
-                client.get("/")
-                return
-            except httpx.TransportError:
-                time.sleep(0.1)
-    raise RuntimeError("the API server did not answer within 120 s")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=10_000, help="items preloaded")
@@ -380,11 +366,10 @@ def main() -> None:
             tmp = Path(tmpdir)
             kind, target = load(args, tmp)
             data = items(args.items)
-            port = free_port()
-            base_url = f"http://127.0.0.1:{port}"
-            server = subprocess.Popen(serve_command(kind, target, tmp / "index", port, token))
+            log = tmp / "server.log"
+            server = ServeProcess(store_args(kind, target), tmp / "index", log, token).start()
+            base_url = server.url
             try:
-                wait_ready(base_url, server)
                 sim = {"model": MODEL, "item": {"collection": "bench", "id": data[0]["id"]}}
                 t0 = time.perf_counter()
                 r = httpx.post(
@@ -401,10 +386,9 @@ def main() -> None:
                     json=new_item(99, 0, random.Random(1)),
                     timeout=120,
                 ).status_code
-                alive = server.poll() is None
+                alive = server.returncode is None
             finally:
-                server.terminate()
-                server.wait(timeout=60)
+                server.stop()
     finally:
         if cluster is not None:
             cluster.stop()

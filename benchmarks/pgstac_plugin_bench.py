@@ -55,6 +55,7 @@ from service_bench import COLLECTION, MODEL, items  # noqa: E402
 
 from stac_rscbir.api.server import free_port  # noqa: E402
 from stac_rscbir.extension.cbir import HashCode  # noqa: E402
+from tests.serving import wait_until_up  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "plugin"
 SERVERS = ("plugin", "app")
@@ -94,14 +95,7 @@ def running(name: str, dsn: str, index: Path, log: Path) -> Iterator[httpx.Clien
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited: {log.read_text()[-2000:]}")
-            try:
-                client.get("/")
-                break
-            except httpx.TransportError:
-                time.sleep(0.05)
+        wait_until_up(str(client.base_url), proc, 300, log)
         yield client
     finally:
         client.close()

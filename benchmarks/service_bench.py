@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,24 +25,15 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from stac_rscbir.api.server import free_port
-from stac_rscbir.extension.cbir import HashCode
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+
+from stac_rscbir.extension.cbir import CBIRModel, HashCode  # noqa: E402
+from tests.serving import ServeProcess, store_args  # noqa: E402
+
 OUT = ROOT / "benchmarks" / "results" / "service"
 MODEL = "bench-64"
 T0 = datetime(2020, 1, 1, tzinfo=UTC)
-
-
-def serve_command(
-    kind: str, target: str, index: Path, port: int, write_token: str | None = None
-) -> list[str]:
-    """``stac-rscbir serve`` over the benchmark's store: writes open, or behind ``write_token``."""
-    store = ["--db", target] if kind == "sqlite" else ["--dsn", target]
-    writes = ["--write-token", write_token] if write_token else ["--allow-anonymous-writes"]
-    exe = str(Path(sys.executable).with_name("stac-rscbir"))  # the console script of this venv
-    cli = [exe, "serve", *store, "--index-dir", str(index)]
-    return [*cli, "--host", "127.0.0.1", "--port", str(port), *writes]
 
 
 def bench_item(
@@ -85,9 +75,11 @@ def items(n: int, seed: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-COLLECTION = {
+COLLECTION = {  # declares the model: API writes of its codes are checked against it
     "type": "Collection",
     "stac_version": "1.1.0",
+    "stac_extensions": ["https://stac-extensions.github.io/cbir/v1.0.0/schema.json"],
+    "cbir:models": [CBIRModel.create(MODEL, "1.0.0", 64, ["red", "green", "blue"]).to_dict()],
     "id": "bench",
     "description": "service benchmark",
     "license": "other",
@@ -152,16 +144,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         kind, target = load(args, tmp)
-        port = free_port()
-        server = subprocess.Popen(serve_command(kind, target, tmp / "index", port))
+        log = tmp / "server.log"
+        server = ServeProcess(store_args(kind, target), tmp / "index", log).start()
         try:
-            client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
-            for _ in range(600):
-                try:
-                    client.get("/")
-                    break
-                except httpx.TransportError:
-                    time.sleep(0.1)
+            client = httpx.Client(base_url=server.url, timeout=300)
             bboxes = {  # ~0.1 %, 1 % and 10 % of the grid
                 "bbox 0.1%": [10.0, 45.0, 10.095, 45.095],
                 "bbox 1%": [10.0, 45.0, 10.3, 45.3],
@@ -192,8 +178,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
             nofilter, _ = timed(client, {"limit": 10, "similarity": sim}, args.requests)
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            server.stop()
     report = {
         "store": kind,
         "items": args.items,

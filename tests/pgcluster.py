@@ -59,6 +59,19 @@ def migrate(dsn: str) -> None:
         raise RuntimeError(f"pypgstac migrate failed ({result.returncode}): {result.stderr}")
 
 
+def pypgstac_load(dsn: str, table: str, path: Path, method: str) -> None:
+    """``pypgstac load TABLE PATH --method METHOD`` into ``dsn``, as an operator would run it:
+    behind every API's back (raises with its output when it fails)."""
+    result = subprocess.run(
+        [_pypgstac() or "pypgstac", "load", table, str(path), "--dsn", dsn, "--method", method],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"pypgstac load {table} failed ({result.returncode}): {result.stderr}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

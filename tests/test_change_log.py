@@ -20,7 +20,7 @@ from stac_rscbir.store.base import SearchQuery
 from stac_rscbir.store.pgstac import PgstacStore
 
 from .api_builders import MODEL, _bits, _collection, _item
-from .test_store_pgstac import _pypgstac_load
+from .pgcluster import pypgstac_load
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_the_index_follows_writes_behind_its_back(
     assert "item-005" not in ranked and "item-004" not in ranked and "item-069" in ranked
     ndjson = tmp_path / "items.ndjson"
     ndjson.write_text("\n".join(json.dumps(_item(i)) for i in range(70, 75)) + "\n")
-    _pypgstac_load(pgstac_db, "items", ndjson, "insert")
+    pypgstac_load(pgstac_db, "items", ndjson, "insert")
     _search(client, store, 3)
     assert _contents(client.indexes.index(MODEL)) == _fresh(pgstac_db)
     assert counted.rebuilds == 0, "the index was rebuilt instead of following the log"

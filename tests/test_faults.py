@@ -29,13 +29,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from stac_rscbir.api.app import create_api
-from stac_rscbir.api.server import free_port
 from stac_rscbir.index import hashindex
 from stac_rscbir.index.hashindex import HashIndex, IndexLoadError, open_or_rebuild
 from stac_rscbir.store.base import StoredCode
 from stac_rscbir.store.sqlite import SQLiteStore
 
 from .api_builders import MODEL, _collection, _item
+from .serving import ServeProcess
 
 TOKEN = "fault-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -84,50 +84,7 @@ def _ranked(base: str | TestClient, code: str, k: int) -> tuple[list[tuple[int, 
             body["token"] = httpx.URL(nxt[0]["href"]).params["token"]
 
 
-class Server:
-    """``stac-rscbir serve`` in a subprocess (its log in a file)."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "stac-rscbir"),
-                    "serve",
-                    *args,
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(self.port),
-                    "--write-token",
-                    TOKEN,
-                ],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(self.url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.kill()
-        pytest.fail(f"server did not start:\n{log.read_text()}")
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-
-def _stream_and_kill(server: Server, start: int, count: int, kill_after: int, delay: float):
+def _stream_and_kill(server: ServeProcess, start: int, count: int, kill_after: int, delay: float):
     """POST items start.. one by one; SIGKILL the server ``delay`` s after the
     ``kill_after``-th acknowledged write. Returns (acknowledged ids, ids sent unanswered)."""
     acked: list[str] = []
@@ -171,22 +128,21 @@ def test_kill_9_mid_stream_loses_no_acknowledged_write_and_the_index_agrees(
 
         target = request.getfixturevalue("pgstac_db")
         args = ["--dsn", target]
-    args += ["--index-dir", str(tmp_path / "index")]
     store = Store(target)
     store.create_collection(_collection())
     store.upsert_items([_item(i) for i in range(n0)])
     store.close()
 
     log = tmp_path / "server.log"
-    server = Server(args, log)
+    server = ServeProcess(args, tmp_path / "index", log, TOKEN).start()
     # load the index, so that every write updates and saves it
     ranked, _ = _ranked(server.url, _code_b64(_item(1)), 20)
     assert len(ranked) == 20
     acked, unanswered = _stream_and_kill(server, n0, 400, kill_after=15, delay=0.15)
-    assert server.proc.returncode == -signal.SIGKILL
+    assert server.returncode == -signal.SIGKILL
     assert 15 <= len(acked) < 400, "the kill did not land mid-stream"
 
-    server = Server(args, log)
+    server = ServeProcess(args, tmp_path / "index", log, TOKEN).start()
     try:
         with httpx.Client(timeout=30) as http:
             for iid in acked:  # every acknowledged write is there

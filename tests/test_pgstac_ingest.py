@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +37,7 @@ from stac_rscbir.ingest.pgstac import (
     listen_and_encode,
 )
 
+from .pgcluster import pypgstac_load
 from .pgstac_builders import (
     MODEL,
     _assert_encoded_once,
@@ -49,18 +48,6 @@ from .pgstac_builders import (
     _scenes,
     _stored,
 )
-
-PYPGSTAC = str(Path(sys.executable).with_name("pypgstac"))
-
-
-def _pypgstac_load(dsn: str, kind: str, path: Path) -> None:
-    """``pypgstac load`` as an operator would run it: behind the API's (and our) back."""
-    subprocess.run(
-        [PYPGSTAC, "load", kind, str(path), "--dsn", dsn, "--method", "insert_ignore"],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
 
 
 def _ndjson(path: Path, items: Sequence[pystac.Item]) -> Path:
@@ -198,7 +185,7 @@ def test_bulk_loaded_items_are_encoded_exactly_once(
     cid = "bulk-scenes"
     install_notify_trigger(pgstac_dsn)
     install_notify_trigger(pgstac_dsn)  # idempotent
-    _pypgstac_load(pgstac_dsn, "collections", _ndjson_collection(tmp_path, cid))
+    pypgstac_load(pgstac_dsn, "collections", _ndjson_collection(tmp_path, cid), "insert_ignore")
     with psycopg.connect(pgstac_dsn, autocommit=True) as conn:  # monthly sub-partitions
         conn.execute(
             "UPDATE pgstac.collections SET partition_trunc = 'month' WHERE id = %s", (cid,)
@@ -206,12 +193,12 @@ def test_bulk_loaded_items_are_encoded_exactly_once(
     worker = _Consumer(pgstac_dsn, checkpoint, cid)
     try:
         first = _scenes(tmp_path / "a", cid, seed=200, months=(6,))
-        _pypgstac_load(pgstac_dsn, "items", _ndjson(tmp_path / "a.ndjson", first))
+        pypgstac_load(pgstac_dsn, "items", _ndjson(tmp_path / "a.ndjson", first), "insert_ignore")
         _wait_until(lambda: _all_encoded(pgstac_dsn, cid, 3), worker, "the first load")
         # a second load, into partitions that did not exist when the trigger was made, after
         # the consumer's catch-up pass is certainly over: only notifications can bring it in
         second = _scenes(tmp_path / "b", cid, seed=300, months=(7, 8))
-        _pypgstac_load(pgstac_dsn, "items", _ndjson(tmp_path / "b.ndjson", second))
+        pypgstac_load(pgstac_dsn, "items", _ndjson(tmp_path / "b.ndjson", second), "insert_ignore")
         _wait_until(lambda: _all_encoded(pgstac_dsn, cid, 9), worker, "the second load")
         # The consumer hears its own upserts, which must not write again. They are committed
         # (read above), and notifications arrive in commit order: once a notification sent now
@@ -252,9 +239,9 @@ def test_items_loaded_without_a_consumer_are_caught_up(
 ) -> None:
     cid = "late-scenes"
     install_notify_trigger(pgstac_dsn)
-    _pypgstac_load(pgstac_dsn, "collections", _ndjson_collection(tmp_path, cid))
+    pypgstac_load(pgstac_dsn, "collections", _ndjson_collection(tmp_path, cid), "insert_ignore")
     items = _scenes(tmp_path, cid, seed=400)
-    _pypgstac_load(pgstac_dsn, "items", _ndjson(tmp_path / "items.ndjson", items))
+    pypgstac_load(pgstac_dsn, "items", _ndjson(tmp_path / "items.ndjson", items), "insert_ignore")
     ingestor = Ingestor.from_checkpoint(checkpoint, base.OPTIONS)
     report = listen_and_encode(pgstac_dsn, ingestor, idle_timeout=1.0, collections=[cid])
     assert (report.items_encoded, report.chips_encoded, report.errors) == (3, 6, [])

@@ -5,8 +5,6 @@ the similarity layer, codes, and the generation counter under API writes and bul
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +28,7 @@ from stac_rscbir.store.pgstac import PgstacStore
 from stac_rscbir.store.sqlite import SQLiteStore
 
 from .api_builders import MODEL, _bits, _collection
+from .pgcluster import pypgstac_load
 
 T0 = datetime(2021, 1, 1, tzinfo=UTC)
 N = 100
@@ -301,7 +300,7 @@ def test_generation_grows_with_api_writes_and_bulk_loads(
         before = store.generation()
         ndjson = tmp_path / "items.ndjson"
         ndjson.write_text("\n".join(json.dumps(_item(i)) for i in range(5, 9)) + "\n")
-        _pypgstac_load(pgstac_db, "items", ndjson, "insert")
+        pypgstac_load(pgstac_db, "items", ndjson, "insert")
         assert store.generation() > before and store.count() == 6  # items 1, 3, 5-8
         page = client.post("/search", json=search).json()  # the index was rebuilt
         assert page["features"][0]["id"] == "item-007"
@@ -312,7 +311,7 @@ def test_generation_grows_with_api_writes_and_bulk_loads(
             HashCode.from_bits(MODEL, "1.0.0", _bits(70)).to_dict()
         ]
         ndjson.write_text(json.dumps(moved) + "\n")
-        _pypgstac_load(pgstac_db, "items", ndjson, "upsert")
+        pypgstac_load(pgstac_db, "items", ndjson, "upsert")
         assert store.generation() > before
         page = client.post("/search", json=search).json()
         assert page["features"][0]["id"] != "item-007"
@@ -324,15 +323,6 @@ def test_generation_grows_with_api_writes_and_bulk_loads(
 
 def _code(i: int) -> str:
     return HashCode.from_bits(MODEL, "1.0.0", _bits(i)).code
-
-
-def _pypgstac_load(dsn: str, table: str, path: Path, method: str) -> None:
-    pypgstac = Path(sys.executable).with_name("pypgstac")
-    subprocess.run(
-        [str(pypgstac), "load", table, str(path), "--dsn", dsn, "--method", method],
-        check=True,
-        capture_output=True,
-    )
 
 
 def test_serve_takes_exactly_one_store(
