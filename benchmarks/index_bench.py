@@ -20,7 +20,9 @@ Writes benchmarks/results/index/index_bench.json and index_bench.png; prints mar
 
 ``--archive`` (issue 18): clustered 64-bit codes at 10^7 and 10^8 (``--sizes``), generated in
 chunks. FAISS alone (an IndexBinaryIVF, nlist = sqrt(N) capped by ``--max-nlist``, trained on
-64 x nlist codes; ids = row numbers): training and add time and throughput (2 threads), memory
+64 x nlist codes; ids = row numbers): training and add time and throughput (``--build-threads``,
+default 1: with 2 OpenMP threads on 2 shared, oversubscribed cores, add ran 10-30x slower than
+with 1, OpenMP's spinning threads waiting for each other), memory
 by RSS delta and from the structures, single-query top-10 latency of the exact scan
 (``faiss.knn_hamming`` over the code array, HashIndex's exact path) and of IVF at nprobe
 1/4/16 with 1 and 2 threads, tie-aware recall@10, write/read time of the index file. Up to
@@ -393,12 +395,12 @@ ARCHIVE_NPROBES = (1, 4, 16)
 ARCHIVE_CHUNK = 1_000_000  # codes per add_with_ids call (progress, bounded temporaries)
 
 
-def rss_mb() -> float:
-    """Resident memory of this process in MB (VmRSS)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident memory of process ``pid`` (default: this one) in MB (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
 def phase(res: dict[str, Any], name: str, t0: float) -> None:
@@ -456,12 +458,12 @@ def archive_raw(
     n, code_size = codes.shape
     qs, rq = queries[: res["latency_queries"]], queries[: res["recall_queries"]]
     phase(res, "raw IVF build", t0)
-    faiss.omp_set_num_threads(2)
+    faiss.omp_set_num_threads(res["build_threads"])
     before = rss_mb()
     ivf, build = build_raw_ivf(codes, nlist)
     build["rss_delta_mb"] = rss_mb() - before
     build["struct_bytes"] = ivf_bytes(n, nlist, code_size)
-    raw: dict[str, Any] = {"build_2t": build}
+    raw: dict[str, Any] = {"build": build}
     phase(res, "raw search", t0)
     for threads in (1, 2):
         faiss.omp_set_num_threads(threads)
@@ -519,10 +521,10 @@ def archive_hashindex(
     keys = [("c", f"i{i:09d}") for i in range(n)]
     h: dict[str, Any] = {"keys_s": time.perf_counter() - t, "keys_rss_delta_mb": rss_mb() - before}
     phase(res, "HashIndex build", t0)
-    faiss.omp_set_num_threads(2)
+    faiss.omp_set_num_threads(res["build_threads"])
     t = time.perf_counter()
     idx = HashIndex("bench", 64, kind="ivf", nlist=nlist, nprobe=4).build_arrays(keys, codes, 0)
-    h["build_s_2t"] = time.perf_counter() - t
+    h["build_s"] = time.perf_counter() - t
     struct = {
         "codes_mirror": idx._codes.nbytes + idx._alive.nbytes,
         "faiss_ivf": ivf_bytes(n, idx.nlist, idx.nbytes),
@@ -577,6 +579,7 @@ def archive_config(n: int, args: argparse.Namespace) -> dict[str, Any]:
         "bits": 64,
         "pattern": "clus",
         "nlist": nlist,
+        "build_threads": args.build_threads,
         "latency_queries": 20 if n <= 10_000_000 else 10,
         "recall_queries": 50 if n <= 10_000_000 else 20,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -601,7 +604,7 @@ def archive_config(n: int, args: argparse.Namespace) -> dict[str, Any]:
 def archive_tables(results: list[dict[str, Any]]) -> str:
     """Markdown tables of the archive runs."""
     lines = [
-        "### Memory, build and persistence (clustered 64-bit codes, IVF, 2 threads)",
+        "### Memory, build and persistence (clustered 64-bit codes, IVF)",
         "",
         "| N | nlist | FAISS IVF B/code (struct / RSS) "
         "| HashIndex B/code incl. keys (struct / RSS) "
@@ -609,11 +612,11 @@ def archive_tables(results: list[dict[str, Any]]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        raw, b, h = r["raw"], r["raw"]["build_2t"], r.get("hashindex")
+        raw, b, h = r["raw"], r["raw"]["build"], r.get("hashindex")
         hi = (
             (
                 f"{h['struct_bytes_per_code']:.0f} / {h['rss_bytes_per_code']:.0f}",
-                f"{h['build_s_2t']:.1f}",
+                f"{h['build_s']:.1f}",
                 f"{h['save_s']:.1f} (HashIndex)",
                 f"{h['load_s']:.1f} (HashIndex)",
                 f"{h['saved_bytes'] / 2**20:.0f}",
@@ -671,7 +674,7 @@ def archive_plot(results: list[dict[str, Any]], path: Path) -> None:
         parts = (
             r["hashindex"]["struct_bytes"]
             if "hashindex" in r
-            else {"codes_mirror": r["n"] * 9, "faiss_ivf": r["raw"]["build_2t"]["struct_bytes"]}
+            else {"codes_mirror": r["n"] * 9, "faiss_ivf": r["raw"]["build"]["struct_bytes"]}
         )
         bottom = 0.0
         for k, v in parts.items():
@@ -700,8 +703,8 @@ def archive_plot(results: list[dict[str, Any]], path: Path) -> None:
     ax2.legend(fontsize=6)
     x = np.arange(len(results))
     steps = [
-        ("train", lambda r: r["raw"]["build_2t"]["train_s"]),
-        ("add", lambda r: r["raw"]["build_2t"]["add_s"]),
+        ("train", lambda r: r["raw"]["build"]["train_s"]),
+        ("add", lambda r: r["raw"]["build"]["add_s"]),
         ("write", lambda r: r["raw"]["write_s"]),
         ("read", lambda r: r["raw"]["read_s"]),
         ("HashIndex save", lambda r: r.get("hashindex", {}).get("save_s", 0)),
@@ -712,7 +715,7 @@ def archive_plot(results: list[dict[str, Any]], path: Path) -> None:
     ax3.set_xticks(x, labels)
     ax3.set_yscale("log")
     ax3.set_ylabel("seconds")
-    ax3.set_title("IVF build (2 threads) and persistence")
+    ax3.set_title("IVF build and persistence")
     ax3.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -729,6 +732,7 @@ def archive_main(args: argparse.Namespace) -> None:
         "faiss": faiss.__version__,
         "numpy": np.__version__,
         "shared": "2 cores shared with other sessions: see each phase's loadavg",
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(default)"),
     }
     for n in args.sizes or [10_000_000, 100_000_000]:
         res = archive_config(n, args)
@@ -754,6 +758,9 @@ def main() -> None:
     parser.add_argument("--max-nlist", type=int, default=4096, help="archive: IVF lists cap")
     parser.add_argument("--hashindex-max", type=int, default=10_000_000, help="archive")
     parser.add_argument("--tmp", type=Path, default=None, help="archive: folder of saved files")
+    parser.add_argument(
+        "--build-threads", type=int, default=1, help="archive: FAISS threads of train + add"
+    )
     args = parser.parse_args()
     if args.archive:
         archive_main(args)
