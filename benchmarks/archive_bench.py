@@ -81,7 +81,8 @@ def grid_bbox(n: int, fraction: float) -> tuple[list[float], int]:
 
 def bulk_load(store: str, target: str, n: int) -> float:
     """Write the n items by the store's fastest path; seconds it took."""
-    items = tqdm(iter_items(n), total=n, desc=f"load {store}", unit="item", mininterval=5)
+    bar = tqdm(iter_items(n), total=n, desc=f"load {store}", unit="item", mininterval=5)
+    items = iter(bar)  # one iterator: islice must not restart the bar's
     start = time.perf_counter()
     if store == "sqlite":
         from stac_rscbir.store.sqlite import SQLiteStore
@@ -100,7 +101,7 @@ def bulk_load(store: str, target: str, n: int) -> float:
         with PgstacStore(target) as db:  # installs the generation triggers, as serve does
             db.create_collection(COLLECTION)
         with PgstacDB(dsn=target) as pg:
-            Loader(db=pg).load_items(iter(items), insert_mode=Methods.insert, chunksize=BATCH)
+            Loader(db=pg).load_items(items, insert_mode=Methods.insert, chunksize=BATCH)
     return time.perf_counter() - start
 
 
