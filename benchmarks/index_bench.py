@@ -668,7 +668,9 @@ def archive_plot(results: list[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(16, 4.6))
     FigureCanvasAgg(fig)
     ax1, ax2, ax3 = fig.subplots(1, 3)
-    labels, bottoms = [], []
+    labels = []
+    parts_order = ("codes_mirror", "faiss_ivf", "key_objects", "key_list", "key_to_id_dict")
+    colors = {k: f"C{i}" for i, k in enumerate(parts_order)}
     for j, r in enumerate(results):
         labels.append(f"{r['n']:.0e}")
         parts = (
@@ -678,11 +680,9 @@ def archive_plot(results: list[dict[str, Any]], path: Path) -> None:
         )
         bottom = 0.0
         for k, v in parts.items():
-            ax1.bar(
-                j, v / r["n"], bottom=bottom, label=k if j == 0 or "hashindex" not in r else None
-            )
+            seen = k in ax1.get_legend_handles_labels()[1]
+            ax1.bar(j, v / r["n"], bottom=bottom, color=colors[k], label=None if seen else k)
             bottom += v / r["n"]
-        bottoms.append(bottom)
         if "hashindex" in r:
             ax1.scatter(j, r["hashindex"]["rss_bytes_per_code"], marker="_", s=400, color="k")
     ax1.set_xticks(range(len(results)), labels)
