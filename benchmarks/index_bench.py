@@ -18,8 +18,21 @@ meaningful). For each N x bits:
 
 Writes benchmarks/results/index/index_bench.json and index_bench.png; prints markdown tables.
 
+``--archive`` (issue 18): clustered 64-bit codes at 10^7 and 10^8 (``--sizes``), generated in
+chunks. FAISS alone (an IndexBinaryIVF, nlist = sqrt(N) capped by ``--max-nlist``, trained on
+64 x nlist codes; ids = row numbers): training and add time and throughput (``--build-threads``,
+default 1: with 2 OpenMP threads on 2 shared, oversubscribed cores, add ran 10-30x slower than
+with 1, OpenMP's spinning threads waiting for each other), memory
+by RSS delta and from the structures, single-query top-10 latency of the exact scan
+(``faiss.knn_hamming`` over the code array, HashIndex's exact path) and of IVF at nprobe
+1/4/16 with 1 and 2 threads, tie-aware recall@10, write/read time of the index file. Up to
+``--hashindex-max`` (10^7) the same for the real ``HashIndex`` including its Python keys and
+key->id dict, with ``HashIndex.save`` / ``load``. Load average and RSS recorded at each phase.
+Each size is merged into benchmarks/results/index/index_archive.json (.md, .png) as it ends.
+
     .venv/bin/python benchmarks/index_bench.py            # full: 10^6 and 10^7, ~10-15 min
     .venv/bin/python benchmarks/index_bench.py --quick    # 10^5 and 10^6, smoke test
+    .venv/bin/python benchmarks/index_bench.py --archive  # 10^7 then 10^8, ~30 min, ~4 GB
 """
 
 from __future__ import annotations
@@ -29,7 +42,10 @@ import gc
 import json
 import os
 import platform
+import shutil
 import statistics
+import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +53,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
 from stac_rscbir.index.hashindex import HashIndex, measure_recall
 
@@ -53,7 +70,7 @@ def make_codes(n: int, bits: int, pattern: str, seed: int) -> np.ndarray:
     proj = rng.normal(size=(32, bits)).astype(np.float32)
     out = np.empty((n, bits // 8), dtype=np.uint8)
     step = 1_000_000
-    for s in range(0, n, step):
+    for s in tqdm(range(0, n, step), desc=f"codes {n:.0e}", unit="M", disable=n < 10 * step):
         m = min(step, n - s)
         x = centers[rng.integers(0, 64, m)] + 0.35 * rng.normal(size=(m, 32)).astype(np.float32)
         out[s : s + m] = np.packbits(x @ proj > 0, axis=1)
@@ -372,6 +389,364 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------- archive sizes
+
+ARCHIVE_NPROBES = (1, 4, 16)
+ARCHIVE_CHUNK = 1_000_000  # codes per add_with_ids call (progress, bounded temporaries)
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident memory of process ``pid`` (default: this one) in MB (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
+
+
+def phase(res: dict[str, Any], name: str, t0: float) -> None:
+    """Record when phase ``name`` starts: seconds since ``t0``, load average (the machine is
+    shared with other sessions) and resident memory."""
+    res.setdefault("phases", {})[name] = {
+        "at_s": round(time.perf_counter() - t0, 1),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+        "rss_mb": round(rss_mb(), 1),
+    }
+    print(f"  [{name}] load {os.getloadavg()[0]:.2f}, RSS {rss_mb():.0f} MB", flush=True)
+
+
+def tie_recall(exact_d: np.ndarray, approx_d: np.ndarray, approx_i: np.ndarray) -> float:
+    """Mean tie-aware recall@k from the distance rows of an exact and an approximate search: a
+    returned hit counts when within the k-th exact distance (the rule of measure_recall)."""
+    hits = (approx_d <= exact_d[:, -1:]) & (approx_i >= 0)
+    return float(hits.sum(axis=1).mean() / exact_d.shape[1])
+
+
+def ivf_bytes(ntotal: int, nlist: int, code_size: int) -> int:
+    """Bytes an IndexBinaryIVF holds: per code its bytes and an int64 id in the inverted
+    lists, plus the nlist centroids of the flat quantizer."""
+    return ntotal * (code_size + 8) + nlist * code_size
+
+
+def build_raw_ivf(codes: np.ndarray, nlist: int) -> tuple[Any, dict[str, Any]]:
+    """A FAISS IndexBinaryIVF over ``codes`` (ids = row numbers), trained on the sample
+    HashIndex takes (64 x nlist codes, 10 k-means iterations); training and add timed apart,
+    the add in chunks with a progress bar."""
+    n, code_size = codes.shape
+    size = min(n, max(64 * nlist, 10_000))
+    sample = codes[np.sort(np.random.default_rng(0).choice(n, size, replace=False))]
+    quantizer = faiss.IndexBinaryFlat(code_size * 8)
+    ivf = faiss.IndexBinaryIVF(quantizer, code_size * 8, nlist)
+    ivf.cp.niter = 10
+    t = time.perf_counter()
+    ivf.train(sample)
+    out: dict[str, Any] = {"train_codes": size, "train_s": time.perf_counter() - t}
+    t = time.perf_counter()
+    for s in tqdm(range(0, n, ARCHIVE_CHUNK), desc=f"IVF add {n:.0e}", unit="M"):
+        m = min(ARCHIVE_CHUNK, n - s)
+        ivf.add_with_ids(codes[s : s + m], np.arange(s, s + m, dtype=np.int64))
+    out["add_s"] = time.perf_counter() - t
+    out["add_codes_per_s"] = n / out["add_s"]
+    return ivf, out
+
+
+def archive_raw(
+    codes: np.ndarray, queries: np.ndarray, nlist: int, res: dict[str, Any], t0: float, tmp: Path
+) -> None:
+    """FAISS alone (what holds at 10^8): IVF train/add, exact (knn_hamming over the code
+    array, HashIndex's exact path) and IVF latency at 1 and 2 threads, tie-aware recall@10 per
+    nprobe, write/read time of the index file, memory by RSS delta and by structure."""
+    n, code_size = codes.shape
+    qs, rq = queries[: res["latency_queries"]], queries[: res["recall_queries"]]
+    phase(res, "raw IVF build", t0)
+    faiss.omp_set_num_threads(res["build_threads"])
+    before = rss_mb()
+    ivf, build = build_raw_ivf(codes, nlist)
+    build["rss_delta_mb"] = rss_mb() - before
+    build["struct_bytes"] = ivf_bytes(n, nlist, code_size)
+    raw: dict[str, Any] = {"build": build}
+    phase(res, "raw search", t0)
+    for threads in (1, 2):
+        faiss.omp_set_num_threads(threads)
+        raw[f"exact_ms_{threads}t"] = clock_queries(
+            lambda q: faiss.knn_hamming(q[None], codes, 10), qs
+        )
+        for p in ARCHIVE_NPROBES:
+            ivf.nprobe = p
+            raw[f"ivf_nprobe{p}_ms_{threads}t"] = clock_queries(
+                lambda q: ivf.search(q[None], 10), qs
+            )
+    faiss.omp_set_num_threads(2)
+    exact_d, _ = faiss.knn_hamming(rq, codes, 10)
+    for p in ARCHIVE_NPROBES:
+        ivf.nprobe = p
+        d, i = ivf.search(rq, 10)
+        raw[f"recall@10_nprobe{p}"] = tie_recall(exact_d, d, i)
+    phase(res, "raw write/read", t0)
+    path = tmp / "ivf.faissindex"
+    t = time.perf_counter()
+    faiss.write_index_binary(ivf, str(path))
+    raw["write_s"] = time.perf_counter() - t
+    raw["file_bytes"] = path.stat().st_size
+    ivf = None
+    gc.collect()
+    t = time.perf_counter()
+    back = faiss.read_index_binary(str(path))
+    raw["read_s"] = time.perf_counter() - t  # the file is in the page cache: a warm read
+    assert back.ntotal == n, (back.ntotal, n)
+    back = None
+    path.unlink()
+    gc.collect()
+    res["raw"] = raw
+
+
+def key_bytes(keys: list[tuple[str, str]], sample: int = 100_000) -> int:
+    """Bytes of the Python key objects (tuple + item id string; the collection string is
+    shared), from a sample scaled to all keys."""
+    step = max(1, len(keys) // sample)
+    picked = keys[::step]
+    per = sum(sys.getsizeof(k) + sys.getsizeof(k[1]) for k in picked) / len(picked)
+    return int(per * len(keys))
+
+
+def archive_hashindex(
+    codes: np.ndarray, queries: np.ndarray, nlist: int, res: dict[str, Any], t0: float, tmp: Path
+) -> None:
+    """The real HashIndex (IVF, keys and ids held in Python): memory per code including the
+    keys, build time, exact/IVF latency and recall, HashIndex.save / load."""
+    n = len(codes)
+    qs, rq = queries[: res["latency_queries"]], queries[: res["recall_queries"]]
+    phase(res, "HashIndex keys", t0)
+    before = rss_mb()
+    t = time.perf_counter()
+    keys = [("c", f"i{i:09d}") for i in range(n)]
+    h: dict[str, Any] = {"keys_s": time.perf_counter() - t, "keys_rss_delta_mb": rss_mb() - before}
+    phase(res, "HashIndex build", t0)
+    faiss.omp_set_num_threads(res["build_threads"])
+    t = time.perf_counter()
+    idx = HashIndex("bench", 64, kind="ivf", nlist=nlist, nprobe=4).build_arrays(keys, codes, 0)
+    h["build_s"] = time.perf_counter() - t
+    struct = {
+        "codes_mirror": idx._codes.nbytes + idx._alive.nbytes,
+        "faiss_ivf": ivf_bytes(n, idx.nlist, idx.nbytes),
+        "key_objects": key_bytes(keys),
+        "key_list": sys.getsizeof(idx._keys),
+        "key_to_id_dict": sys.getsizeof(idx._ids),
+    }
+    del keys  # the index holds its own list
+    gc.collect()
+    h["rss_delta_mb"] = rss_mb() - before
+    h["rss_bytes_per_code"] = h["rss_delta_mb"] * 2**20 / n
+    h["struct_bytes"] = struct
+    h["struct_bytes_per_code"] = sum(struct.values()) / n
+    phase(res, "HashIndex search", t0)
+    for threads in (1, 2):
+        faiss.omp_set_num_threads(threads)
+        h[f"exact_ms_{threads}t"] = clock_queries(lambda q: idx.search(q, 10, exact=True), qs)
+        for p in ARCHIVE_NPROBES:
+            idx.set_nprobe(p)
+            h[f"ivf_nprobe{p}_ms_{threads}t"] = clock_queries(lambda q: idx.search(q, 10), qs)
+    faiss.omp_set_num_threads(2)
+    for p in ARCHIVE_NPROBES:
+        idx.set_nprobe(p)
+        h[f"recall@10_nprobe{p}"] = measure_recall(idx, rq, 10)
+    phase(res, "HashIndex save/load", t0)
+    folder = tmp / "hashindex"
+    t = time.perf_counter()
+    idx.save(folder)
+    h["save_s"] = time.perf_counter() - t
+    h["saved_bytes"] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    idx = None
+    gc.collect()
+    before = rss_mb()
+    t = time.perf_counter()
+    back = HashIndex.load(folder)
+    h["load_s"] = time.perf_counter() - t  # files in the page cache: a warm read
+    h["load_rss_delta_mb"] = rss_mb() - before
+    assert back.count == n, (back.count, n)
+    back = None
+    shutil.rmtree(folder)
+    gc.collect()
+    res["hashindex"] = h
+
+
+def archive_config(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One archive size: clustered 64-bit codes, FAISS alone, then the real HashIndex when
+    n <= --hashindex-max (its Python keys need ~150 bytes per code)."""
+    t0 = time.perf_counter()
+    nlist = max(1, min(round(n**0.5), args.max_nlist))
+    res: dict[str, Any] = {
+        "n": n,
+        "bits": 64,
+        "pattern": "clus",
+        "nlist": nlist,
+        "build_threads": args.build_threads,
+        "latency_queries": 20 if n <= 10_000_000 else 10,
+        "recall_queries": 50 if n <= 10_000_000 else 20,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    phase(res, "codes", t0)
+    before = rss_mb()
+    t = time.perf_counter()
+    codes = make_codes(n, 64, "clus", seed=65)
+    queries = make_codes(50, 64, "clus", seed=65)  # the same mixture (see run_config)
+    res["gen_s"] = time.perf_counter() - t
+    res["codes_rss_delta_mb"] = rss_mb() - before
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmpdir:
+        archive_raw(codes, queries, nlist, res, t0, Path(tmpdir))
+        if n <= args.hashindex_max:
+            archive_hashindex(codes, queries, nlist, res, t0, Path(tmpdir))
+    phase(res, "end", t0)
+    res["total_s"] = time.perf_counter() - t0
+    print(f"  archive N={n:.0e}: {res['total_s']:.0f} s", flush=True)
+    return res
+
+
+def archive_tables(results: list[dict[str, Any]]) -> str:
+    """Markdown tables of the archive runs."""
+    lines = [
+        "### Memory, build and persistence (clustered 64-bit codes, IVF)",
+        "",
+        "| N | nlist | FAISS IVF B/code (struct / RSS) "
+        "| HashIndex B/code incl. keys (struct / RSS) "
+        "| train s | add s | add codes/s | HashIndex build s | save s | load s | file MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        raw, b, h = r["raw"], r["raw"]["build"], r.get("hashindex")
+        hi = (
+            (
+                f"{h['struct_bytes_per_code']:.0f} / {h['rss_bytes_per_code']:.0f}",
+                f"{h['build_s']:.1f}",
+                f"{h['save_s']:.1f} (HashIndex)",
+                f"{h['load_s']:.1f} (HashIndex)",
+                f"{h['saved_bytes'] / 2**20:.0f}",
+            )
+            if h
+            else (
+                "-",
+                "-",
+                f"{raw['write_s']:.1f} (FAISS)",
+                f"{raw['read_s']:.1f} (FAISS)",
+                f"{raw['file_bytes'] / 2**20:.0f}",
+            )
+        )
+        lines.append(
+            f"| {r['n']:.0e} | {r['nlist']} | {b['struct_bytes'] / r['n']:.1f} / "
+            f"{b['rss_delta_mb'] * 2**20 / r['n']:.1f} | {hi[0]} | {b['train_s']:.1f} "
+            f"| {b['add_s']:.1f} | {b['add_codes_per_s']:,.0f} | {hi[1]} | {hi[2]} | {hi[3]} "
+            f"| {hi[4]} |"
+        )
+    lines += [
+        "",
+        "### Single-query top-10 latency, ms (1 thread / 2 threads), tie-aware recall@10",
+        "",
+        "| N | index | exact | " + " | ".join(f"IVF nprobe {p}" for p in ARCHIVE_NPROBES) + " |",
+        "|---|---|---:|" + "---:|" * len(ARCHIVE_NPROBES),
+    ]
+    for r in results:
+        for name, v in (("FAISS", r["raw"]), ("HashIndex", r.get("hashindex"))):
+            if not v:
+                continue
+            cells = [
+                f"{v[f'ivf_nprobe{p}_ms_1t']:.3f} / {v[f'ivf_nprobe{p}_ms_2t']:.3f} "
+                f"(R {v[f'recall@10_nprobe{p}']:.3f})"
+                for p in ARCHIVE_NPROBES
+            ]
+            lines.append(
+                f"| {r['n']:.0e} | {name} | {v['exact_ms_1t']:.1f} / {v['exact_ms_2t']:.1f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def archive_plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Memory per code, latency vs recall, and build / persistence times per size."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(16, 4.6))
+    FigureCanvasAgg(fig)
+    ax1, ax2, ax3 = fig.subplots(1, 3)
+    labels = []
+    parts_order = ("codes_mirror", "faiss_ivf", "key_objects", "key_list", "key_to_id_dict")
+    colors = {k: f"C{i}" for i, k in enumerate(parts_order)}
+    for j, r in enumerate(results):
+        labels.append(f"{r['n']:.0e}")
+        parts = (
+            r["hashindex"]["struct_bytes"]
+            if "hashindex" in r
+            else {"codes_mirror": r["n"] * 9, "faiss_ivf": r["raw"]["build"]["struct_bytes"]}
+        )
+        bottom = 0.0
+        for k, v in parts.items():
+            seen = k in ax1.get_legend_handles_labels()[1]
+            ax1.bar(j, v / r["n"], bottom=bottom, color=colors[k], label=None if seen else k)
+            bottom += v / r["n"]
+        if "hashindex" in r:
+            ax1.scatter(j, r["hashindex"]["rss_bytes_per_code"], marker="_", s=400, color="k")
+    ax1.set_xticks(range(len(results)), labels)
+    ax1.set_ylabel("bytes per code (bars: structures; tick: RSS)")
+    ax1.set_title("memory per code (codes mirror + IVF [+ keys at 1e7])")
+    ax1.legend(fontsize=7)
+    for r in results:
+        for name, v in (("FAISS", r["raw"]), ("HashIndex", r.get("hashindex"))):
+            if not v:
+                continue
+            pts = [(v[f"ivf_nprobe{p}_ms_1t"], v[f"recall@10_nprobe{p}"]) for p in ARCHIVE_NPROBES]
+            ax2.plot(*zip(*pts, strict=True), "o-", label=f"{name} IVF {r['n']:.0e}")
+            ax2.plot([v["exact_ms_1t"]], [1.0], "s", label=f"{name} exact {r['n']:.0e}")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("ms per query (1 thread)")
+    ax2.set_ylabel("recall@10 (tie-aware)")
+    ax2.set_title(f"latency vs recall (nprobe {ARCHIVE_NPROBES})")
+    ax2.legend(fontsize=6)
+    x = np.arange(len(results))
+    steps = [
+        ("train", lambda r: r["raw"]["build"]["train_s"]),
+        ("add", lambda r: r["raw"]["build"]["add_s"]),
+        ("write", lambda r: r["raw"]["write_s"]),
+        ("read", lambda r: r["raw"]["read_s"]),
+        ("HashIndex save", lambda r: r.get("hashindex", {}).get("save_s", 0)),
+        ("HashIndex load", lambda r: r.get("hashindex", {}).get("load_s", 0)),
+    ]
+    for j, (name, get) in enumerate(steps):
+        ax3.bar(x + (j - 2.5) * 0.13, [get(r) for r in results], 0.13, label=name)
+    ax3.set_xticks(x, labels)
+    ax3.set_yscale("log")
+    ax3.set_ylabel("seconds")
+    ax3.set_title("IVF build and persistence")
+    ax3.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def archive_main(args: argparse.Namespace) -> None:
+    """Run the archive sizes one by one, merging each into index_archive.json as it ends."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "index_archive.json"
+    payload = json.loads(path.read_text()) if path.exists() else {"results": []}
+    payload["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "shared": "2 cores shared with other sessions: see each phase's loadavg",
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+    }
+    for n in args.sizes or [10_000_000, 100_000_000]:
+        res = archive_config(n, args)
+        payload["results"] = sorted(
+            [r for r in payload["results"] if r["n"] != n] + [res], key=lambda r: r["n"]
+        )
+        path.write_text(json.dumps(payload, indent=1))
+        table = archive_tables(payload["results"])
+        (args.out / "index_archive.md").write_text(table + "\n")
+        archive_plot(payload["results"], args.out / "index_archive.png")
+        print(table, flush=True)
+        gc.collect()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10^5 and 10^6 only")
@@ -379,7 +754,17 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=30)
     parser.add_argument("--no-hnsw", dest="hnsw", action="store_false")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--archive", action="store_true", help="10^7 and 10^8 (see docstring)")
+    parser.add_argument("--max-nlist", type=int, default=4096, help="archive: IVF lists cap")
+    parser.add_argument("--hashindex-max", type=int, default=10_000_000, help="archive")
+    parser.add_argument("--tmp", type=Path, default=None, help="archive: folder of saved files")
+    parser.add_argument(
+        "--build-threads", type=int, default=1, help="archive: FAISS threads of train + add"
+    )
     args = parser.parse_args()
+    if args.archive:
+        archive_main(args)
+        return
     sizes = args.sizes or ([100_000, 1_000_000] if args.quick else [1_000_000, 10_000_000])
     results = []
     t0 = time.perf_counter()

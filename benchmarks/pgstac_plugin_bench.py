@@ -91,12 +91,22 @@ def running(name: str, dsn: str, index: Path, log: Path) -> Iterator[httpx.Clien
     """Server ``name`` up (its output in ``log``), a client on it; stopped on exit."""
     port = free_port()
     cmd, env = server_command(name, dsn, index, port)
+    with running_command(cmd, env, port, log, name) as (client, _):
+        yield client
+
+
+@contextmanager
+def running_command(
+    cmd: list[str], env: dict[str, str], port: int, log: Path, name: str = "server"
+) -> Iterator[tuple[httpx.Client, subprocess.Popen[bytes]]]:
+    """The server ``cmd`` (listening on ``port``) up, its output in ``log``: a client on it
+    and the process; stopped on exit (SIGTERM)."""
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300)
     try:
         wait_until_up(str(client.base_url), proc, 300, log)
-        yield client
+        yield client, proc
     finally:
         client.close()
         proc.terminate()

@@ -17,6 +17,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -60,19 +61,24 @@ def bench_item(
     }
 
 
-def items(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """n items on a 1 km grid over ~3x3 degrees, clustered 64-bit codes, a datetime each."""
+def iter_items(n: int, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """n items on a 1 km grid over ~3x3 degrees, clustered 64-bit codes, a datetime each,
+    made one at a time (item i is in column i % side, row i // side, side = ceil(sqrt(n)),
+    covering 80 % of its grid cell)."""
     rng = np.random.default_rng(seed)
     centres = rng.integers(0, 2, size=(64, 64), dtype=np.uint8)
     side = int(np.ceil(np.sqrt(n)))
-    out = []
     for i in range(n):
         x, y = 10 + (i % side) * 3.0 / side, 45 + (i // side) * 3.0 / side
         bits = centres[i % 64].copy()
         bits[rng.choice(64, size=6, replace=False)] ^= 1
         when = (T0 + timedelta(hours=i)).isoformat().replace("+00:00", "Z")
-        out.append(bench_item(f"i{i:07d}", x, y, 0.8 * 3.0 / side, when, bits))
-    return out
+        yield bench_item(f"i{i:07d}", x, y, 0.8 * 3.0 / side, when, bits)
+
+
+def items(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """The items of :func:`iter_items` as a list."""
+    return list(iter_items(n, seed))
 
 
 COLLECTION = {  # declares the model: API writes of its codes are checked against it
