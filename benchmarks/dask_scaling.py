@@ -85,7 +85,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 3))
+    fig = Figure(figsize=(9, 3))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     labels = [r["name"] for r in rows]
@@ -95,7 +95,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.text(values[y], y, f"  {values[y]:.0f}/s ({r['wall_seconds']:.0f} s)", va="center")
     ax.set_xlim(0, max(values) * 1.4)
     ax.set_xlabel("chips encoded per second, end to end")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
