@@ -5,7 +5,7 @@ grid of side ceil(sqrt(N)) over 3x3 degrees), made one at a time and written by 
 supported path: SQLite ``SQLiteStore.upsert_items`` in batches of 10^4; pgstac ``pypgstac``'s
 ``Loader.load_items`` (what ``pypgstac load`` runs: COPY into the partition, insert mode) on a
 throwaway cluster (tests/pgcluster.py) or ``--dsn``. Measured, with ``stac-rscbir serve`` in its
-own process (benchmarks/service_bench.py ``serve_command``):
+own process (tests/serving.py ``serve_command``):
 
 1. bulk-load time and items/s; store size on disk (SQLite: the database file with its -wal;
    pgstac: ``pg_database_size``);
@@ -50,9 +50,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from index_bench import rss_mb  # noqa: E402
 from light_server import first_answer  # noqa: E402
 from pgstac_plugin_bench import running_command, search_ms, similarity  # noqa: E402
-from service_bench import COLLECTION, iter_items, serve_command  # noqa: E402
+from service_bench import COLLECTION, iter_items  # noqa: E402
 
 from stac_rscbir.api.server import free_port  # noqa: E402
+from tests.serving import serve_command, store_args  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "archive"
 FRACTIONS = (0.001, 0.01, 0.1)
@@ -140,7 +141,7 @@ def cold_starts(store: str, target: str, index: Path, n: int, runs: int) -> dict
                 assert index.is_dir() and any(index.iterdir()), "no saved index to start from"
             port = free_port()
             got = first_answer(
-                serve_command(store, target, index, port), server_env(), port, query_id
+                serve_command(store_args(store, target), index, port), server_env(), port, query_id
             )
             out[case].append(got)
             print("cold start", case, got, flush=True)
@@ -160,7 +161,7 @@ def latency(
 ) -> dict[str, Any]:
     """p50 / p95 per kind of search, one server, requests in random order."""
     port = free_port()
-    cmd = serve_command(store, target, index, port)
+    cmd = serve_command(store_args(store, target), index, port)
     boxes = {f"{f * 100:g} %": grid_bbox(n, f) for f in FRACTIONS}
     kinds: dict[str, Any] = {"similarity, no filter": lambda q: similarity(q)}
     for name, (bbox, _) in boxes.items():
