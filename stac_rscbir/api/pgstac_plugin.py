@@ -114,10 +114,10 @@ class PgstacCandidates:
     def fingerprint(self) -> dict[str, Any]:
         return self.body
 
-    def keys(self) -> set[ItemKey] | None:
+    def keys(self) -> list[ItemKey] | None:
         if not any(self.body.get(k) not in (None, [], "") for k in SELECTING):
             return None
-        return set(self.store.keys_matching(self.body))
+        return self.store.keys_matching(self.body)
 
 
 @attr.s

@@ -11,6 +11,7 @@ by relevance feedback; pages slice that ranked list, the list of the first page 
 store changes between pages (paging tokens name the first page's store generation).
 """
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -46,8 +47,10 @@ class Candidates(Protocol):
         """The filters as a JSON value (a paging token belongs to one search)."""
         ...
 
-    def keys(self) -> set[ItemKey] | None:
-        """The keys the filters select; None when there is no filter (every item)."""
+    def keys(self) -> Collection[ItemKey] | None:
+        """The keys the filters select, each once; None when there is no filter (every item).
+        Not turned into a set: the index looks each key up once anyway, and hashing 10^4-10^5
+        (collection, id) tuples twice was a sixth of a filtered search (RESULTS.md, issue 18)."""
         ...
 
 
@@ -62,12 +65,12 @@ class StoreCandidates:
     def fingerprint(self) -> dict[str, Any]:
         return {k: v for k, v in self.query.__dict__.items() if k not in ("limit", "token")}
 
-    def keys(self) -> set[ItemKey] | None:
+    def keys(self) -> list[ItemKey] | None:
         q = self.query
         filtered = q.filter is not None or any(
             v is not None for v in (q.collections, q.ids, q.bbox, q.intersects, q.datetime)
         )
-        return set(self.store.filter_keys(q)) if filtered else None
+        return self.store.filter_keys(q) if filtered else None
 
 
 class SimilarityClient:
