@@ -1,0 +1,9 @@
+"""The named descriptor methods (``stac-rscbir bench retrieval --method NAME``), one line each:
+the declarative table the benchmark and the CLI read, as ``models.methods.METHODS`` is for
+the deep presets."""
+
+from __future__ import annotations
+
+from stac_rscbir.descriptors.base import DescriptorSpec
+
+DESCRIPTORS: dict[str, DescriptorSpec] = {spec.name: spec for spec in ()}
