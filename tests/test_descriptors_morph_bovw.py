@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -9,11 +11,11 @@ pytest.importorskip("cv2")
 pytest.importorskip("skimage")
 pytest.importorskip("sklearn")
 
-from skimage.morphology import area_closing, area_opening  # noqa: E402
+from skimage.morphology import area_closing, area_opening
 
-from stac_rscbir.descriptors.bovw import SiftBoVW, inverse_document_frequency, tfidf  # noqa: E402
-from stac_rscbir.descriptors.morphology import PatternSpectrum, opening_spectrum  # noqa: E402
-from stac_rscbir.descriptors.registry import DESCRIPTORS  # noqa: E402
+from stac_rscbir.descriptors.bovw import SiftBoVW, inverse_document_frequency, tfidf
+from stac_rscbir.descriptors.morphology import PatternSpectrum, opening_spectrum
+from stac_rscbir.descriptors.registry import DESCRIPTORS
 
 
 def two_squares() -> np.ndarray:
@@ -38,14 +40,12 @@ def test_pattern_spectrum_equals_the_differences_of_area_openings_and_closings()
     edges = np.array([2, 4, 8, 16, 32])
     volume = float((image - image.min()).sum())
     opened = [image.astype(float)] + [area_opening(image, int(e)).astype(float) for e in edges]
-    expected = [(a.sum() - b.sum()) / volume for a, b in zip(opened, opened[1:], strict=False)]
+    expected = [(a.sum() - b.sum()) / volume for a, b in itertools.pairwise(opened)]
     expected.append(opened[-1].sum() / volume - image.min() * image.size / volume)
     np.testing.assert_allclose(opening_spectrum(image, edges), expected)
     negative_volume = float((image.max() - image).sum())
     closed = [image.astype(float)] + [area_closing(image, int(e)).astype(float) for e in edges]
-    closing = [
-        (b.sum() - a.sum()) / negative_volume for a, b in zip(closed, closed[1:], strict=False)
-    ]
+    closing = [(b.sum() - a.sum()) / negative_volume for a, b in itertools.pairwise(closed)]
     np.testing.assert_allclose(opening_spectrum(image.max() - image, edges)[:-1], closing)
 
 

@@ -8,7 +8,7 @@ where size is the area of a connected component of an upper level set, so no str
 shape is imposed), with ``gamma_l`` the area opening of threshold ``l`` (components of area < l
 lowered, ``skimage.morphology.area_opening``):
 
-    PS_open(i)  = ( sum_x gamma_{l_{i-1}}(f)(x) - sum_x gamma_{l_i}(f)(x) ) / V(f),   gamma_{l_0} = f
+    PS_open(i)  = ( sum_x gamma_{l_{i-1}}(f)(x) - sum_x gamma_{l_i}(f)(x) ) / V(f),  gamma_{l_0} = f
     PS_close(i) = ( sum_x phi_{l_i}(f)(x) - sum_x phi_{l_{i-1}}(f)(x) ) / V(f*)
 
 with ``phi_l`` the area closing (the antigranulometry: dark structures), ``f* = max f - f``,
