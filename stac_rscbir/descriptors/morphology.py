@@ -22,7 +22,9 @@ node of area < l to its parent's level, removing ``area(node) * (f(node) - f(par
 volume. So the spectrum is one pass over the tree: each node's volume goes into its area's bin
 (the exact equality with the differences of ``area_opening`` is tested). The closings are the
 openings of the negative. Computed on the grey view (the band mean; the paper works on the
-luminance), quantised to 256 levels, 4-connectivity.
+luminance), quantised to 256 levels, 4-connectivity. At 128 px (the SPEC's input size; the
+max-tree is ~90 % of the cost, ~0.02 s per image against ~0.13 s at 256 px, and on a 300-image
+AID sample 128 px ranked no worse) the 14 scales reach the whole image.
 
 Left out: the paper's circular covariance histogram and rotation-invariant point-wise
 covariance, and its 2-D (area x shape) spectra; the survey's bag-of-morphological-words
@@ -84,7 +86,7 @@ SPEC = DescriptorSpec(
     name="morph-ps",
     reference="[2] Aptoula 2014, global morphological texture descriptors (area pattern spectra)",
     factory=PatternSpectrum,
-    input_size=256,
+    input_size=128,
     learns=False,
     any_bands=True,
 )
