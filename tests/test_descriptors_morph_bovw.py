@@ -51,7 +51,8 @@ def test_pattern_spectrum_equals_the_differences_of_area_openings_and_closings()
 
 def test_pattern_spectrum_descriptor_shape_and_flat_image() -> None:
     descriptor = PatternSpectrum(scales=4)
-    images = [np.zeros((9, 9, 3), np.float32), np.repeat(two_squares()[..., None], 3, 2) / 255.0]
+    squares = np.repeat(two_squares()[..., None], 12, 2) / 255.0  # any bands: the grey view
+    images = [np.zeros((9, 9, 3), np.float32), squares.astype(np.float32)]
     out = descriptor.fit(images).transform(images)
     assert out.shape == (2, 10) and out.dtype == np.float32
     assert not out[0].any()  # flat: nothing to remove
@@ -91,6 +92,15 @@ def test_bovw_pipeline_on_synthetic_textures() -> None:
     assert np.linalg.norm(out[0] - out[1]) < np.linalg.norm(out[0] - out[2])
     counts = bovw.counts(queries)
     assert (counts >= 0).all() and (counts.sum(axis=1) == 64).all()  # an 8x8 grid of words
+
+
+def test_dog_keypoints_leave_a_flat_image_without_words() -> None:
+    train = [texture("checks", seed) for seed in range(3)]
+    bovw = SiftBoVW(words=4, keypoints="dog", sample=2000).fit(train)
+    flat = np.full((64, 64, 3), 0.5, np.float32)
+    assert not bovw.counts([flat]).any() and not bovw.transform([flat]).any()
+    with pytest.raises(ValueError, match="keypoints"):
+        SiftBoVW(keypoints="harris")
 
 
 def test_specs_are_registered() -> None:
