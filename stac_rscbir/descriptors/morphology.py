@@ -1,12 +1,16 @@
 """[2] Aptoula 2014, "Remote sensing image retrieval with global morphological texture
-descriptors", IEEE TGRS 52(5): the area pattern spectrum of a grey image.
+descriptors", IEEE TGRS 52(5): a global morphological size distribution (pattern spectrum) of a
+grey image.
 
-A granulometry is a family of openings ``gamma_l`` that remove ever larger bright structures
-(l_1 < l_2 < ...); its pattern spectrum is the volume each step removes, i.e. the distribution of
-the image content over sizes. Following the paper's area-based spectra (attribute openings,
-where size is the area of a connected component of an upper level set, so no structuring-element
-shape is imposed), with ``gamma_l`` the area opening of threshold ``l`` (components of area < l
-lowered, ``skimage.morphology.area_opening``):
+What is implemented is the granulometric pattern spectrum that [2]'s morphological texture
+descriptors build on: a granulometry is a family of openings ``gamma_l`` removing ever larger
+bright structures (l_1 < l_2 < ...), and its pattern spectrum is the volume each step removes,
+i.e. the distribution of the image content over sizes. Size is measured by area (attribute
+openings: the area of a connected component of an upper level set, so no structuring-element
+shape is imposed), as in the area pattern spectra that Aptoula and co-authors later applied to
+retrieval (Bosilj, Aptoula, Lefevre & Kijak 2016, ISPRS IJGI 5(12):228). With ``gamma_l`` the
+area opening of threshold ``l`` (components of area < l lowered,
+``skimage.morphology.area_opening``):
 
     PS_open(i)  = ( sum_x gamma_{l_{i-1}}(f)(x) - sum_x gamma_{l_i}(f)(x) ) / V(f),  gamma_{l_0} = f
     PS_close(i) = ( sum_x phi_{l_i}(f)(x) - sum_x phi_{l_{i-1}}(f)(x) ) / V(f*)
@@ -21,14 +25,13 @@ connected component of every upper level set; an area opening of threshold ``l``
 node of area < l to its parent's level, removing ``area(node) * (f(node) - f(parent))`` of
 volume. So the spectrum is one pass over the tree: each node's volume goes into its area's bin
 (the exact equality with the differences of ``area_opening`` is tested). The closings are the
-openings of the negative. Computed on the grey view (the band mean; the paper works on the
-luminance), quantised to 256 levels, 4-connectivity. At 128 px (the SPEC's input size; the
-max-tree is ~90 % of the cost, ~0.02 s per image against ~0.13 s at 256 px, and on a 300-image
-AID sample 128 px ranked no worse) the 14 scales reach the whole image.
+openings of the negative. Computed on the grey view (the band mean: [2] describes single-band
+grey-level texture), quantised to 256 levels, 4-connectivity. At 128 px (the SPEC's input
+size; the max-tree is ~90 % of the cost, ~0.02 s per image against ~0.13 s at 256 px, and on a
+300-image AID sample 128 px ranked no worse) the 14 scales reach the whole image.
 
-Left out: the paper's circular covariance histogram and rotation-invariant point-wise
-covariance, and its 2-D (area x shape) spectra; the survey's bag-of-morphological-words
-variant of [2] is not this descriptor either.
+Left out: [2]'s own covariance-based descriptors (the circular covariance histogram and the
+rotation-invariant point-wise covariance) are not implemented here.
 """
 
 from __future__ import annotations
