@@ -11,7 +11,7 @@ tf-idf as in the paper (after Sivic & Zisserman's video Google):
 
 with ``n_d`` the image's number of descriptors, ``N`` the number of training images and ``n_i``
 the number of training images containing word i (``max(n_i, 1)``), then L2-normalised so that
-Euclidean distance ranks as the paper's cosine/histogram distances do.
+Euclidean distance ranks as cosine similarity does.
 
 The paper extracts SIFT both at difference-of-Gaussian keypoints (saliency-based) and on a
 regular grid; the default here is the grid (``keypoints="dense"``: a descriptor every ``step``
