@@ -107,8 +107,8 @@ class KLSH:
 
 
 def _smooth(z: FloatArray) -> FloatArray:
-    """KSH's sigmoid surrogate of sign: phi(z) = 2 / (1 + exp(-z)) - 1."""
-    return 2.0 / (1.0 + np.exp(-z)) - 1.0
+    """KSH's sigmoid surrogate of sign: phi(z) = 2 / (1 + exp(-z)) - 1 = tanh(z / 2)."""
+    return np.tanh(z / 2.0)
 
 
 @dataclass
@@ -201,7 +201,7 @@ class PRH:
     large-scale remote sensing image retrieval", IEEE GRSL 14(3)).
 
     The projection is part random, part learned: a seeded Gaussian matrix P (d x m, m =
-    ``random_dim``, default 2 x bits) maps centred descriptors to V = (X - mu) P without
+    ``random_dim``, default 8 x bits) maps centred descriptors to V = (X - mu) P without
     looking at the data; the learned part W (m x bits) is fitted on the small projected data:
     the top-``bits`` principal directions E of V, then the rotation R (R^T R = I) minimising
     the quantisation loss ||B - V E R||_F^2 by alternating B = sign(V E R) and the orthogonal
@@ -225,7 +225,7 @@ class PRH:
     def fit(self, x: npt.ArrayLike, y: npt.ArrayLike | None = None) -> PRH:
         """Draw the random projection, then learn the orthonormal part on the projected data."""
         data = _as_matrix(x, "x")
-        dim = self.random_dim or 2 * self.bits
+        dim = self.random_dim or 8 * self.bits
         if not self.bits <= min(dim, *data.shape):
             raise ValueError(
                 f"PRH needs bits <= min(random_dim, n, d) = {min(dim, *data.shape)} for PCA, "
