@@ -97,6 +97,18 @@ def test_plsh_rejects_negative_histograms() -> None:
         PLSH(2).fit(-np.ones((3, 4)))
 
 
+def test_prh_with_labels_gives_each_class_its_codeword() -> None:
+    """Separable classes: the regression onto class codewords reproduces them on the train set."""
+    x, y = _two_classes()
+    model = PRH(8, seed=0, random_dim=6, ridge=1e-6).fit(x, y)
+    codes = model.encode(x)
+    ham = (codes[:, None, :] != codes[None, :, :]).sum(axis=2)
+    same = y[:, None] == y[None, :]
+    assert ham[same].mean() < ham[~same].mean()
+    again = PRH(8, seed=0, random_dim=6, ridge=1e-6).fit(x, y)
+    np.testing.assert_array_equal(again.encode(x), codes)
+
+
 @pytest.mark.parametrize("name", ["lsh", "itq", "klsh", "kslh", "prh"])
 def test_fit_hasher_gives_bits(name: str) -> None:
     x, y = _two_classes()
