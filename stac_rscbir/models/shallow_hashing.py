@@ -2,7 +2,7 @@
 [9] partial randomness hashing, [23] probabilistic latent semantic hashing.
 
 Each follows :mod:`stac_rscbir.models.unsupervised`'s interface: ``Cls(bits, seed=0, ...)``,
-``fit(x, y=None) -> self`` (``y`` used by the supervised KSLH only), ``encode(x) -> (n, bits)``
+``fit(x, y=None) -> self`` (``y`` used by the supervised KSLH and PRH), ``encode(x) -> (n, bits)``
 {0,1} uint8. :data:`HASHERS` maps a benchmark name to its class (LSH and ITQ included) and
 :func:`fit_hasher` fits any of them, passing labels only to the supervised ones.
 """
@@ -54,9 +54,10 @@ class KLSH:
     2016, "Hashing-based scalable remote sensing image search and retrieval in large archives",
     IEEE TGRS 54(2)).
 
-    ``p`` anchors x_1..x_p are drawn from the training set; K is their kernel matrix, centred
-    K_c = H K H (H = I - 11^T/p) so the feature space mean is at the origin. Each bit draws a
-    random subset S of ``t`` anchors; its hyperplane in feature space is the whitened mean of the
+    ``anchors`` (p) samples x_1..x_p are drawn from the training set; K is their kernel
+    matrix, centred K_c = H K H (H = I - 11^T/p) so the feature space mean is at the origin.
+    Each bit draws a random subset S of ``subset`` (t) anchors; its hyperplane in feature space
+    is the whitened mean of the
     subset, z = Sigma^{-1/2} (1/t) sum_{i in S} phi(x_i), which in kernel terms is
     w = K_c^{-1/2} e_S / t (e_S the indicator of S; K_c^{-1/2} through the eigendecomposition,
     the null space dropped), and h(x) = sign(sum_i w_i k_c(x, x_i)) with k_c the centred kernel
