@@ -57,8 +57,8 @@ class KLSH:
     ``anchors`` (p) samples x_1..x_p are drawn from the training set; K is their kernel
     matrix, centred K_c = H K H (H = I - 11^T/p) so the feature space mean is at the origin.
     Each bit draws a random subset S of ``subset`` (t) anchors; its hyperplane in feature space
-    is the whitened mean of the
-    subset, z = Sigma^{-1/2} (1/t) sum_{i in S} phi(x_i), which in kernel terms is
+    is the whitened mean of the subset, z = Sigma^{-1/2} (1/t) sum_{i in S} phi(x_i), which
+    in kernel terms is
     w = K_c^{-1/2} e_S / t (e_S the indicator of S; K_c^{-1/2} through the eigendecomposition,
     the null space dropped), and h(x) = sign(sum_i w_i k_c(x, x_i)) with k_c the centred kernel
     vector of x. RBF kernel of width the mean sample-anchor distance.
