@@ -20,10 +20,10 @@ from stac_rscbir.extension.codec import pack_bits
 from stac_rscbir.models.features import cached_features
 from stac_rscbir.models.finetune import Finetune, encode_tta, train_finetuned, training_inputs
 from stac_rscbir.models.methods import METHODS
+from stac_rscbir.models.shallow_hashing import FEATURE_HASHERS, fit_hasher
 from stac_rscbir.models.training import TrainConfig, encode, train_hashing
-from stac_rscbir.models.unsupervised import ITQ, LSH
 
-BASELINES = ("float-knn", "lsh", "itq", "random")
+BASELINES = ("float-knn", *FEATURE_HASHERS, "random")
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,9 @@ def run_with_codes(
         if method == "random":
             rng = np.random.default_rng(setup.seed)
             codes = rng.integers(0, 2, (len(test_idx), bits)).astype(np.uint8)
-        elif method in ("lsh", "itq"):
-            hasher = (LSH if method == "lsh" else ITQ)(bits, seed=setup.seed)
-            codes = hasher.fit(x_train.numpy()).encode(x_test.numpy())
+        elif method in FEATURE_HASHERS:
+            hasher = fit_hasher(method, bits, x_train.numpy(), y_train, seed=setup.seed)
+            codes = hasher.encode(x_test.numpy())
         else:
             spec = METHODS[method]
             finetune = Finetune.parse(setup.finetune)
