@@ -164,7 +164,13 @@ app.add_typer(bench_app, name="bench")
 def bench_retrieval(
     images: Annotated[Path, typer.Option(help="Folder the CSV paths are relative to.")],
     labels: Annotated[Path, typer.Option(help="CSV with columns path,class.")],
-    method: Annotated[str, typer.Option(help="A preset, or float-knn, lsh, itq, random.")],
+    method: Annotated[
+        str,
+        typer.Option(
+            help="A preset, float-knn, lsh, itq, random, a descriptor (lbp, bosv, ...)"
+            " or a hashed descriptor (lbp+itq, bosv+lsh, ...)."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Where to write the JSON result.")],
     bits: Annotated[int, typer.Option(help="Code length.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the split and the training.")] = 0,

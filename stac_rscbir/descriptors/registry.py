@@ -4,6 +4,7 @@ the deep presets."""
 
 from __future__ import annotations
 
+from stac_rscbir.descriptors import lbp, spectral
 from stac_rscbir.descriptors.base import DescriptorSpec
 
-DESCRIPTORS: dict[str, DescriptorSpec] = {spec.name: spec for spec in ()}
+DESCRIPTORS: dict[str, DescriptorSpec] = {spec.name: spec for spec in (lbp.SPEC, spectral.SPEC)}
