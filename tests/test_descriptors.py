@@ -4,12 +4,15 @@ cases, N bands, the on-disk cache and their rows in the retrieval benchmark."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from stac_rscbir.cli import app
 from stac_rscbir.data.imagefolder import read_labels_csv
 from stac_rscbir.descriptors.cache import cached_descriptors
 from stac_rscbir.descriptors.lbp import LBPHistogram
@@ -109,3 +112,14 @@ def test_benchmark_rows_on_a_separable_toy_set(toy_folder: BenchSetup) -> None:
         assert result["bits"] == (8 if "+" in method else None)
         assert result["map_at_20"] > 0.8, (method, result["map_at_20"])
     assert result["describe_seconds"] > 0 and result["seconds_per_image"] > 0
+
+
+def test_cli_bench_retrieval_runs_a_hashed_descriptor(toy_folder: BenchSetup) -> None:
+    out = toy_folder.images / "bosv-lsh.json"
+    args = ["bench", "retrieval", "--images", str(toy_folder.images)]
+    args += ["--labels", str(toy_folder.labels), "--method", "bosv+lsh", "--bits", "32"]
+    args += ["--cache-dir", str(toy_folder.cache_dir), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    row = json.loads(out.read_text())
+    assert row["method"] == "bosv+lsh" and row["bits"] == 32 and row["descriptor_dim"] == 128
