@@ -2,7 +2,9 @@
 
 60/40 split per class (seeded); methods train on the 60 %; each held-out image queries the other
 held-out images. Frozen-backbone descriptors are computed once and cached on disk, so every
-method x bit length after the first costs only its training.
+method x bit length after the first costs only its training. The survey's traditional
+descriptors (``descriptors.registry``) are rows too, cached the same way at their own input size:
+``NAME`` (float, Euclidean) and ``NAME+itq`` / ``NAME+lsh`` (hashed at the requested bits).
 """
 
 from __future__ import annotations
