@@ -165,7 +165,11 @@ def bench_retrieval(
     images: Annotated[Path, typer.Option(help="Folder the CSV paths are relative to.")],
     labels: Annotated[Path, typer.Option(help="CSV with columns path,class.")],
     method: Annotated[
-        str, typer.Option(help="A preset, or float-knn, lsh, itq, klsh, kslh, prh, random.")
+        str,
+        typer.Option(
+            help="A preset, float-knn, lsh, itq, klsh, kslh, prh, random, a descriptor (lbp, bosv,"
+            " ...) or a hashed descriptor (lbp+itq, bosv+plsh, ...)."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Where to write the JSON result.")],
     bits: Annotated[int, typer.Option(help="Code length.")] = 64,

@@ -4,7 +4,9 @@ the deep presets."""
 
 from __future__ import annotations
 
-from stac_rscbir.descriptors import bovw, morphology
+from stac_rscbir.descriptors import bovw, lbp, morphology, spectral
 from stac_rscbir.descriptors.base import DescriptorSpec
 
-DESCRIPTORS: dict[str, DescriptorSpec] = {spec.name: spec for spec in (morphology.SPEC, bovw.SPEC)}
+DESCRIPTORS: dict[str, DescriptorSpec] = {
+    spec.name: spec for spec in (lbp.SPEC, spectral.SPEC, morphology.SPEC, bovw.SPEC)
+}

@@ -2,7 +2,9 @@
 
 60/40 split per class (seeded); methods train on the 60 %; each held-out image queries the other
 held-out images. Frozen-backbone descriptors are computed once and cached on disk, so every
-method x bit length after the first costs only its training.
+method x bit length after the first costs only its training. The survey's traditional
+descriptors (``descriptors.registry``) are rows too, cached the same way at their own input size:
+``NAME`` (float, Euclidean) and ``NAME+itq`` / ``NAME+lsh`` (hashed at the requested bits).
 """
 
 from __future__ import annotations
@@ -14,16 +16,20 @@ from typing import Any
 
 import numpy as np
 
-from stac_rscbir.data.imagefolder import read_labels_csv, split_per_class
+from stac_rscbir.data.imagefolder import LabelledImages, read_labels_csv, split_per_class
+from stac_rscbir.descriptors.cache import cached_descriptors
+from stac_rscbir.descriptors.registry import DESCRIPTORS
 from stac_rscbir.eval.metrics import evaluate_codes, evaluate_float
 from stac_rscbir.extension.codec import pack_bits
 from stac_rscbir.models.features import cached_features
 from stac_rscbir.models.finetune import Finetune, encode_tta, train_finetuned, training_inputs
 from stac_rscbir.models.methods import METHODS
-from stac_rscbir.models.shallow_hashing import FEATURE_HASHERS, fit_hasher
+from stac_rscbir.models.shallow_hashing import FEATURE_HASHERS, HASHERS, fit_hasher
 from stac_rscbir.models.training import TrainConfig, encode, train_hashing
 
 BASELINES = ("float-knn", *FEATURE_HASHERS, "random")
+# "<descriptor>+<hasher>" rows: every shallow hasher, pLSH [23] only on the histogram descriptors
+HISTOGRAM_DESCRIPTORS = ("bosv", "sift-bovw")
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,13 @@ class BenchSetup:
 
 def method_names() -> list[str]:
     """Every value ``--method`` accepts."""
-    return [*METHODS, *BASELINES]
+    hashed = [
+        f"{name}+{hasher}"
+        for name in DESCRIPTORS
+        for hasher in HASHERS
+        if hasher != "plsh" or name in HISTOGRAM_DESCRIPTORS
+    ]
+    return [*METHODS, *BASELINES, *DESCRIPTORS, *hashed]
 
 
 def run(setup: BenchSetup, method: str, bits: int) -> dict[str, Any]:
@@ -87,6 +99,8 @@ def run_with_codes(
         raise ValueError(f"unknown method {method!r}; choose from {method_names()}")
     data = read_labels_csv(setup.images, setup.labels)
     train_idx, test_idx = split_per_class(data.labels, setup.train_fraction, setup.seed)
+    if method.split("+")[0] in DESCRIPTORS:
+        return _run_descriptor(setup, method, bits, data, train_idx, test_idx)
     feats, feature_seconds = cached_features(
         data, setup.backbone, setup.input_size, setup.cache_dir, setup.device
     )
@@ -192,5 +206,49 @@ def run_with_codes(
         seed=setup.seed,
         metrics=metrics,
         **extra,
+    )
+    return result, packed, y_test
+
+
+def _run_descriptor(
+    setup: BenchSetup,
+    method: str,
+    bits: int,
+    data: LabelledImages,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray]:
+    """A traditional descriptor's row: ``NAME`` compares the float descriptors by Euclidean
+    distance (as float-knn does), ``NAME+HASHER`` hashes them with a shallow hasher fitted on the
+    training descriptors."""
+    name, _, hasher_name = method.partition("+")
+    spec = DESCRIPTORS[name]
+    feats, describe_seconds = cached_descriptors(data, spec, train_idx, setup.cache_dir)
+    y_test = data.labels[test_idx]
+    x_train, x_test = feats[train_idx], feats[test_idx]
+    self_index = np.arange(len(test_idx))
+    start = time.perf_counter()
+    packed = None
+    if hasher_name:
+        y_train = data.labels[train_idx]
+        hasher = fit_hasher(hasher_name, bits, x_train, y_train, seed=setup.seed)
+        packed = pack_bits(hasher.encode(x_test))
+        metrics = evaluate_codes(packed, packed, y_test, y_test, self_index=self_index)
+    else:
+        metrics = evaluate_float(x_test, x_test, y_test, y_test, self_index=self_index)
+    result: dict[str, Any] = {"method": method, "bits": bits if hasher_name else None}
+    result["train_seconds"] = round(time.perf_counter() - start, 3)
+    result.update({k: metrics[k] for k in ("map_at_20", "map_at_20_truncated", "precision_at_10")})
+    result.update(
+        n_queries=len(test_idx),
+        n_database=len(test_idx) - 1,
+        n_train=len(train_idx),
+        descriptor=spec.reference,
+        descriptor_dim=int(feats.shape[1]),
+        input_size=spec.input_size,
+        describe_seconds=round(describe_seconds, 3),
+        seconds_per_image=round(describe_seconds / len(data), 5),
+        seed=setup.seed,
+        metrics=metrics,
     )
     return result, packed, y_test
