@@ -355,6 +355,24 @@ def test_evaluate_float_shares_the_ranking_code_with_codes() -> None:
         assert f"random_{key}" in codes
 
 
+def test_evaluate_float_takes_a_method_distance_per_query_block() -> None:
+    x = np.array([[0.0], [1.0], [3.0], [10.0]])
+    labels = np.array([0, 1, 0, 1])
+    seen = []
+
+    def farthest_first(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+        seen.append(len(q))
+        return -descriptor_distances(q, d)
+
+    kwargs = {"ks": (1,), "self_index": np.arange(4), "random_draws": 0, "query_block": 3}
+    out = evaluate_float(x, x, labels, labels, metric=farthest_first, **kwargs)
+    assert seen == [3, 1]  # called per query block, with the whole database
+    # farthest other point: 0 -> 10 (class 1, miss), 1 -> 10 (hit), 3 -> 10 (miss), 10 -> 0 (miss)
+    assert out["precision_at_1"] == pytest.approx(1 / 4)
+    # nearest other point: 0 -> 1, 1 -> 0, 3 -> 1, 10 -> 3: all misses
+    assert evaluate_float(x, x, labels, labels, **kwargs)["precision_at_1"] == 0.0
+
+
 def test_evaluate_multi_label_blocks_and_keys() -> None:
     rng = np.random.default_rng(4)
     labels = (rng.random((50, 6)) < 0.3).astype(np.int32)

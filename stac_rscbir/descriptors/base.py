@@ -20,6 +20,8 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
+from stac_rscbir.eval.metrics import DistanceFn
+
 Images = Sequence[npt.NDArray[np.float32]]  # (H, W, B) in [0, 1]
 
 
@@ -41,6 +43,9 @@ class DescriptorSpec:
     input_size: int  # images are resized to input_size x input_size before description
     learns: bool  # fit() reads the training images (a vocabulary, a codebook)
     any_bands: bool  # works on B bands (True) or needs RGB (False)
+    # the method's own (Q, N) distance between descriptor rows, where the paper ranks by one
+    # (class-probability weights, query expansion, affinity fusion, set matching); None: L2
+    distance: DistanceFn | None = None
 
 
 def load_image(path: str | Path, size: int) -> npt.NDArray[np.float32]:

@@ -25,6 +25,8 @@ import numpy.typing as npt
 TieBreak = Literal["index", "random"]
 MapVariant = Literal["A", "B", "truncated", "C", "D"]
 DescriptorMetric = Literal["euclidean", "cosine"]
+#: A method's own distance between descriptor rows: (Q, D) queries x (N, D) database -> (Q, N).
+DistanceFn = Callable[[npt.NDArray[np.float64], npt.NDArray[np.float64]], npt.NDArray[np.float64]]
 RankingMetric = Callable[[npt.NDArray[np.generic], int], float]
 
 DEFAULT_KS: tuple[int, ...] = (10, 20, 50, 100)
@@ -685,7 +687,7 @@ def evaluate_float(
     query_labels: npt.ArrayLike,
     db_labels: npt.ArrayLike,
     *,
-    metric: DescriptorMetric = "euclidean",
+    metric: DescriptorMetric | DistanceFn = "euclidean",
     ks: Sequence[int] = DEFAULT_KS,
     multi_label: bool | None = None,
     self_index: npt.ArrayLike | None = None,
@@ -696,12 +698,16 @@ def evaluate_float(
 ) -> dict[str, float]:
     """The :func:`evaluate_codes` metrics for float descriptors ranked by ``metric`` distance.
 
-    Same keys, except the Hamming-radius precision, which has no float counterpart.
+    Same keys, except the Hamming-radius precision, which has no float counterpart. ``metric``
+    may also be a method's own distance, ``metric(query_block, db_desc) -> (Q, N)`` (the
+    survey's re-weighted or re-ranked distances: class-probability weights, query expansion).
     """
     q = np.asarray(query_desc, dtype=np.float64)
     d = np.asarray(db_desc, dtype=np.float64)
     return _evaluate(
-        lambda rows: descriptor_distances(q[rows], d, metric),
+        lambda rows: (
+            metric(q[rows], d) if callable(metric) else descriptor_distances(q[rows], d, metric)
+        ),
         len(d),
         query_labels,
         db_labels,

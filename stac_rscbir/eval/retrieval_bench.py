@@ -235,7 +235,10 @@ def _run_descriptor(
         packed = pack_bits(hasher.encode(x_test))
         metrics = evaluate_codes(packed, packed, y_test, y_test, self_index=self_index)
     else:
-        metrics = evaluate_float(x_test, x_test, y_test, y_test, self_index=self_index)
+        metric = spec.distance or "euclidean"
+        metrics = evaluate_float(
+            x_test, x_test, y_test, y_test, metric=metric, self_index=self_index
+        )
     result: dict[str, Any] = {"method": method, "bits": bits if hasher_name else None}
     result["train_seconds"] = round(time.perf_counter() - start, 3)
     result.update({k: metrics[k] for k in ("map_at_20", "map_at_20_truncated", "precision_at_10")})
