@@ -9,6 +9,7 @@ descriptors (``descriptors.registry``) are rows too, cached the same way at thei
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +25,12 @@ from stac_rscbir.extension.codec import pack_bits
 from stac_rscbir.models.features import cached_features
 from stac_rscbir.models.finetune import Finetune, encode_tta, train_finetuned, training_inputs
 from stac_rscbir.models.methods import METHODS
-from stac_rscbir.models.shallow_hashing import FEATURE_HASHERS, HASHERS, fit_hasher
+from stac_rscbir.models.shallow_hashing import (
+    FEATURE_HASHERS,
+    HASHER_REFERENCES,
+    HASHERS,
+    fit_hasher,
+)
 from stac_rscbir.models.training import TrainConfig, encode, train_hashing
 
 BASELINES = ("float-knn", *FEATURE_HASHERS, "random")
@@ -84,6 +90,19 @@ def method_names() -> list[str]:
         if hasher != "plsh" or name in HISTOGRAM_DESCRIPTORS
     ]
     return [*METHODS, *BASELINES, *DESCRIPTORS, *hashed]
+
+
+def method_reference(method: str) -> str:
+    """The survey references of a ``--method`` value, e.g. ``[1]+[23]`` for ``sift-bovw+plsh``
+    (the descriptor's, then the hasher's; ``""`` where neither is a survey system)."""
+    refs = []
+    for part in method.split("+"):
+        spec = DESCRIPTORS.get(part) or METHODS.get(part)
+        text = spec.reference if spec is not None else HASHER_REFERENCES.get(part, "")
+        found = re.search(r"\[(\d+)\]", text)
+        if found:
+            refs.append(found.group(0))
+    return "+".join(refs)
 
 
 def run(setup: BenchSetup, method: str, bits: int) -> dict[str, Any]:

@@ -384,6 +384,15 @@ HASHERS: dict[str, type] = {
 }
 #: The hashers the benchmark runs on the frozen CNN features.
 FEATURE_HASHERS: tuple[str, ...] = ("lsh", "itq", "klsh", "kslh", "prh")
+#: Where each hasher comes from; "[n]" is the survey's reference (tables cite it).
+HASHER_REFERENCES: dict[str, str] = {
+    "lsh": "Indyk & Motwani 1998, random-hyperplane LSH (Charikar 2002)",
+    "itq": "Gong & Lazebnik, CVPR 2011",
+    "klsh": "[8] Demir & Bruzzone 2016, kernelized LSH",
+    "kslh": "[8] Demir & Bruzzone 2016, kernel-based supervised hashing",
+    "prh": "[9] Li & Ren 2017, partial randomness hashing",
+    "plsh": "[23] Fernandez-Beltran et al. 2020, probabilistic latent semantic hashing",
+}
 
 
 def fit_hasher(
