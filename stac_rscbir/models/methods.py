@@ -207,7 +207,7 @@ METHODS: dict[str, MethodSpec] = {
             sampling="random",
             weights={"cross_entropy": 1.0},
             classifier=True,
-            reference="Table 1 feature learners (e.g. Ye et al. 2018 [18])",
+            reference="Zhou, Newsam, Li & Shao, Remote Sensing 2017 [17]: a CE feature learner",
         ),
         MethodSpec(
             "triplet",
