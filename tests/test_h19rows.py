@@ -88,7 +88,8 @@ def _result(method: str, bits: int | None, map20: float, describe: float) -> dic
 
 
 def test_survey_table_from_two_result_jsons(tmp_path: Path) -> None:
-    (tmp_path / "lbp-float.json").write_text(json.dumps(_result("lbp", None, 0.4, 80.0)))
+    lbp = _result("lbp", None, 0.4, 80.0) | {"descriptor_dim": 20}
+    (tmp_path / "lbp-float.json").write_text(json.dumps(lbp))
     (tmp_path / "lbp+itq-64.json").write_text(json.dumps(_result("lbp+itq", 64, 0.3, 0.0)))
     aid = _aid_retrieval()
     aid.main(["--survey", "--reuse", "--out", str(tmp_path)])
@@ -102,7 +103,9 @@ def test_survey_table_from_two_result_jsons(tmp_path: Path) -> None:
     assert (rows["lbp", None]["total_seconds"], rows["lbp+itq", 64]["total_seconds"]) == (82, 2)
     assert table["rows_total_seconds"] == 84
     assert "lbp-float.json" not in table["missing"]
-    assert {"lbp+itq-32.json", "bosv-float.json", "prh-64.json"} <= set(table["missing"])
+    assert {"bosv-float.json", "prh-64.json"} <= set(table["missing"])
+    # a 20-d descriptor cannot have 32-bit ITQ codes: listed as not applicable
+    assert "lbp+itq-32.json (n/a: ITQ gives at most 20 bits on 20-d lbp)" in table["missing"]
     md = (tmp_path / "survey_table.md").read_text()
     assert "| [3] | lbp | float | 0.400 | 0.200 | 0.400 |  | 0.100 | 8.0000 | 2.0 | 82.0 |" in md
     assert "Missing (" in md and (tmp_path / "survey_table.png").stat().st_size > 0
