@@ -113,3 +113,12 @@ def test_survey_table_from_two_result_jsons(tmp_path: Path) -> None:
     aid.main(["--reuse", "--methods", "lbp", "--bits", "64", "--out", str(tmp_path)])
     assert "| [3] | lbp | float | 0.400 |" in (tmp_path / "aid_table.md").read_text()
     assert json.loads((tmp_path / "aid_table.json").read_text())["missing"] == []
+
+
+def test_method_reference_joins_descriptor_and_hasher() -> None:
+    from stac_rscbir.eval.retrieval_bench import method_reference
+
+    assert method_reference("sift-bovw+plsh") == "[1]+[23]"
+    assert method_reference("bosv+itq") == "[4]"  # ITQ is no survey system
+    assert (method_reference("kslh"), method_reference("adversarial")) == ("[8]", "[29]")
+    assert method_reference("float-knn") == ""
