@@ -93,6 +93,17 @@ def test_a_learnt_descriptor_is_pickled_and_checked_on_load(tmp_path: Path) -> N
         load_encoder(tmp_path)
 
 
+def test_a_sift_vocabulary_saves_without_its_opencv_object(tmp_path: Path) -> None:
+    """sift-bovw holds a scikit-learn vocabulary and an OpenCV SIFT object (not picklable): the
+    vocabulary is saved, SIFT made again, and the codes and tf-idf descriptors are identical."""
+    chips = _chips(40, 3, 64)  # 16 dense SIFT descriptors per chip: 640 for 500 words
+    fitted = DescriptorEncoder.fit(chips, RGB, DescriptorFit("sift-bovw", "itq", 16), model_id="m")
+    fitted.save(tmp_path)
+    (b1, d1), (b2, d2) = fitted.encode_numpy(chips), load_encoder(tmp_path).encode_numpy(chips)
+    np.testing.assert_array_equal(b1, b2)
+    np.testing.assert_array_equal(d1, d2)
+
+
 def test_an_rgb_descriptor_on_two_bands_says_which_bands(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"needs 3 bands \(red, green, blue\), got 2 \(vv, vh\)"):
         DescriptorEncoder.fit(_chips(8, 2), ["vv", "vh"], DescriptorFit("sift-bovw"), model_id="m")
