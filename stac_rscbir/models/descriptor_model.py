@@ -18,6 +18,10 @@ normalisation ``(x - mean) / std`` is the stretch here (then clipped), and inges
 invalid pixels with ``lo``. Chips are described at the model's ``input_size`` (the fit's chip
 size), not at the descriptor's benchmark size.
 
+**Ranking.** The API re-ranks by the Euclidean distance of descriptors; a method whose paper
+ranks by a distance of its own (``DescriptorSpec.distance``, used by the benchmark) is served
+with the Euclidean one here.
+
 **Checkpoint folder.** ``config.json`` (``kind: "descriptor"``; ``method`` is
 ``<descriptor>+<hasher>`` as in the benchmark's row names, ``backbone`` the descriptor;
 ``head`` the hasher's settings and scalar state), ``hasher.npz`` (the hasher's fitted arrays:
@@ -39,7 +43,7 @@ import hashlib
 import json
 import pickle
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +91,7 @@ def stretch_range(
 ) -> tuple[list[float], list[float]]:
     """Per-band ``(lo, hi - lo)`` of (N, B, H, W) pixels: the ``percentiles`` of each band's
     finite values (a band with ``hi == lo`` gets width 1, so it maps to 0)."""
-    x = np.asarray(pixels, dtype=np.float64)
+    x = np.asarray(pixels)  # no float64 copy: a 2000-chip sample is hundreds of MB already
     if x.ndim != 4 or len(x) == 0:
         raise ValueError(f"need chips (N>0, bands, H, W), got shape {x.shape}")
     lows, widths = [], []
@@ -168,7 +172,7 @@ class DescriptorEncoder:
         else:
             lo, hi = value_range
             low, width = [lo] * len(bands), [hi - lo] * len(bands)
-            scaling = f"fixed range {value_range[0]:g}-{value_range[1]:g}"
+            scaling = f"fixed range {lo:g}-{hi:g}"
         size = int(x.shape[-1])
         config = ModelConfig(
             method=f"{how.descriptor}+{how.hasher}",
@@ -209,11 +213,11 @@ class DescriptorEncoder:
 
     def scale(self, pixels: npt.NDArray[np.floating]) -> list[npt.NDArray[np.float32]]:
         """Raw-unit chips (N, bands, H, W) as the descriptor's (H, W, bands) images in [0, 1]."""
-        if pixels.ndim != 4 or pixels.shape[1] != len(self.config.bands):
+        bands = self.config.bands
+        if pixels.ndim != 4 or pixels.shape[1] != len(bands):
             raise ValueError(
-                f"{pixels.shape[1] if pixels.ndim == 4 else '?'} band(s) given to model "
-                f"{self.config.model_id!r}, which takes {len(self.config.bands)} "
-                f"({', '.join(self.config.bands)})"
+                f"chips of shape {pixels.shape} given to model {self.config.model_id!r}, which "
+                f"takes (N, {len(bands)}, H, W) ({', '.join(bands)})"
             )
         return _scaled(pixels, self.config)
 
@@ -296,10 +300,6 @@ class DescriptorEncoder:
                 "changed after the fit; refusing to unpickle it"
             )
         return cls(config, pickle.loads(state), hasher)
-
-    def describe(self) -> dict[str, object]:
-        """The config as a plain dict (e.g. for a STAC ``cbir:models`` entry)."""
-        return asdict(self.config)
 
     def summary(self) -> str:
         """The model in one line, e.g. ``lbp ([3] ...) + itq 64-bit codes, 162-d descriptors``."""
