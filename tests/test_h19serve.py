@@ -12,12 +12,14 @@ import numpy as np
 import pystac
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 from rasterio.io import MemoryFile
 from typer.testing import CliRunner
 
 from stac_rscbir.api.app import create_api
 from stac_rscbir.cli import app
 from stac_rscbir.data.samples import folder_images, item_chips
+from stac_rscbir.descriptors.base import load_image
 from stac_rscbir.extension import CBIRExtension
 from stac_rscbir.ingest.sinks import StoreSink
 from stac_rscbir.ingest.worker import IngestOptions, Ingestor
@@ -149,6 +151,21 @@ def test_fit_descriptor_on_a_folder_scales_0_255_like_the_benchmark(
     np.testing.assert_array_equal(bits, load_encoder(out).encode_numpy(pixels)[0])
     with pytest.raises(ValueError, match="test-time augmentation is for network models"):
         enable_tta(out)
+
+
+def test_a_folder_model_describes_an_image_as_the_benchmark_does(
+    images: Path,  # noqa: F811
+) -> None:
+    """Fitted with the 0-255 range, a descriptor model's vectors of an 8-bit RGB file are the
+    benchmark's (``load_image``: the file / 255), so the served model is the table's row."""
+    paths = sorted(images.rglob("*.png"))
+    raw = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32) for p in paths])
+    chips = np.moveaxis(raw, -1, 1)  # (N, 3, 32, 32), raw 0-255
+    how = DescriptorFit("bosv", "itq", 16)
+    encoder = DescriptorEncoder.fit(chips, RGB, how, model_id="m", value_range=(0.0, 255.0))
+    _, served = encoder.encode_numpy(chips)
+    benchmark = encoder.descriptor.transform([load_image(p, 32) for p in paths])
+    np.testing.assert_array_equal(served, benchmark)
 
 
 def _geotiff(pixels: np.ndarray) -> str:
