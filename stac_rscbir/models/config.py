@@ -19,9 +19,10 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 #: A descriptor model's fitted hasher arrays (:mod:`stac_rscbir.models.descriptor_model`).
 HASHER_STATE_NAME = "hasher.npz"
-#: What a checkpoint holds, with the file its ``config.json`` needs beside it: a network
-#: (backbone + hash head, safetensors) or a survey descriptor + a shallow hasher.
-KIND_FILES: dict[str, str] = {"network": WEIGHTS_NAME, "descriptor": HASHER_STATE_NAME}
+#: What a checkpoint holds (its config's ``kind``): a network (backbone + hash head) or a
+#: survey descriptor + a shallow hasher; and the file its ``config.json`` needs beside it.
+NETWORK_KIND, DESCRIPTOR_KIND = "network", "descriptor"
+KIND_FILES: dict[str, str] = {NETWORK_KIND: WEIGHTS_NAME, DESCRIPTOR_KIND: HASHER_STATE_NAME}
 FORMAT_VERSION = 1
 #: Suffix of the model version when a checkpoint is switched to test-time augmentation: the
 #: same weights encode differently, so its codes must not pass for the version's earlier ones.
@@ -197,7 +198,7 @@ class ModelConfig:
     input: InputSpec | None = None
     # what the folder holds (a key of KIND_FILES): "network" (HashEncoder) or "descriptor"
     # (DescriptorEncoder); the loader dispatches on it
-    kind: str = "network"
+    kind: str = NETWORK_KIND
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -262,7 +263,7 @@ def enable_tta(directory: Path) -> tuple[ModelConfig, ModelConfig | None]:
     config)``. The new version makes ingestion encode again what the old one encoded, so codes
     of the two encodings never share an archive."""
     config = load_config(directory)
-    if config.kind != "network":
+    if config.kind != NETWORK_KIND:
         raise ValueError(
             f"{directory}: test-time augmentation is for network models; model "
             f"{config.model_id!r} is a {config.kind} model"

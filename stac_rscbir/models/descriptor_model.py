@@ -56,6 +56,7 @@ from stac_rscbir.descriptors.registry import DESCRIPTORS
 from stac_rscbir.fsutil import atomic_write
 from stac_rscbir.models.config import (
     CONFIG_NAME,
+    DESCRIPTOR_KIND,
     HASHER_STATE_NAME,
     InputSpec,
     ModelConfig,
@@ -65,7 +66,6 @@ from stac_rscbir.models.config import (
 )
 from stac_rscbir.models.shallow_hashing import HASHERS, Hasher, fit_hasher
 
-KIND = "descriptor"
 DESCRIPTOR_STATE_NAME = "descriptor.pkl"
 #: Percentiles of each band over the fit sample that the stretch maps to 0 and 1.
 STRETCH_PERCENTILES: tuple[float, float] = (2.0, 98.0)
@@ -138,8 +138,10 @@ class DescriptorEncoder:
     (NumPy, scikit-image, OpenCV) whatever device it is moved to."""
 
     def __init__(self, config: ModelConfig, descriptor: Descriptor, hasher: Hasher) -> None:
-        if config.kind != KIND:
-            raise ValueError(f"a DescriptorEncoder needs a {KIND!r} config, got {config.kind!r}")
+        if config.kind != DESCRIPTOR_KIND:
+            raise ValueError(
+                f"a DescriptorEncoder needs a {DESCRIPTOR_KIND!r} config, got {config.kind!r}"
+            )
         if config.tta:
             raise ValueError("test-time augmentation is for network models")
         self.spec = descriptor_spec(config.backbone, config.bands)
@@ -194,7 +196,7 @@ class DescriptorEncoder:
                 "seed": how.seed,
             },
             input=InputSpec.of_sample(x, default_min_size(size)),
-            kind=KIND,
+            kind=DESCRIPTOR_KIND,
         )
         descriptor = spec.factory()
         images = _scaled(x, config)

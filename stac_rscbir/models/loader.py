@@ -8,8 +8,7 @@ from pathlib import Path
 
 import torch
 
-from stac_rscbir.models.config import load_config
-from stac_rscbir.models.descriptor_model import KIND as DESCRIPTOR_KIND
+from stac_rscbir.models.config import DESCRIPTOR_KIND, load_config
 from stac_rscbir.models.descriptor_model import DescriptorEncoder
 from stac_rscbir.models.encoder import HashEncoder
 
