@@ -19,6 +19,7 @@ from stac_rscbir.extension.validation import cbir_errors, models_of, schema_erro
 
 if TYPE_CHECKING:
     from stac_rscbir.ingest.report import RunReport
+    from stac_rscbir.models.descriptor_model import DescriptorFit
 
 app = typer.Typer(help="Content-based image retrieval for STAC archives.", no_args_is_help=True)
 console = Console()
@@ -366,8 +367,22 @@ def fit(
     ],
     out: Annotated[Path, typer.Option(help="Checkpoint folder to write.")],
     method: Annotated[
-        str, typer.Option(help="contrastive (trained without labels) or itq (no training).")
-    ] = "contrastive",
+        str | None,
+        typer.Option(
+            help="contrastive (trained without labels; the default) or itq (no training)."
+        ),
+    ] = None,
+    descriptor: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of the network: a survey descriptor of `bench retrieval` (lbp, bosv, "
+            "morph-ps, sift-bovw, ...) whose float vectors are stored and hashed by --hasher."
+        ),
+    ] = None,
+    hasher: Annotated[
+        str,
+        typer.Option(help="--descriptor: the shallow hasher of its codes (itq, lsh, klsh, ...)."),
+    ] = "itq",
     bits: Annotated[int, typer.Option(help="Code length.")] = 64,
     bands: Annotated[
         list[str] | None,
@@ -400,8 +415,9 @@ def fit(
     model_id: Annotated[str | None, typer.Option(help="Model id (default: out's name).")] = None,
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: auto).")] = None,
 ) -> None:
-    """Fit a hashing model on UNLABELLED chips (ImageNet efficientnet-lite0 + a hash head) and
-    save a checkpoint for ingest and serve."""
+    """Fit a hashing model on UNLABELLED chips (ImageNet efficientnet-lite0 + a hash head, or
+    with --descriptor a survey descriptor + a shallow hasher) and save a checkpoint for ingest
+    and serve."""
     _require_extras("stac-rscbir fit", "ml", "ingest")  # data.samples reads with odc-stac
     import re
     import time
@@ -413,14 +429,25 @@ def fit(
     from stac_rscbir.data.samples import folder_images, item_chips
     from stac_rscbir.ingest.sources import SourceError, items_from_file
     from stac_rscbir.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from stac_rscbir.models.descriptor_model import (
+        STRETCH_PERCENTILES,
+        DescriptorFit,
+        descriptor_spec,
+    )
     from stac_rscbir.models.finetune import Finetune
     from stac_rscbir.models.fit import FIT_METHODS, FitSettings, fit_encoder
+    from stac_rscbir.models.shallow_hashing import HASHERS
 
     def fail(message: str, code: int) -> typer.Exit:
         console.print(f"[red]{message}[/]")
         return typer.Exit(code)
 
-    if method not in FIT_METHODS:
+    if descriptor is not None:
+        if method is not None:
+            raise fail("--method is for network models; with --descriptor give --hasher", 2)
+        if hasher not in HASHERS:
+            raise fail(f"--hasher must be one of {sorted(HASHERS)}, got {hasher!r}", 2)
+    elif (method := method or "contrastive") not in FIT_METHODS:
         raise fail(f"--method must be one of {list(FIT_METHODS)}, got {method!r}", 2)
     if bits not in SUPPORTED_BITS:
         raise fail(f"--bits must be one of {list(SUPPORTED_BITS)}", 2)
@@ -433,8 +460,10 @@ def fit(
         raise fail(f"model id {model_id!r}: letters, digits and . _ : - only (--model-id)", 2)
     wanted = [b.strip() for text in bands or [] for b in text.split(",") if b.strip()]
     try:
-        settings = FitSettings(
-            method=method,
+        if descriptor is not None:  # unknown, or RGB-only on other bands: say so now
+            descriptor_spec(descriptor, wanted or ["red", "green", "blue"])
+        settings = FitSettings(  # a descriptor model samples as ITQ does: 8 views per chip
+            method=method or "itq",
             bits=bits,
             finetune=Finetune.parse(finetune) or Finetune(2),
             epochs=epochs,
@@ -463,6 +492,8 @@ def fit(
             mean = [255.0 * m for m in IMAGENET_MEAN]
             std = [255.0 * s for s in IMAGENET_STD]
             norm = "the backbone's ImageNet input mean/std x 255 (raw 0-255 RGB)"
+            if descriptor is not None:
+                norm = "the fixed range 0-255 to [0, 1] (raw 0-255 RGB)"
             what = f"{sample.sources} images of {source}"
         elif source.is_file():
             band_names = wanted or ["red", "green", "blue"]
@@ -482,6 +513,9 @@ def fit(
             stats = BandStats.fit(sample.pixels, band_names)
             mean, std = list(stats.mean), list(stats.std)
             norm = "per-band mean/std of the sample"
+            if descriptor is not None:
+                low, high = STRETCH_PERCENTILES
+                norm = f"a per-band {low:g}-{high:g} % stretch of the sample to [0, 1]"
             what = f"{sample.available} chips of {sample.sources} items of {source}"
         else:
             raise fail(f"SOURCE not found: {source}", 2)
@@ -496,6 +530,17 @@ def fit(
         f"sample: {len(sample)} {'views' if settings.views else 'chips'} of "
         f"{', '.join(band_names)} at {size} px from {what}; normalised by {norm}"
     )
+    if descriptor is not None:
+        _fit_descriptor_model(
+            sample.pixels,
+            band_names,
+            DescriptorFit(descriptor, hasher, bits, seed),
+            out,
+            model_id,
+            (0.0, 255.0) if source.is_dir() else None,
+            str(source),
+        )
+        return
     console.print(f"fitting: {settings.describe()}")
     try:
         result = fit_encoder(
@@ -523,6 +568,42 @@ def fit(
     )
     console.print(
         f"wrote {out} (model id {result.encoder.config.model_id!r}); encode an archive with: "
+        f"stac-rscbir ingest CATALOG --model {out}"
+    )
+
+
+def _fit_descriptor_model(
+    pixels: np.ndarray,
+    bands: list[str],
+    how: DescriptorFit,
+    out: Path,
+    model_id: str,
+    value_range: tuple[float, float] | None,
+    source: str,
+) -> None:
+    """``fit --descriptor``: fit the descriptor model on the sample, save it, say what it is."""
+    import time
+
+    from stac_rscbir.models.descriptor_model import DescriptorEncoder
+
+    console.print(f"fitting: {how.descriptor} descriptors + {how.hasher} {how.bits}-bit codes")
+    start = time.perf_counter()
+    try:
+        encoder = DescriptorEncoder.fit(
+            pixels,
+            bands,
+            how,
+            model_id=model_id,
+            value_range=value_range,
+            extra={"trained_on": source},
+        )
+    except ValueError as err:
+        console.print(f"[red]{err}[/]")
+        raise typer.Exit(1) from err
+    encoder.save(out)
+    console.print(f"fitted {encoder.summary()} in {time.perf_counter() - start:.1f} s")
+    console.print(
+        f"wrote {out} (model id {model_id!r}); encode an archive with: "
         f"stac-rscbir ingest CATALOG --model {out}"
     )
 

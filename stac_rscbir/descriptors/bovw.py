@@ -66,6 +66,17 @@ class SiftBoVW:
         self.kmeans: MiniBatchKMeans | None = None
         self.idf: npt.NDArray[np.float64] | None = None
 
+    def __getstate__(self) -> dict[str, object]:
+        """Picklable, so a fitted vocabulary saves in a checkpoint: cv2's SIFT object is not,
+        and holds no fitted state, so it is left out and made again on load."""
+        state = self.__dict__.copy()
+        del state["_sift"]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._sift = cv2.SIFT_create()
+
     def local_descriptors(self, image: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """The image's SIFT descriptors, (m, 128) float32 (m = 0 where DoG finds no keypoint)."""
         grey = np.clip(np.rint(gray(image) * 255.0), 0, 255).astype(np.uint8)

@@ -345,6 +345,12 @@ class HashIndex:
         return (self.bits or 0) // 8
 
     @property
+    def descriptor_dim(self) -> int | None:
+        """The length of the stored float descriptors (None before any): the relaxed code's
+        bits for a network model, the descriptor's own size for a descriptor model."""
+        return None if self._desc is None else int(self._desc.shape[1])
+
+    @property
     def count(self) -> int:
         """Number of live codes."""
         return len(self._ids)

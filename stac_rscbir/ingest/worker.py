@@ -39,7 +39,7 @@ from stac_rscbir.extension.cbir import CBIRExtension, CBIRModel, Descriptor, Has
 from stac_rscbir.ingest.report import ItemError, RunReport
 from stac_rscbir.ingest.sinks import Sink, has_code
 from stac_rscbir.ingest.thumbnails import CHIP_TITLE, SCENE_TITLE, write_thumbnail
-from stac_rscbir.models.encoder import HashEncoder
+from stac_rscbir.models.loader import Encoder, load_encoder
 from stac_rscbir.models.training import pick_device
 
 DEFAULT_CHIP_SIZE = 120
@@ -98,7 +98,7 @@ class Ingestor:
     bands the item has, so Sentinel-1 and Sentinel-2 items get codes in one Hamming space.
     """
 
-    def __init__(self, encoder: HashEncoder, options: IngestOptions | None = None) -> None:
+    def __init__(self, encoder: Encoder, options: IngestOptions | None = None) -> None:
         self.options = options or IngestOptions()
         config = encoder.config
         if not config.model_id:
@@ -122,7 +122,7 @@ class Ingestor:
     def from_checkpoint(cls, directory: Path, options: IngestOptions | None = None) -> Ingestor:
         """Load the model once (on the chosen device) for a whole run."""
         device = pick_device((options or IngestOptions()).device)
-        return cls(HashEncoder.load(Path(directory), device=device), options)
+        return cls(load_encoder(Path(directory), device=device), options)
 
     def model_description(self) -> CBIRModel:
         """The ``cbir:models`` entry that collections get for this model."""
@@ -147,7 +147,7 @@ class Ingestor:
             method=c.method,
             backbone=c.backbone,
             descriptor_dtype="float32" if self.options.descriptors else None,
-            descriptor_dim=c.bits if self.options.descriptors else None,
+            descriptor_dim=(c.descriptor_dim or c.bits) if self.options.descriptors else None,
             chip_size=(self.chip_size, self.chip_size),
             resolution=self.options.resolution or self.branches[0].profile.resolution,
             tta=c.tta,

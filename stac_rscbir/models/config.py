@@ -17,6 +17,12 @@ from stac_rscbir.fsutil import atomic_write_text
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: A descriptor model's fitted hasher arrays (:mod:`stac_rscbir.models.descriptor_model`).
+HASHER_STATE_NAME = "hasher.npz"
+#: What a checkpoint holds (its config's ``kind``): a network (backbone + hash head) or a
+#: survey descriptor + a shallow hasher; and the file its ``config.json`` needs beside it.
+NETWORK_KIND, DESCRIPTOR_KIND = "network", "descriptor"
+KIND_FILES: dict[str, str] = {NETWORK_KIND: WEIGHTS_NAME, DESCRIPTOR_KIND: HASHER_STATE_NAME}
 FORMAT_VERSION = 1
 #: Suffix of the model version when a checkpoint is switched to test-time augmentation: the
 #: same weights encode differently, so its codes must not pass for the version's earlier ones.
@@ -190,10 +196,15 @@ class ModelConfig:
     # the pixel values the first branch takes (the second's are in second_source); None in
     # checkpoints written before it: see input_of
     input: InputSpec | None = None
+    # what the folder holds (a key of KIND_FILES): "network" (HashEncoder) or "descriptor"
+    # (DescriptorEncoder); the loader dispatches on it
+    kind: str = NETWORK_KIND
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         _check_normalisation(self.bands, self.mean, self.std)
+        if self.kind not in KIND_FILES:
+            raise ValueError(f"unknown model kind {self.kind!r}; known: {sorted(KIND_FILES)}")
         if isinstance(self.second_source, dict):  # read back from config.json
             object.__setattr__(self, "second_source", SourceConfig(**self.second_source))
         object.__setattr__(self, "input", _spec(self.input))
@@ -229,17 +240,20 @@ def save_config(directory: Path, config: ModelConfig) -> Path:
 
 
 def load_config(directory: Path) -> ModelConfig:
-    """Read a checkpoint's config alone (``FileNotFoundError`` if it, or the weights, is
-    missing)."""
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint incomplete: {path} is missing")
+    """Read a checkpoint's config alone (``FileNotFoundError`` if it, or the state file its
+    kind needs, is missing)."""
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"checkpoint incomplete: {config_path} is missing")
     raw = json.loads(config_path.read_text())
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{config_path}: format_version {version!r}, expected {FORMAT_VERSION}")
-    return ModelConfig(**raw)
+    config = ModelConfig(**raw)
+    state_path = directory / KIND_FILES[config.kind]
+    if not state_path.is_file():
+        raise FileNotFoundError(f"checkpoint incomplete: {state_path} is missing")
+    return config
 
 
 def enable_tta(directory: Path) -> tuple[ModelConfig, ModelConfig | None]:
@@ -249,6 +263,11 @@ def enable_tta(directory: Path) -> tuple[ModelConfig, ModelConfig | None]:
     config)``. The new version makes ingestion encode again what the old one encoded, so codes
     of the two encodings never share an archive."""
     config = load_config(directory)
+    if config.kind != NETWORK_KIND:
+        raise ValueError(
+            f"{directory}: test-time augmentation is for network models; model "
+            f"{config.model_id!r} is a {config.kind} model"
+        )
     if config.tta:
         return config, None
     version = config.version

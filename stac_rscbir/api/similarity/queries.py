@@ -86,7 +86,11 @@ class QueryDecoder:
         if sim.descriptor is not None:
             try:
                 desc = decode_descriptor(
-                    sim.descriptor, "float32", bits, "little", "similarity.descriptor"
+                    sim.descriptor,
+                    "float32",
+                    idx.descriptor_dim or bits,
+                    "little",
+                    "similarity.descriptor",
                 )
             except CBIRFieldError as exc:
                 raise InvalidQueryError(str(exc)) from exc
@@ -116,8 +120,7 @@ class QueryDecoder:
         encoder = self._encoder(model, "a descriptor query")
         import torch
 
-        head = encoder.net.head
-        bits = head.binarize(torch.from_numpy(np.asarray(desc, np.float32))[None])[0].numpy()
+        bits = encoder.binarize(torch.from_numpy(np.asarray(desc, np.float32))[None])[0].numpy()
         return np.packbits(bits.astype(np.uint8)).tobytes()
 
     def _encoder(self, model: str, what: str) -> Any:
@@ -136,9 +139,9 @@ class QueryDecoder:
                         require(what, "ml")
                     except MissingExtraError as exc:
                         raise InvalidQueryError(str(exc)) from exc
-                    from stac_rscbir.models.encoder import HashEncoder
+                    from stac_rscbir.models.loader import load_encoder
 
-                    loader = HashEncoder.load
+                    loader = load_encoder
                 self._encoders[model] = loader(self.model_dirs[model])
             return self._encoders[model]
 
