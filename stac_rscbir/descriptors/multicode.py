@@ -28,7 +28,10 @@ keeps the descriptor row a fixed-width array), the symmetric mean of nearest dis
 the matching rule, and KLSH as the embedded hasher. The descriptor row is the image's C codes
 concatenated as 0/1 floats (``C * bits`` columns, code k in columns ``k*bits:(k+1)*bits``); the
 SPEC's distance reads it back as C codes of 32 bits (:data:`SPEC` stores 8 x 32 = 256 bits per
-image, 4x a 64-bit single code).
+image, 4x a 64-bit single code). On a 600-image AID subset (20 per class, 60/40 split) mAP@20
+was 0.205 with 4 codes, 0.237 with 8, 0.263 with 16 (32 bits each), 0.251 with 8 codes of 64
+bits, and 0.232 with the one-way (query to image) half of D instead of the symmetric D: more
+primitives per image help, at C^2 code comparisons per pair; 8 keeps the set small.
 """
 
 from __future__ import annotations
