@@ -4,9 +4,18 @@ the deep presets."""
 
 from __future__ import annotations
 
-from stac_rscbir.descriptors import bovw, lbp, morphology, spectral
+from stac_rscbir.descriptors import bovw, lbp, morphology, multicode, spectral
 from stac_rscbir.descriptors.base import DescriptorSpec
+from stac_rscbir.systems import sparse_ae
 
 DESCRIPTORS: dict[str, DescriptorSpec] = {
-    spec.name: spec for spec in (lbp.SPEC, spectral.SPEC, morphology.SPEC, bovw.SPEC)
+    spec.name: spec
+    for spec in (
+        lbp.SPEC,
+        spectral.SPEC,
+        morphology.SPEC,
+        bovw.SPEC,
+        multicode.SPEC,
+        sparse_ae.SPEC,
+    )
 }
