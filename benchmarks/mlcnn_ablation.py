@@ -76,7 +76,9 @@ def main() -> None:
             "map_at_20": score(feats.numpy()),
         }
     )
-    scale_sets = [args.sizes[:1], *[[args.sizes[0], s] for s in args.sizes[1:]], args.sizes]
+    scale_sets = [args.sizes[:1], *[[args.sizes[0], s] for s in args.sizes[1:]]]
+    if len(args.sizes) > 2:
+        scale_sets.append(args.sizes)
     layer_sets = [
         ("head",),
         ("b16",),

@@ -70,9 +70,9 @@ class MultiLayerCNN:
 
     def __init__(
         self,
-        sizes: Sequence[int] = (150, 112),
-        layers: Sequence[str] = ("b11", "head"),
-        spatial: str = "max",
+        sizes: Sequence[int] = (150, 128),
+        layers: Sequence[str] = ("b11", "b16", "head"),
+        spatial: str = "avg",
         scales: str = "sum",
         epochs: int = 3,
         seed: int = 0,
