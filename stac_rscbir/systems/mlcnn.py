@@ -16,10 +16,14 @@ space, L2-normalised, and the pooled vectors aggregated:
 for layers l (``layers``: ``"b{k}"`` the input of EfficientNet-Lite0 block k, ``"b16"`` the last
 block's output, ``"head"`` the 1280-channel head map) and input sizes s (``sizes``). After a
 map's L2 normalisation sum and average pooling rank alike (they differ by the factor hw); sum
-pooling differs where it aggregates vectors, across ``scales``. Assumed: the paper's network is a
-VGG/CaffeNet and its layers and scales are its own; here the CNN is EfficientNet-Lite0 with its
-last block and head fine-tuned (:class:`~stac_rscbir.systems.finetuned.FinetunedLite0`), and the
-SPEC's setting is the best cheap one of a small AID ablation (benchmarks/RESULTS.md).
+pooling differs where it aggregates vectors, across ``scales``. Assumed: the paper's own network,
+layers and scales are not reproduced; here the CNN is EfficientNet-Lite0 with its last two
+blocks and head convolution fine-tuned (:class:`~stac_rscbir.systems.finetuned.FinetunedLite0`;
+block 11's input is in the frozen ImageNet front), and the
+SPEC's setting is the best cheap one of a small AID ablation (``benchmarks/mlcnn_ablation.py``,
+``benchmarks/results/aid/mlcnn-ablation.json``: 40 images per class): blocks 11 and 16 and the
+head map, average pooling (max pooling scored 3-5 points lower), 150 and 128 px summed (one
+point above 150 px alone; concatenation scored the same at twice the dimension).
 """
 
 from __future__ import annotations
