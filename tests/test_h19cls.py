@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from stac_rscbir.descriptors.registry import DESCRIPTORS
+from stac_rscbir.eval.retrieval_bench import BenchSetup, run
 from stac_rscbir.systems.cnn_wd import CNNWeightedDistance, WeightedDistance
 from stac_rscbir.systems.finetuned import FinetunedLite0, layer_index, rgb_tensor
 from stac_rscbir.systems.mlcnn import MultiLayerCNN, aggregate, pool
+from tests.test_descriptors import toy_folder  # noqa: F401 (the 3-class toy folder fixture)
 
 # rows [f | p]: features in 2-D, probabilities of 2 classes
 Q = [0.0, 0.0, 0.2, 0.8]  # predicted class 1
@@ -104,3 +106,10 @@ def test_bad_input_is_named() -> None:
         layer_index("fc7")
     with pytest.raises(ValueError, match="one label per image"):
         FinetunedLite0(sizes=(64,), pretrained=False).fit(_images(2), None)  # type: ignore[arg-type]
+
+
+def test_cnn_wd_row_through_the_benchmark(toy_folder: BenchSetup) -> None:  # noqa: F811
+    """The registered SPEC (ImageNet weights) ranks the toy classes by its weighted distance."""
+    result = run(toy_folder, "cnn-wd", bits=8)
+    assert result["bits"] is None and result["descriptor_dim"] == 512 + 3
+    assert result["map_at_20"] > 0.8, result["map_at_20"]
