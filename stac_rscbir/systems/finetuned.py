@@ -102,33 +102,40 @@ class FinetunedLite0:
 
     def _front(self, images: Images, remember: bool) -> list[list[torch.Tensor]]:
         """Per size, [front taps..., front output] for ``images`` (float16, memoised by
-        content: a hit equals a recomputation, both pass through float16)."""
-        keys = [hashlib.blake2b(np.ascontiguousarray(im).tobytes()).digest() for im in images]
-        todo = [i for i, k in enumerate(keys) if k not in self._memo]
-        fresh: dict[int, list[list[torch.Tensor]]] = {i: [] for i in todo}
-        net = self.net.net
-        for size in self.sizes:
-            for begin in range(0, len(todo), 32):
-                rows = todo[begin : begin + 32]
-                with torch.inference_mode():
-                    a = net._swish(
-                        net._bn0(net._conv_stem(rgb_tensor([images[i] for i in rows], size)))
-                    )
-                    taps = []
-                    for idx in range(self.train_from):
-                        if idx in self._front_taps:
-                            taps.append(a)
-                        a = net._blocks[idx](a)
-                    outs = [t.to(torch.float16) for t in (*taps, a)]
-                for j, i in enumerate(rows):
-                    fresh[i].append([t[j].clone() for t in outs])
-        if remember:
-            self._memo.update((keys[i], fresh[i]) for i in todo)
-        per_image = [self._memo[k] if k in self._memo else fresh[i] for i, k in enumerate(keys)]
+        content: a hit equals a recomputation, both pass through float16). Each image is read
+        once (a training set may be files read on access)."""
+        per_image: list[list[list[torch.Tensor]]] = []
+        for begin in range(0, len(images), 32):
+            batch = [images[i] for i in range(begin, min(begin + 32, len(images)))]
+            keys = [hashlib.blake2b(np.ascontiguousarray(im).tobytes()).digest() for im in batch]
+            todo = [j for j, k in enumerate(keys) if k not in self._memo]
+            fresh: dict[int, list[list[torch.Tensor]]] = {j: [] for j in todo}
+            for size in self.sizes if todo else ():
+                outs = self._run_front(rgb_tensor([batch[j] for j in todo], size))
+                for row, j in enumerate(todo):
+                    fresh[j].append([t[row].clone() for t in outs])
+            if remember:
+                self._memo.update((keys[j], fresh[j]) for j in todo)
+            per_image += [
+                self._memo[k] if k in self._memo else fresh[j] for j, k in enumerate(keys)
+            ]
         return [
             [torch.stack([p[s][t] for p in per_image]) for t in range(len(per_image[0][s]))]
             for s in range(len(self.sizes))
         ]
+
+    def _run_front(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen stem and blocks ``[0, train_from)`` of a normalised batch: the taps among
+        them, then their output, float16."""
+        net = self.net.net
+        with torch.inference_mode():
+            a = net._swish(net._bn0(net._conv_stem(x)))
+            taps = []
+            for idx in range(self.train_from):
+                if idx in self._front_taps:
+                    taps.append(a)
+                a = net._blocks[idx](a)
+            return [t.to(torch.float16) for t in (*taps, a)]
 
     # -- the trained tail ------------------------------------------------------------------
 
