@@ -104,6 +104,10 @@ def test_bad_input_is_named() -> None:
         rgb_tensor([np.zeros((8, 8, 12), np.float32)], 8)
     with pytest.raises(ValueError, match="layer"):
         layer_index("fc7")
+    with pytest.raises(ValueError, match="spatial pooling"):
+        MultiLayerCNN(spatial="median", pretrained=False)
+    with pytest.raises(ValueError, match="convolutional maps"):
+        MultiLayerCNN(layers=("fc",), pretrained=False)
     with pytest.raises(ValueError, match="one label per image"):
         FinetunedLite0(sizes=(64,), pretrained=False).fit(_images(2), None)  # type: ignore[arg-type]
 

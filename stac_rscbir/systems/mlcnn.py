@@ -83,9 +83,13 @@ class MultiLayerCNN:
         seed: int = 0,
         pretrained: bool = True,
     ) -> None:
-        pool(torch.zeros(1, 1), spatial, (1,))
-        if scales != "concat":
-            pool(torch.zeros(1, 1), scales, (1,))
+        if spatial not in POOLINGS or scales not in (*POOLINGS, "concat"):
+            raise ValueError(
+                f"spatial pooling is one of {POOLINGS} and scales one of {(*POOLINGS, 'concat')},"
+                f" got {spatial!r} and {scales!r}"
+            )
+        if "fc" in layers:
+            raise ValueError("mlcnn pools convolutional maps; 'fc' is not one")
         self.layers, self.spatial, self.scales = tuple(layers), spatial, scales
         self.network = FinetunedLite0(
             sizes=sizes, layers=layers, epochs=epochs, seed=seed, pretrained=pretrained
