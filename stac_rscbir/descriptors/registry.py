@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from stac_rscbir.descriptors import bovw, lbp, morphology, multicode, spectral
 from stac_rscbir.descriptors.base import DescriptorSpec
-from stac_rscbir.systems import sparse_ae
+from stac_rscbir.systems import cnn_wd, mlcnn, sparse_ae
 
 DESCRIPTORS: dict[str, DescriptorSpec] = {
     spec.name: spec
@@ -17,5 +17,7 @@ DESCRIPTORS: dict[str, DescriptorSpec] = {
         bovw.SPEC,
         multicode.SPEC,
         sparse_ae.SPEC,
+        cnn_wd.SPEC,
+        mlcnn.SPEC,
     )
 }
