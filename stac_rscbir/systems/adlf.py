@@ -1,6 +1,6 @@
 """[20] Imbriaco, Sebastian, Bondarev & de With 2019, "Aggregated deep local features for remote
-sensing image retrieval", Remote Sensing 11:493: attention-selected local CNN features,
-aggregated by VLAD, searched with query expansion.
+sensing image retrieval", Remote Sensing 11, p. 493 (February 2019): attention-selected local
+CNN features, aggregated by VLAD, searched with query expansion.
 
 The survey (section 3, Table 1: random selection with data augmentation, pre-trained weights, a
 CNN, classification learning with cross-entropy) describes three steps: a CNN trained with CE,
@@ -15,10 +15,11 @@ is then searched with an expanded query. Built here (:class:`AdlfVlad`):
    AID sample this layer's VLAD scored above the last (1280-d, 7 x 7) map's.
 2. Attention (DELF, Noh et al. 2017; :class:`AttentionPool`): a score per position
    ``a(f) = softplus(w2 * relu(w1 * f))`` (two 1 x 1 convolutions), trained with the image
-   labels through attention-weighted pooling and a linear classifier W,
-   ``y = W (1/|P|) sum_p a(f_p) f_p``, under cross-entropy (:func:`train_attention`; W is then
-   dropped). The survey names additive and multiplicative attention; this is the multiplicative
-   one (the score scales the feature); the additive variant is not built.
+   labels through attention-weighted pooling of the L2-normalised features and a linear
+   classifier W, ``y = W (1/|P|) sum_p a(f_p) f_p / ||f_p||``, under cross-entropy
+   (:func:`train_attention`, after a warm-up of W alone; W is then dropped). The survey names
+   additive and multiplicative attention; this is the multiplicative one (the score scales the
+   feature); the additive variant is not built.
 3. Selection: the ``keep`` positions of highest attention per image (DELF keeps its top-scoring
    features), each L2-normalised, PCA-reduced to ``local_dim`` and L2-normalised again (DELF's
    post-processing of local descriptors). Selection costs retrieval on AID scenes, whose whole
