@@ -32,9 +32,10 @@ is then searched with an expanded query. Built here (:class:`AdlfVlad`):
    intra-normalisation ``v_k / ||v_k||`` (Arandjelovic & Zisserman 2013), the signed square root
    ``sign(v) sqrt(|v|)`` and L2 normalisation of the ``K * local_dim`` vector.
    No PCA-whitening of the VLADs (Jegou & Chum 2012): measured on the full AID split (fitted on
-   the training VLADs, then L2), 256 whitened dimensions scored mAP@20 0.735 by L2 against the
-   plain VLAD's 0.753 (0.777 against 0.771 with query expansion), 512 scored 0.679, so it is
-   left out; the hashed rows reduce the VLAD by their own PCA.
+   the training VLADs, then L2; benchmarks/adlf_ablation.py), 256 whitened dimensions scored
+   mAP@20 0.735 by L2 against the plain VLAD's 0.753 (0.777 against 0.771 with query
+   expansion), 512 scored 0.679 in a one-off run, so it is left out; the hashed rows reduce the
+   VLAD by their own PCA.
 5. Query expansion at search time (:class:`QueryExpansion`, the SPEC's distance): the query is
    replaced by the L2-normalised weighted sum of itself and its top-k database neighbours, then
    the database is re-ranked by it. [20] builds the expanded query as a memory vector (Iscen et
