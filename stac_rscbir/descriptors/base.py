@@ -46,6 +46,9 @@ class DescriptorSpec:
     # the method's own (Q, N) distance between descriptor rows, where the paper ranks by one
     # (class-probability weights, query expansion, affinity fusion, set matching); None: L2
     distance: DistanceFn | None = None
+    # the name of the spec whose cached descriptors this one ranks (an ablation of its distance:
+    # same factory and input size), so both rows share one computation; None: its own
+    descriptors_of: str | None = None
 
 
 def load_image(path: str | Path, size: int) -> npt.NDArray[np.float32]:

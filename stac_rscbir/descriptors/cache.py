@@ -47,10 +47,11 @@ def cached_descriptors(
     method learns), and the seconds spent (0.0 on a cache hit)."""
     rows = np.asarray(train_rows, dtype=np.int64)
     train_key = rows.tolist() if spec.learns else None
+    name = spec.descriptors_of or spec.name
     path = _cache_path(
         cache_dir,
-        f"descriptor-{spec.name}-{spec.input_size}",
-        ["descriptor", spec.name, spec.input_size, train_key],
+        f"descriptor-{name}-{spec.input_size}",
+        ["descriptor", name, spec.input_size, train_key],
         data,
     )
     if path.is_file():

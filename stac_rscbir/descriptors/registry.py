@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from stac_rscbir.descriptors import bovw, lbp, morphology, multicode, spectral
 from stac_rscbir.descriptors.base import DescriptorSpec
-from stac_rscbir.systems import cnn_wd, mlcnn, sparse_ae
+from stac_rscbir.systems import adlf, cnn_wd, mlcnn, sparse_ae
 
 DESCRIPTORS: dict[str, DescriptorSpec] = {
     spec.name: spec
@@ -19,5 +19,7 @@ DESCRIPTORS: dict[str, DescriptorSpec] = {
         sparse_ae.SPEC,
         cnn_wd.SPEC,
         mlcnn.SPEC,
+        adlf.SPEC,
+        adlf.SPEC_NOQE,
     )
 }
