@@ -46,6 +46,9 @@ class DescriptorSpec:
     # the method's own (Q, N) distance between descriptor rows, where the paper ranks by one
     # (class-probability weights, query expansion, affinity fusion, set matching); None: L2
     distance: DistanceFn | None = None
+    # a fusion of other methods: its row is their rows side by side, each computed (and cached)
+    # as its own method, so the fusion costs only its distance
+    parts: tuple[DescriptorSpec, ...] = ()
 
 
 def load_image(path: str | Path, size: int) -> npt.NDArray[np.float32]:
