@@ -49,6 +49,9 @@ class DescriptorSpec:
     # the name of the spec whose cached descriptors this one ranks (an ablation of its distance:
     # same factory and input size), so both rows share one computation; None: its own
     descriptors_of: str | None = None
+    # a fusion of other methods: its row is their rows side by side, each computed (and cached)
+    # as its own method, so the fusion costs only its distance
+    parts: tuple[DescriptorSpec, ...] = ()
 
 
 def load_image(path: str | Path, size: int) -> npt.NDArray[np.float32]:

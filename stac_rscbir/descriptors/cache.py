@@ -44,7 +44,13 @@ def cached_descriptors(
     progress: bool = True,
 ) -> tuple[npt.NDArray[np.float32], float]:
     """(N, d) float32 descriptors of ``data``'s images, fitted on ``train_rows`` (where the
-    method learns), and the seconds spent (0.0 on a cache hit)."""
+    method learns), and the seconds spent (0.0 on a cache hit). A fusion's rows are its
+    parts' cached rows side by side."""
+    if spec.parts:
+        described = [
+            cached_descriptors(data, part, train_rows, cache_dir, progress) for part in spec.parts
+        ]
+        return np.concatenate([f for f, _ in described], axis=1), sum(s for _, s in described)
     rows = np.asarray(train_rows, dtype=np.int64)
     train_key = rows.tolist() if spec.learns else None
     name = spec.descriptors_of or spec.name

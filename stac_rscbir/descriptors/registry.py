@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from stac_rscbir.descriptors import bovw, lbp, morphology, multicode, spectral
 from stac_rscbir.descriptors.base import DescriptorSpec
-from stac_rscbir.systems import adlf, cnn_wd, mlcnn, sparse_ae
+from stac_rscbir.systems import adlf, camf, cnn_wd, mlcnn, sparse_ae, ucnn
 
 DESCRIPTORS: dict[str, DescriptorSpec] = {
     spec.name: spec
@@ -21,5 +21,7 @@ DESCRIPTORS: dict[str, DescriptorSpec] = {
         mlcnn.SPEC,
         adlf.SPEC,
         adlf.SPEC_NOQE,
+        ucnn.SPEC,
+        camf.SPEC,
     )
 }
