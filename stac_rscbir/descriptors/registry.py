@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from stac_rscbir.descriptors import bovw, lbp, morphology, spectral
 from stac_rscbir.descriptors.base import DescriptorSpec
+from stac_rscbir.systems import sgcn
 
 DESCRIPTORS: dict[str, DescriptorSpec] = {
-    spec.name: spec for spec in (lbp.SPEC, spectral.SPEC, morphology.SPEC, bovw.SPEC)
+    spec.name: spec for spec in (lbp.SPEC, spectral.SPEC, morphology.SPEC, bovw.SPEC, sgcn.SPEC)
 }
