@@ -22,7 +22,8 @@ class), maps the graph to a fixed-length embedding: the descriptor, ranked by Eu
    invariant uniform LBP_{8,1} codes of the grey view, the mean gradient magnitude, a 4-bin
    magnitude-weighted gradient-orientation histogram, the area fraction and the centroid
    (y, x): 2B + 18 values, standardised with the training nodes' mean and deviation.
-4. GCN (Kipf & Welling 2017, :class:`GraphConv`): ``H' = ReLU(Â H W + b)`` with
+4. GCN (Kipf & Welling 2017, "Semi-supervised classification with graph convolutional
+   networks", ICLR; :class:`GraphConv`): ``H' = ReLU(Â H W + b)`` with
 
        Â = D^-1/2 (A + I) D^-1/2,   D_ii = sum_j (A + I)_ij,
 
@@ -31,7 +32,8 @@ class), maps the graph to a fixed-length embedding: the descriptor, ranked by Eu
    (the readout and the normalisation are assumptions: the paper's pooling is not reproduced).
    A batch of graphs is one block-diagonal sparse Â (:func:`block_diagonal`), so one sparse
    product propagates every graph of the batch.
-5. Siamese training (shared weights) with the contrastive loss (Hadsell, Chopra & LeCun 2006),
+5. Siamese training (shared weights) with the contrastive loss (Hadsell, Chopra & LeCun 2006,
+   "Dimensionality reduction by learning an invariant mapping", CVPR),
 
        L = 1/2 y d^2 + 1/2 (1 - y) max(0, m - d)^2,   d = ||f(G_1) - f(G_2)||_2,
 
@@ -73,7 +75,8 @@ class RegionGraph:
 def superpixels(
     image: npt.NDArray[np.float32], segments: int, compactness: float
 ) -> npt.NDArray[np.int64]:
-    """SLIC labels of an (H, W, B) image, renumbered 0..n-1 (Lab distance for RGB)."""
+    """[21]'s regions: SLIC labels of an (H, W, B) image, renumbered 0..n-1 (Lab distance for
+    RGB)."""
     seg = slic(
         image,
         n_segments=segments,
@@ -102,7 +105,7 @@ def region_means(
 def region_adjacency(
     labels: npt.NDArray[np.int64], colours: npt.NDArray[np.float64], sigma: float
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-    """The RAG's edges (e, 2), i < j, between 4-adjacent regions and their weights
+    """[21]'s weighted RAG: edges (e, 2), i < j, between 4-adjacent regions and their weights
     ``exp(-||c_i - c_j||^2 / sigma)`` from the regions' mean colours ``colours`` (n, B)."""
     pairs = np.concatenate(
         [
@@ -119,7 +122,8 @@ def region_adjacency(
 def region_features(
     image: npt.NDArray[np.float32], labels: npt.NDArray[np.int64]
 ) -> npt.NDArray[np.float32]:
-    """(n, 2B + 18) colour/texture statistics of each region (module docstring, item 3)."""
+    """[21]'s node features, assumed: (n, 2B + 18) colour/texture statistics of each region
+    (module docstring, item 3)."""
     n = int(labels.max()) + 1
     h, w = labels.shape
     flat = labels.ravel()
@@ -182,7 +186,8 @@ def block_diagonal(
 
 
 class GraphConv(nn.Module):
-    """Kipf & Welling's propagation ``Â H W + b`` (Â from :func:`normalized_adjacency`)."""
+    """[21]'s graph convolution, Kipf & Welling's propagation ``Â H W + b`` (Â from
+    :func:`normalized_adjacency`)."""
 
     def __init__(self, d_in: int, d_out: int) -> None:
         super().__init__()
@@ -194,7 +199,8 @@ class GraphConv(nn.Module):
 
 
 class GCNEncoder(nn.Module):
-    """ReLU GCN layers, mean and max readout per graph, a linear map, L2 normalisation."""
+    """[21]'s GCN branch (shared by both Siamese inputs): ReLU GCN layers, mean and max readout
+    per graph, a linear map, L2 normalisation (readout and normalisation assumed)."""
 
     def __init__(self, d_in: int, hidden: int = 64, layers: int = 3, dim: int = 64) -> None:
         super().__init__()
@@ -218,7 +224,8 @@ class GCNEncoder(nn.Module):
 def contrastive_loss(
     a: torch.Tensor, b: torch.Tensor, same: torch.Tensor, margin: float
 ) -> torch.Tensor:
-    """Hadsell et al.'s ``1/2 y d^2 + 1/2 (1 - y) max(0, m - d)^2``, mean over the pairs."""
+    """[21]'s loss, Hadsell et al.'s contrastive ``1/2 y d^2 + 1/2 (1 - y) max(0, m - d)^2``,
+    mean over the pairs."""
     d2 = ((a - b) ** 2).sum(dim=1)
     d = torch.sqrt(d2 + 1e-12)
     y = same.to(a.dtype)
@@ -228,8 +235,9 @@ def contrastive_loss(
 def sample_pairs(
     labels: npt.NDArray[np.int64], rng: np.random.Generator
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
-    """Every row paired with another row of its class (probability 1/2, where the class has
-    another row) or of another class (where there is one): (first, second, same)."""
+    """[21]'s Siamese pairs: every row paired with another row of its class (probability 1/2,
+    where the class has another row) or of another class (where there is one):
+    (first, second, same)."""
     first = rng.permutation(len(labels))
     members = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
     second = np.empty_like(first)
