@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from stac_rscbir.descriptors import bovw, lbp, morphology, multicode, spectral
 from stac_rscbir.descriptors.base import DescriptorSpec
-from stac_rscbir.systems import adlf, camf, cnn_wd, mlcnn, sparse_ae, ucnn
+from stac_rscbir.systems import adlf, camf, cnn_wd, mlcnn, sgcn, sparse_ae, ucnn
 
 DESCRIPTORS: dict[str, DescriptorSpec] = {
     spec.name: spec
@@ -23,5 +23,6 @@ DESCRIPTORS: dict[str, DescriptorSpec] = {
         adlf.SPEC_NOQE,
         ucnn.SPEC,
         camf.SPEC,
+        sgcn.SPEC,
     )
 }
