@@ -35,8 +35,8 @@ from stac_rscbir.eval.metrics import hamming_distances, pr_curve, single_label_r
 from stac_rscbir.eval.plots import save_pr_curve
 from stac_rscbir.eval.retrieval_bench import (
     BASELINES,
-    HISTOGRAM_DESCRIPTORS,
     BenchSetup,
+    descriptor_hashers,
     method_names,
     method_reference,
     run_with_codes,
@@ -148,9 +148,10 @@ def survey_methods() -> list[tuple[str, int | None]]:
     """The survey table's (method, bits) rows, bits None for a float row."""
     rows: list[tuple[str, int | None]] = []
     for name in DESCRIPTORS:
-        rows += [(name, None), (f"{name}+itq", 32), (f"{name}+itq", 64), (f"{name}+lsh", 64)]
-        if name in HISTOGRAM_DESCRIPTORS:
-            rows += [(f"{name}+plsh", 32), (f"{name}+plsh", 64)]
+        hashers = descriptor_hashers(name)
+        rows.append((name, None))
+        rows += [(f"{name}+{h}", b) for h in ("itq", "plsh") if h in hashers for b in (32, 64)]
+        rows += [(f"{name}+lsh", 64)] if "lsh" in hashers else []
     rows += [("float-knn", None), ("lsh", 64), ("itq", 32), ("itq", 64)]
     rows += [(h, b) for h in ("klsh", "kslh", "prh") for b in (32, 64)]
     rows += [(m, b) for m in METHODS if method_reference(m) for b in (32, 64)]

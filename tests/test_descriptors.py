@@ -102,6 +102,14 @@ def test_cache_second_call_is_a_hit(toy_folder: BenchSetup) -> None:
     np.testing.assert_array_equal(again, first)
 
 
+def test_hashed_rows_only_where_a_descriptor_is_hashable() -> None:
+    """pLSH only on histograms; no hashed rows of codes, shared rows or an affinity fusion."""
+    names = set(method_names())
+    assert {"bosv+plsh", "sift-bovw+plsh", "lbp+itq", "adlf-vlad+itq"} <= names
+    assert not {"lbp+plsh", "multicode+itq", "ucnn-camf+lsh", "adlf-vlad-noqe+itq"} & names
+    assert "multicode" in names and "ucnn-camf" in names
+
+
 def test_benchmark_rows_on_a_separable_toy_set(toy_folder: BenchSetup) -> None:
     """Float and hashed descriptor rows retrieve the toy classes far above chance (1/3)."""
     assert {"lbp", "bosv", "lbp+itq", "bosv+lsh"} <= set(method_names())

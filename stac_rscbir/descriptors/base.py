@@ -52,6 +52,9 @@ class DescriptorSpec:
     # a fusion of other methods: its row is their rows side by side, each computed (and cached)
     # as its own method, so the fusion costs only its distance
     parts: tuple[DescriptorSpec, ...] = ()
+    # its rows go through the shallow hashers (ITQ, LSH, ...); False where they are codes
+    # already, or another method's rows, or mean nothing outside the method's own distance
+    hashable: bool = True
 
 
 def load_image(path: str | Path, size: int) -> npt.NDArray[np.float32]:

@@ -133,4 +133,5 @@ SPEC = DescriptorSpec(
     learns=True,
     any_bands=False,
     distance=partial(set_hamming, bits=BITS),
+    hashable=False,  # its rows are codes already
 )

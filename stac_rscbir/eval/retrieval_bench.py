@@ -81,14 +81,16 @@ class BenchSetup:
         )
 
 
+def descriptor_hashers(name: str) -> list[str]:
+    """The shallow hashers that ``<name>+<hasher>`` rows may use on descriptor ``name``."""
+    if not DESCRIPTORS[name].hashable:
+        return []
+    return [h for h in HASHERS if h != "plsh" or name in HISTOGRAM_DESCRIPTORS]
+
+
 def method_names() -> list[str]:
     """Every value ``--method`` accepts."""
-    hashed = [
-        f"{name}+{hasher}"
-        for name in DESCRIPTORS
-        for hasher in HASHERS
-        if hasher != "plsh" or name in HISTOGRAM_DESCRIPTORS
-    ]
+    hashed = [f"{name}+{hasher}" for name in DESCRIPTORS for hasher in descriptor_hashers(name)]
     return [*METHODS, *BASELINES, *DESCRIPTORS, *hashed]
 
 

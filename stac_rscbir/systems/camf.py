@@ -235,5 +235,6 @@ SPEC = DescriptorSpec(
     learns=True,
     any_bands=False,
     distance=CollaborativeAffinityDistance(DIMS),
+    hashable=False,  # its parts are hashed on their own; the fusion is only its affinity
     parts=PARTS,
 )
