@@ -191,8 +191,8 @@ def bench_retrieval(
     _require_extras("stac-rscbir bench retrieval", "ml")
     from stac_rscbir.eval import retrieval_bench as rb
 
-    if method not in rb.method_names():
-        console.print(f"[red]unknown method {method!r}; choose from {rb.method_names()}[/]")
+    if error := rb.method_error(method):
+        console.print(f"[red]{error}[/]")
         raise typer.Exit(2)
     if bits not in SUPPORTED_BITS:
         console.print(f"[red]--bits must be one of {list(SUPPORTED_BITS)}[/]")

@@ -18,7 +18,7 @@ from stac_rscbir.descriptors.cache import cached_descriptors
 from stac_rscbir.descriptors.lbp import LBPHistogram
 from stac_rscbir.descriptors.registry import DESCRIPTORS
 from stac_rscbir.descriptors.spectral import BagOfSpectralValues
-from stac_rscbir.eval.retrieval_bench import BenchSetup, method_names, run
+from stac_rscbir.eval.retrieval_bench import BenchSetup, method_error, method_names, run
 
 
 def test_lbp_hand_computed_codes_and_histogram() -> None:
@@ -108,6 +108,12 @@ def test_hashed_rows_only_where_a_descriptor_is_hashable() -> None:
     assert {"bosv+plsh", "sift-bovw+plsh", "lbp+itq", "adlf-vlad+itq"} <= names
     assert not {"lbp+plsh", "multicode+itq", "ucnn-camf+lsh", "adlf-vlad-noqe+itq"} & names
     assert "multicode" in names and "ucnn-camf" in names
+    assert method_error("lbp+itq") is None
+    assert "use one of" in method_error("lbp+plsh") and "'itq'" in method_error("lbp+plsh")
+    assert method_error("multicode+itq") == (
+        "itq does not hash descriptor 'multicode': its rows are not hashed"
+    )
+    assert method_error("nope").startswith("unknown method 'nope'")
 
 
 def test_benchmark_rows_on_a_separable_toy_set(toy_folder: BenchSetup) -> None:

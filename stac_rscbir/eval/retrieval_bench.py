@@ -94,6 +94,21 @@ def method_names() -> list[str]:
     return [*METHODS, *BASELINES, *DESCRIPTORS, *hashed]
 
 
+def method_error(method: str) -> str | None:
+    """Why ``--method`` does not accept ``method`` (None where it does)."""
+    if method in method_names():
+        return None
+    name, _, hasher = method.partition("+")
+    if name in DESCRIPTORS and hasher in HASHERS:
+        allowed = descriptor_hashers(name)
+        why = f"use one of {allowed}" if allowed else "its rows are not hashed"
+        return f"{hasher} does not hash descriptor {name!r}: {why}"
+    return (
+        f"unknown method {method!r}: a preset {sorted(METHODS)}, a baseline {list(BASELINES)}, "
+        f"a descriptor {list(DESCRIPTORS)} or DESCRIPTOR+HASHER with HASHER in {list(HASHERS)}"
+    )
+
+
 def method_reference(method: str) -> str:
     """The survey references of a ``--method`` value, e.g. ``[1]+[23]`` for ``sift-bovw+plsh``
     (the descriptor's, then the hasher's; ``""`` where neither is a survey system)."""
@@ -116,8 +131,8 @@ def run_with_codes(
     setup: BenchSetup, method: str, bits: int
 ) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray]:
     """:func:`run`, also returning the test codes (packed; None for float-knn) and labels."""
-    if method not in method_names():
-        raise ValueError(f"unknown method {method!r}; choose from {method_names()}")
+    if error := method_error(method):
+        raise ValueError(error)
     data = read_labels_csv(setup.images, setup.labels)
     train_idx, test_idx = split_per_class(data.labels, setup.train_fraction, setup.seed)
     if method.split("+")[0] in DESCRIPTORS:
