@@ -124,6 +124,9 @@ def test_an_rgb_descriptor_on_two_bands_says_which_bands(tmp_path: Path) -> None
         (["--descriptor", "hog"], "unknown descriptor 'hog'"),
         (["--descriptor", "lbp", "--hasher", "sha"], "--hasher must be one of"),
         (["--descriptor", "lbp", "--method", "itq"], "with --descriptor give --hasher"),
+        (["--descriptor", "sgcn"], "'sgcn' ([21] Chaudhuri"),
+        (["--descriptor", "cnn-wd"], "learns from labelled images"),
+        (["--descriptor", "multicode"], "no shallow hasher codes it"),
     ],
 )
 def test_fit_refuses_bad_descriptor_options(images: Path, tmp_path: Path, args, message) -> None:  # noqa: F811

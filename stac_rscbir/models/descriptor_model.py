@@ -73,11 +73,22 @@ RGB = ("red", "green", "blue")
 
 
 def descriptor_spec(name: str, bands: Sequence[str]) -> DescriptorSpec:
-    """The registry's spec of ``name``, checked against the chips' ``bands``: an RGB-only
-    descriptor (``any_bands=False``) needs exactly 3."""
+    """The registry's spec of ``name``, checked for a descriptor model: fitted without labels,
+    hashable, and on the chips' ``bands`` (an RGB-only descriptor needs exactly 3)."""
     spec = DESCRIPTORS.get(name)
     if spec is None:
         raise ValueError(f"unknown descriptor {name!r}; choose from {sorted(DESCRIPTORS)}")
+    if spec.supervised:
+        raise ValueError(
+            f"descriptor {name!r} ({spec.reference}) learns from labelled images; a descriptor "
+            "model fits on unlabelled chips: choose one of "
+            f"{sorted(n for n, s in DESCRIPTORS.items() if not s.supervised and s.hashable)}"
+        )
+    if not spec.hashable:
+        raise ValueError(
+            f"descriptor {name!r} ({spec.reference}) ranks by its own distance only, "
+            "no shallow hasher codes it: a descriptor model needs a hashable descriptor"
+        )
     if not spec.any_bands and len(bands) != len(RGB):
         raise ValueError(
             f"descriptor {name!r} ({spec.reference}) works on RGB images: it needs 3 bands "
@@ -308,7 +319,7 @@ class DescriptorEncoder:
         c = self.config
         return (
             f"{c.backbone} ({self.spec.reference}) + {c.head['hasher']} {c.bits}-bit codes, "
-            f"{c.descriptor_dim}-d descriptors (no training loop, no labels)"
+            f"{c.descriptor_dim}-d descriptors (fitted without labels)"
         )
 
 

@@ -294,6 +294,7 @@ SPEC = DescriptorSpec(
     factory=AdlfVlad,
     input_size=224,
     learns=True,
+    supervised=True,
     any_bands=False,
     distance=QueryExpansion(),
 )

@@ -102,6 +102,7 @@ SPEC = DescriptorSpec(
     factory=CNNWeightedDistance,
     input_size=150,
     learns=True,
+    supervised=True,
     any_bands=False,
     distance=weighted_distance,
 )

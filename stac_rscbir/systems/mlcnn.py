@@ -112,5 +112,6 @@ SPEC = DescriptorSpec(
     factory=MultiLayerCNN,
     input_size=150,
     learns=True,
+    supervised=True,
     any_bands=False,
 )

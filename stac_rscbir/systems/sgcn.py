@@ -349,5 +349,6 @@ SPEC = DescriptorSpec(
     factory=SiameseGCN,
     input_size=128,
     learns=True,
+    supervised=True,
     any_bands=True,
 )
