@@ -230,20 +230,33 @@ def run_with_codes(
             extra["device"] = trained.device
         packed = pack_bits(codes)
         metrics = evaluate_codes(packed, packed, y_test, y_test, self_index=self_index)
-    result["train_seconds"] = round(time.perf_counter() - start, 3)
-    result.update({k: metrics[k] for k in ("map_at_20", "map_at_20_truncated", "precision_at_10")})
     result.update(
-        n_queries=len(test_idx),
-        n_database=len(test_idx) - 1,
-        n_train=len(train_idx),
+        _row_fields(metrics, start, train_idx, test_idx, setup.seed),
         backbone=setup.backbone,
         input_size=setup.input_size,
         feature_seconds=round(feature_seconds, 3),
-        seed=setup.seed,
-        metrics=metrics,
         **extra,
     )
     return result, packed, y_test
+
+
+def _row_fields(
+    metrics: dict[str, Any],
+    start: float,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    seed: int,
+) -> dict[str, Any]:
+    """The fields every row has: its seconds since ``start``, headline metrics and protocol."""
+    return {
+        "train_seconds": round(time.perf_counter() - start, 3),
+        **{k: metrics[k] for k in ("map_at_20", "map_at_20_truncated", "precision_at_10")},
+        "n_queries": len(test_idx),
+        "n_database": len(test_idx) - 1,
+        "n_train": len(train_idx),
+        "seed": seed,
+        "metrics": metrics,
+    }
 
 
 def _run_descriptor(
@@ -254,9 +267,9 @@ def _run_descriptor(
     train_idx: np.ndarray,
     test_idx: np.ndarray,
 ) -> tuple[dict[str, Any], np.ndarray | None, np.ndarray]:
-    """A traditional descriptor's row: ``NAME`` compares the float descriptors by Euclidean
-    distance (as float-knn does), ``NAME+HASHER`` hashes them with a shallow hasher fitted on the
-    training descriptors."""
+    """A descriptor method's row: ``NAME`` ranks the float descriptors by the method's own
+    distance where it has one, else Euclidean (as float-knn), ``NAME+HASHER`` hashes them with a
+    shallow hasher fitted on the training descriptors (and labels, where it is supervised)."""
     name, _, hasher_name = method.partition("+")
     spec = DESCRIPTORS[name]
     feats, describe_seconds = cached_descriptors(data, spec, train_idx, setup.cache_dir)
@@ -275,19 +288,14 @@ def _run_descriptor(
         metrics = evaluate_float(
             x_test, x_test, y_test, y_test, metric=metric, self_index=self_index
         )
-    result: dict[str, Any] = {"method": method, "bits": bits if hasher_name else None}
-    result["train_seconds"] = round(time.perf_counter() - start, 3)
-    result.update({k: metrics[k] for k in ("map_at_20", "map_at_20_truncated", "precision_at_10")})
-    result.update(
-        n_queries=len(test_idx),
-        n_database=len(test_idx) - 1,
-        n_train=len(train_idx),
-        descriptor=spec.reference,
-        descriptor_dim=int(feats.shape[1]),
-        input_size=spec.input_size,
-        describe_seconds=round(describe_seconds, 3),
-        seconds_per_image=round(describe_seconds / len(data), 5),
-        seed=setup.seed,
-        metrics=metrics,
-    )
+    result = {
+        "method": method,
+        "bits": bits if hasher_name else None,
+        **_row_fields(metrics, start, train_idx, test_idx, setup.seed),
+        "descriptor": spec.reference,
+        "descriptor_dim": int(feats.shape[1]),
+        "input_size": spec.input_size,
+        "describe_seconds": round(describe_seconds, 3),
+        "seconds_per_image": round(describe_seconds / len(data), 5),
+    }
     return result, packed, y_test
