@@ -65,6 +65,8 @@ def cached_descriptors(
     start = time.perf_counter()
     descriptor = spec.factory()
     if spec.learns:
+        if progress:
+            tqdm.write(f"{spec.name}: fitting on {len(rows)} training images")
         train = _ImageFiles([data.paths[i] for i in rows], spec.input_size)
         descriptor.fit(train, data.labels[rows])
     out = []

@@ -30,6 +30,7 @@ import numpy.typing as npt
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from stac_rscbir.descriptors.base import Images
 from stac_rscbir.models.augment import dihedral
@@ -191,7 +192,7 @@ class FinetunedLite0:
             ]
         )
         n = len(images)
-        for _ in range(self.epochs):
+        for _ in tqdm(range(self.epochs), desc="fine-tuning epochs", leave=False):
             batches = [
                 (s, rows)
                 for s in range(len(self.sizes))

@@ -58,6 +58,7 @@ from skimage.feature import local_binary_pattern
 from skimage.segmentation import slic
 from torch import nn
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 from stac_rscbir.descriptors.base import DescriptorSpec, Images, gray
 
@@ -310,7 +311,7 @@ class SiameseGCN:
         labels = np.asarray(labels, dtype=np.int64)
         if len(labels) != len(images) or len(labels) < 2:
             raise ValueError(f"{len(images)} images and {len(labels)} labels: need >= 2, equal")
-        raw = [self.graph(im) for im in images]
+        raw = [self.graph(im) for im in tqdm(images, desc="sgcn graphs", leave=False)]
         nodes = np.concatenate([g.features for g in raw])
         self.scale = (nodes.mean(axis=0), np.maximum(nodes.std(axis=0), 1e-6).astype(np.float32))
         graphs = self._standardised(raw)
@@ -319,7 +320,7 @@ class SiameseGCN:
         self.net = GCNEncoder(nodes.shape[1], self.hidden, self.layers, self.dim)
         optimiser = torch.optim.Adam(self.net.parameters(), lr=self.lr)
         self.net.train()
-        for _ in range(self.epochs):
+        for _ in tqdm(range(self.epochs), desc="sgcn epochs", leave=False):
             first, second, same = sample_pairs(labels, rng)
             for start in range(0, len(first), self.batch_pairs):
                 a = first[start : start + self.batch_pairs]
