@@ -68,6 +68,12 @@ def load_image(path: str | Path, size: int) -> npt.NDArray[np.float32]:
         return np.asarray(rgb, dtype=np.float32) / 255.0
 
 
+def unit_rows(x: npt.NDArray[np.floating], axis: int = -1) -> npt.NDArray[np.floating]:
+    """``x`` scaled to unit L2 norm along ``axis`` (zero vectors stay zero)."""
+    norms = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
 def gray(image: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """The mean over bands: the single-band view of descriptors defined on grey levels."""
     return image.mean(axis=2, dtype=np.float32)

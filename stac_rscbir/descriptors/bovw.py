@@ -29,15 +29,14 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.cluster import MiniBatchKMeans
 
-from stac_rscbir.descriptors.base import DescriptorSpec, Images, gray
+from stac_rscbir.descriptors.base import DescriptorSpec, Images, gray, unit_rows
 
 
 def tfidf(counts: npt.NDArray[np.float64], idf: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
     """``t_id = (n_id / n_d) * idf_i``, each row L2-normalised (rows without words stay zero)."""
     totals = counts.sum(axis=1, keepdims=True)
     weighted = counts / np.maximum(totals, 1.0) * idf
-    norms = np.linalg.norm(weighted, axis=1, keepdims=True)
-    return (weighted / np.where(norms > 0, norms, 1.0)).astype(np.float32)
+    return unit_rows(weighted).astype(np.float32)
 
 
 def inverse_document_frequency(counts: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:

@@ -22,7 +22,7 @@ import numpy.typing as npt
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.linear_model import orthogonal_mp
 
-from stac_rscbir.descriptors.base import DescriptorSpec, Images
+from stac_rscbir.descriptors.base import DescriptorSpec, Images, unit_rows
 
 
 class BagOfSpectralValues:
@@ -99,8 +99,8 @@ def label_likelihoods(
     to likelihood map and ``nonzero``. ``exclude[i]`` names an atom row ``i`` may not use (its own
     entry when the described image is itself an atom: leave-one-out), -1 for none. A zero row
     (no descriptor) gets all-zero likelihoods."""
-    queries = _unit_rows(np.asarray(x, dtype=np.float64))
-    dictionary = _unit_rows(np.asarray(atoms, dtype=np.float64)).T  # (d, N) unit columns
+    queries = unit_rows(np.asarray(x, dtype=np.float64))
+    dictionary = unit_rows(np.asarray(atoms, dtype=np.float64)).T  # (d, N) unit columns
     labels = np.asarray(atom_labels, dtype=np.float64)
     if labels.ndim != 2 or len(labels) != dictionary.shape[1]:
         raise ValueError(f"atom_labels must be ({dictionary.shape[1]}, L), got {labels.shape}")
@@ -133,15 +133,10 @@ def likelihood_distance(
     zero; the cosine, as likelihoods from a few atoms are small fractions and an archive image's
     vector may be its 0/1 labels), with ties (images of the same label profile) broken by the
     descriptors' Euclidean distance, weighted by ``tie`` (small: it only orders equals)."""
-    p, q = _unit_rows(np.asarray(query_p, np.float64)), _unit_rows(np.asarray(db_p, np.float64))
+    p, q = unit_rows(np.asarray(query_p, np.float64)), unit_rows(np.asarray(db_p, np.float64))
     left, right = np.asarray(query_x, np.float64), np.asarray(db_x, np.float64)
     squared = (left**2).sum(1)[:, None] - 2.0 * left @ right.T + (right**2).sum(1)[None, :]
     return 1.0 - p @ q.T + tie * np.sqrt(np.maximum(squared, 0.0))
-
-
-def _unit_rows(m: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    norms = np.linalg.norm(m, axis=1, keepdims=True)
-    return m / np.where(norms > 0, norms, 1.0)
 
 
 SPEC = DescriptorSpec(

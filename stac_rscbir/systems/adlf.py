@@ -61,17 +61,11 @@ from sklearn.cluster import MiniBatchKMeans
 from sklearn.decomposition import PCA
 from torch import nn
 
-from stac_rscbir.descriptors.base import DescriptorSpec, Images
+from stac_rscbir.descriptors.base import DescriptorSpec, Images, unit_rows
 from stac_rscbir.models.backbones import EfficientNetLite0, imagenet_normalize
 
 LOCAL_BLOCK = 11  # block 11's input: 112 channels at stride 16
 BATCH = 32
-
-
-def _l2(x: npt.NDArray[np.floating], axis: int = -1) -> npt.NDArray[np.floating]:
-    """Rows scaled to unit L2 norm along ``axis`` (zero rows stay zero)."""
-    norms = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
 
 
 def vlad(
@@ -85,9 +79,9 @@ def vlad(
     nearest = ((x[:, None, :] - c[None]) ** 2).sum(axis=2).argmin(axis=1)
     v = np.zeros_like(c)
     np.add.at(v, nearest, x - c[nearest])
-    v = _l2(v, axis=1)
+    v = unit_rows(v, axis=1)
     v = np.sign(v) * np.sqrt(np.abs(v))
-    return _l2(v.ravel()).astype(np.float32)
+    return unit_rows(v.ravel()).astype(np.float32)
 
 
 class AttentionPool(nn.Module):
@@ -171,13 +165,13 @@ class QueryExpansion:
     def __call__(
         self, queries: npt.NDArray[np.floating], database: npt.NDArray[np.floating]
     ) -> npt.NDArray[np.float64]:
-        q = _l2(np.asarray(queries, dtype=np.float64))
-        db = _l2(np.asarray(database, dtype=np.float64))
+        q = unit_rows(np.asarray(queries, dtype=np.float64))
+        db = unit_rows(np.asarray(database, dtype=np.float64))
         sims = q @ db.T
         k = min(self.k, len(db))
         top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
         weights = np.maximum(np.take_along_axis(sims, top, axis=1), 0.0) ** self.alpha
-        expanded = _l2(q + np.einsum("qk,qkd->qd", weights, db[top]))
+        expanded = unit_rows(q + np.einsum("qk,qkd->qd", weights, db[top]))
         return np.maximum(2.0 - 2.0 * expanded @ db.T, 0.0)
 
 
@@ -238,13 +232,13 @@ class AdlfVlad:
         keep = min(self.keep, flat.shape[2])
         top = scores.reshape(n, -1).topk(keep, dim=1).indices
         picked = torch.gather(flat, 2, top.unsqueeze(1).expand(n, c, keep))
-        return _l2(picked.transpose(1, 2).numpy())
+        return unit_rows(picked.transpose(1, 2).numpy())
 
     def _reduced(self, local: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         """(n, m, C) -> (n, m, local_dim): PCA-reduced, L2-normalised local features."""
         assert self.local_pca is not None
         n, m, c = local.shape
-        return _l2(self.local_pca.transform(local.reshape(-1, c)).reshape(n, m, -1))
+        return unit_rows(self.local_pca.transform(local.reshape(-1, c)).reshape(n, m, -1))
 
     def _aggregate(self, reduced: npt.NDArray[np.float64]) -> npt.NDArray[np.float32]:
         """(n, m, local_dim) reduced local features -> (n, words * local_dim) VLADs."""
