@@ -55,6 +55,8 @@ class DescriptorSpec:
     # its rows go through the shallow hashers (ITQ, LSH, ...); False where they are codes
     # already, or another method's rows, or mean nothing outside the method's own distance
     hashable: bool = True
+    # its rows are bag-of-words histograms, the word counts pLSH [23] models
+    histogram: bool = False
     # fit() needs the training images' labels (a fine-tuned or metric-learnt network)
     supervised: bool = False
 

@@ -143,4 +143,5 @@ SPEC = DescriptorSpec(
     input_size=256,
     learns=True,
     any_bands=False,
+    histogram=True,
 )

@@ -146,4 +146,5 @@ SPEC = DescriptorSpec(
     input_size=128,
     learns=True,
     any_bands=True,
+    histogram=True,
 )

@@ -34,8 +34,6 @@ from stac_rscbir.models.shallow_hashing import (
 from stac_rscbir.models.training import TrainConfig, encode, train_hashing
 
 BASELINES = ("float-knn", *FEATURE_HASHERS, "random")
-# "<descriptor>+<hasher>" rows: every shallow hasher, pLSH [23] only on the histogram descriptors
-HISTOGRAM_DESCRIPTORS = ("bosv", "sift-bovw")
 
 
 @dataclass(frozen=True)
@@ -82,10 +80,12 @@ class BenchSetup:
 
 
 def descriptor_hashers(name: str) -> list[str]:
-    """The shallow hashers that ``<name>+<hasher>`` rows may use on descriptor ``name``."""
-    if not DESCRIPTORS[name].hashable:
+    """The shallow hashers that ``<name>+<hasher>`` rows may use on descriptor ``name``: none
+    where its rows are not hashed, pLSH [23] only on bag-of-words histograms."""
+    spec = DESCRIPTORS[name]
+    if not spec.hashable:
         return []
-    return [h for h in HASHERS if h != "plsh" or name in HISTOGRAM_DESCRIPTORS]
+    return [h for h in HASHERS if h != "plsh" or spec.histogram]
 
 
 def method_names() -> list[str]:
