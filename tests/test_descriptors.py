@@ -95,8 +95,10 @@ def toy_folder(tmp_path: Path) -> BenchSetup:
 def test_cache_second_call_is_a_hit(toy_folder: BenchSetup) -> None:
     data = read_labels_csv(toy_folder.images, toy_folder.labels)
     spec = DESCRIPTORS["bosv"]
-    first, seconds = cached_descriptors(data, spec, np.arange(12), toy_folder.cache_dir)
-    assert seconds > 0 and first.dtype == np.float32 and first.shape == (18, 128)
+    assert not list(toy_folder.cache_dir.glob("descriptor-bosv-*.npy"))
+    first, _ = cached_descriptors(data, spec, np.arange(12), toy_folder.cache_dir)
+    assert first.dtype == np.float32 and first.shape == (18, 128)
+    assert len(list(toy_folder.cache_dir.glob("descriptor-bosv-*.npy"))) == 1  # computed, saved
     again, seconds = cached_descriptors(data, spec, np.arange(12), toy_folder.cache_dir)
     assert seconds == 0.0
     np.testing.assert_array_equal(again, first)

@@ -162,11 +162,14 @@ def test_adlf_vlad_end_to_end_and_the_noqe_row_shares_the_cache(tmp_path: Path) 
     )
     noqe = replace(DESCRIPTORS["adlf-vlad-noqe"], factory=spec.factory, input_size=64)
     train = np.array([0, 1, 2, 4, 5, 6])
-    feats, seconds = cached_descriptors(data, spec, train, tmp_path / "cache", progress=False)
-    assert feats.shape == (8, 8) and feats.dtype == np.float32 and seconds > 0
+    feats, _ = cached_descriptors(data, spec, train, tmp_path / "cache", progress=False)
+    assert feats.shape == (8, 8) and feats.dtype == np.float32
+    computed = sorted(p.name for p in (tmp_path / "cache").glob("*.npy"))
+    assert len(computed) == 1 and computed[0].startswith("descriptor-adlf-vlad-64-")
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, rtol=1e-5)
     again, seconds = cached_descriptors(data, noqe, train, tmp_path / "cache", progress=False)
     assert seconds == 0.0
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.npy")) == computed  # no new file
     np.testing.assert_array_equal(again, feats)
 
     from stac_rscbir.descriptors.cache import _ImageFiles
